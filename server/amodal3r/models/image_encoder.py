@@ -163,7 +163,13 @@ def load_hub_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        # memory-map the zip-format file: the 1.2 GB ViT-L checkpoint is not copied twice
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
             f"{path}: expected a plain state dict (name -> tensor), got {type(obj).__name__}; "
@@ -217,27 +223,29 @@ class DinoV2Encoder(nn.Module):
             device = torch.empty(0).device
         device = torch.device(device)
         skip_init = (not init_weights) or device.type == "meta"
-        self.vit = VisionTransformer(
-            img_size=config.img_size,
-            patch_size=config.patch_size,
-            in_chans=3,
-            num_classes=0,
-            global_pool="token",
-            embed_dim=config.embed_dim,
-            depth=config.depth,
-            num_heads=config.num_heads,
-            mlp_ratio=config.mlp_ratio,
-            qkv_bias=True,
-            init_values=config.init_values,
-            class_token=True,
-            no_embed_class=True,
-            reg_tokens=config.num_register_tokens,
-            dynamic_img_size=False,
-            norm_layer=partial(nn.LayerNorm, eps=BLOCK_NORM_EPS),
-            act_layer=nn.GELU,
-            weight_init="skip" if skip_init else "",
-            device=device,
-        )
+        # Allocate through the device context rather than timm's `device=` argument, which
+        # older timm 1.0.x releases do not have.
+        with device:
+            self.vit = VisionTransformer(
+                img_size=config.img_size,
+                patch_size=config.patch_size,
+                in_chans=3,
+                num_classes=0,
+                global_pool="token",
+                embed_dim=config.embed_dim,
+                depth=config.depth,
+                num_heads=config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=True,
+                init_values=config.init_values,
+                class_token=True,
+                no_embed_class=True,
+                reg_tokens=config.num_register_tokens,
+                dynamic_img_size=False,
+                norm_layer=partial(nn.LayerNorm, eps=BLOCK_NORM_EPS),
+                act_layer=nn.GELU,
+                weight_init="skip" if skip_init else "",
+            )
         # ImageNet statistics; not part of any checkpoint.  Kept off the meta device so a
         # model filled by assign-loading still has real values.
         stats_device = torch.device("cpu") if device.type == "meta" else device

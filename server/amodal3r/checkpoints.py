@@ -1,0 +1,106 @@
+"""Strict loading of ``NAME.json`` + ``NAME.safetensors`` checkpoints in the official layout.
+
+Every failure is one :class:`CheckpointError` naming the file, the offending keys and what to do.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .models import model_class
+
+MAX_LISTED_KEYS = 8
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it is."""
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    return shown + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
+
+
+def read_config(path: Path) -> dict:
+    """The ``{"name", "args"}`` json of a checkpoint."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found. Put the model's json next to its .safetensors "
+                              "(download the official weights again if it is missing)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}). Replace it with the original file") from e
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str) or not isinstance(config.get("args"), dict):
+        raise CheckpointError(f'{path}: expected {{"name": <class name>, "args": {{...}}}}. Replace it with the original file')
+    return config
+
+
+def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or corrupt file is a :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found. Download the model weights into this folder")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e}). It is probably truncated or "
+                              "corrupt: delete it and download it again") from e
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in set(expected) & set(state)
+                       if tuple(state[k].shape) != expected[k])
+    problems = [f"{label}: {_listed(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if keys]
+    if problems:
+        raise CheckpointError(f"{path}: does not match {type(model).__name__} of its json; " + "; ".join(problems)
+                              + ". The json and the weights must come from the same official release")
+
+
+def default_torso_dtype(use_fp16: bool, device: torch.device) -> torch.dtype:
+    """fp16 checkpoints run in fp16 on accelerators; the CPU computes in fp32, much faster there."""
+    return torch.float16 if use_fp16 and device.type in ("cuda", "mps") else torch.float32
+
+
+def build_model(config: dict, path: Path, device: torch.device | str = "meta") -> nn.Module:
+    try:
+        cls = model_class(config["name"])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}. This file is not an Amodal3R/TRELLIS checkpoint we can run") from e
+    try:
+        with torch.device(device):
+            return cls(**config["args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build {config['name']} from its args ({e})") from e
+
+
+def load_model(stem: str | Path, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """Load ``stem.json`` + ``stem.safetensors`` into the model class the json names, for inference.
+
+    ``dtype`` forces the compute dtype of the model's torso (fp32, fp16 or bf16); by default the
+    checkpoint's ``use_fp16`` is honoured on CUDA/MPS and fp32 is used on the CPU.
+    """
+    stem = Path(stem)
+    device = torch.device(device or "cpu")
+    config = read_config(stem.with_name(stem.name + ".json"))
+    weights = stem.with_name(stem.name + ".safetensors")
+    model = build_model(config, stem.with_name(stem.name + ".json"))
+    state = read_state_dict(weights)
+    check_state_dict(model, state, weights)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.float()
+    torso = dtype or default_torso_dtype(bool(config["args"].get("use_fp16")), device)
+    if hasattr(model, "set_torso_dtype"):
+        model.set_torso_dtype(torso)
+    return model.to(device).eval().requires_grad_(False)

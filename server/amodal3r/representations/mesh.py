@@ -1,0 +1,145 @@
+"""Mesh representation and the sparse-voxel-features -> mesh conversion of the SLat mesh decoder.
+
+The mesh decoder predicts, for each occupied cube of a 256^3 grid, 8 corner sdf values, 8 corner
+deformations, 21 FlexiCubes weights and (optionally) 8 corner colours of 6 channels.  Corner
+values shared by neighbouring cubes are averaged into one value per grid vertex, and FlexiCubes
+turns the result into a triangle mesh.
+
+The reference scatters everything into dense (res+1)^3 grids, where unset vertices get sdf 1,
+deformation 0 and colour logit 0, and unset cubes get weights 0.  That is about 3 GB at res 256.
+Here only the cubes that can carry surface are built: a cube crosses the surface only if one of
+its corners is negative, and only averaged (occupied) vertices can be negative, so the candidates
+are the 8 cubes around each negative vertex.  Missing vertices and cubes get the same defaults,
+so the output is identical to the dense formulation, including vertex and face order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import flexicubes_tables as tables
+from .flexicubes import _lookup, flexicubes
+
+SDF_CHANNELS = slice(0, 8)
+DEFORM_CHANNELS = slice(8, 32)
+WEIGHT_CHANNELS = slice(32, 53)
+COLOR_CHANNELS = slice(53, 101)
+COLOR_DIM = 6
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh with optional per-vertex attributes (the decoder's 6 colour channels)."""
+
+    vertices: Tensor  # [V, 3] float32, world units (grid spans [-0.5, 0.5])
+    faces: Tensor  # [F, 3] int64
+    vertex_attrs: Tensor | None = None  # [V, C]
+
+    @property
+    def success(self) -> bool:
+        return self.vertices.shape[0] > 0 and self.faces.shape[0] > 0
+
+    def to(self, device: torch.device | str) -> "Mesh":
+        attrs = None if self.vertex_attrs is None else self.vertex_attrs.to(device)
+        return Mesh(self.vertices.to(device), self.faces.to(device), attrs)
+
+
+def _linear_id(xyz: Tensor, size: int) -> Tensor:
+    """x-major linear index in a size^3 grid (the dense reference's flattening order)."""
+    return (xyz[..., 0] * size + xyz[..., 1]) * size + xyz[..., 2]
+
+
+def _from_linear_id(key: Tensor, size: int) -> Tensor:
+    return torch.stack((key // (size * size), (key // size) % size, key % size), dim=-1)
+
+
+def deformed_positions(xyz: Tensor, deform: Tensor, resolution: int) -> Tensor:
+    """Grid vertex -> world position, moved by at most half a cube by the tanh-bounded offset."""
+    return xyz / resolution - 0.5 + (1 - 1e-8) / (resolution * 2) * torch.tanh(deform)
+
+
+def sparse_features_to_mesh(
+    coords: Tensor,
+    feats: Tensor,
+    resolution: int = 256,
+    use_color: bool = True,
+) -> Mesh:
+    """Turn the mesh decoder's sparse output into a mesh (inference path of the reference).
+
+    Args:
+        coords: [N, 4] (batch, x, y, z) or [N, 3] (x, y, z) integer cube coordinates of ONE
+            batch element, unique, in [0, resolution).
+        feats: [N, 101] (or [N, 53] without colour): sdf 0:8, deform 8:32, weights 32:53,
+            colour 53:101 (8 corners x 6 channels).
+        resolution: cubes per axis.
+        use_color: interpolate the colour channels to the vertices.
+
+    Returns:
+        Mesh with float32 vertices, int64 faces and sigmoid-activated colours (or None).
+    """
+    if coords.shape[1] == 4:
+        if coords.shape[0] and bool((coords[:, 0] != coords[0, 0]).any()):
+            raise ValueError("coords hold several batch elements; extract one mesh per element")
+        coords = coords[:, 1:]
+    device = feats.device
+    xyz = coords.to(device=device, dtype=torch.long)
+    res, res_v = resolution, resolution + 1
+    corner_offsets = tables.on_device("CORNER_OFFSETS", device)
+
+    # --- average the per-cube corner values into per-vertex values ----------------------------
+    corner_key = _linear_id(xyz[:, None, :] + corner_offsets, res_v).reshape(-1)  # [N*8]
+    vert_key, corner_vert = torch.unique(corner_key, return_inverse=True)
+    n_verts = vert_key.numel()
+
+    def vertex_mean(values: Tensor) -> Tensor:
+        # Sum in corner order (cube-major) and divide by the count: a scatter "mean".
+        acc = torch.zeros((n_verts, values.shape[1]), dtype=values.dtype, device=device)
+        return acc.index_add_(0, corner_vert, values)
+
+    count = torch.zeros(n_verts, dtype=feats.dtype, device=device)
+    count.index_add_(0, corner_vert, torch.ones_like(corner_key, dtype=feats.dtype))
+    sdf_bias = -1.0 / res  # puts the zero level slightly outwards
+    vert_sdf = vertex_mean((feats[:, SDF_CHANNELS] + sdf_bias).reshape(-1, 1))[:, 0] / count
+    vert_deform = vertex_mean(feats[:, DEFORM_CHANNELS].reshape(-1, 3)) / count[:, None]
+    vert_color = None
+    if use_color:
+        raw_color = feats[:, COLOR_CHANNELS].reshape(-1, COLOR_DIM)
+        vert_color = vertex_mean(raw_color) / count[:, None]
+
+    # --- candidate cubes: the 8 cubes around every negative vertex -----------------------------
+    neg_xyz = _from_linear_id(vert_key[vert_sdf < 0], res_v)
+    cand = (neg_xyz[:, None, :] - corner_offsets).reshape(-1, 3)
+    cand = cand[((cand >= 0) & (cand < res)).all(dim=1)]
+    cube_key = torch.unique(_linear_id(cand, res))
+    cube_xyz = _from_linear_id(cube_key, res)
+
+    # Keep the cubes with mixed signs (an absent vertex has sdf 1).
+    corner_key = _linear_id(cube_xyz[:, None, :] + corner_offsets, res_v)  # [S, 8]
+    pos, found = _lookup(vert_key, corner_key)
+    corner_neg = found & (vert_sdf[pos] < 0)
+    keep = ~corner_neg.all(dim=1)
+    cube_key, cube_xyz, corner_key = cube_key[keep], cube_xyz[keep], corner_key[keep]
+
+    # --- compact vertex table: the corners of those cubes, x-major like the dense grid ---------
+    table_key, cube_corners = torch.unique(corner_key.reshape(-1), return_inverse=True)
+    cube_corners = cube_corners.reshape(-1, 8)
+    pos, found = _lookup(vert_key, table_key)
+    sdf = torch.where(found, vert_sdf[pos], 1.0)
+    deform = torch.where(found[:, None], vert_deform[pos], 0.0)
+    positions = deformed_positions(_from_linear_id(table_key, res_v), deform, res)
+    colors = None
+    if vert_color is not None:
+        colors = torch.sigmoid(torch.where(found[:, None], vert_color[pos], 0.0))
+
+    # --- per-cube weights (absent cubes: raw weights 0) ---------------------------------------
+    in_key, in_order = torch.sort(_linear_id(xyz, res))
+    pos, found = _lookup(in_key, cube_key)
+    weights = torch.where(found[:, None], feats[in_order[pos], WEIGHT_CHANNELS], 0.0)
+
+    vertices, faces, vertex_attrs = flexicubes(
+        cube_xyz, cube_corners, positions, sdf, res, weights=weights, colors=colors
+    )
+    return Mesh(vertices=vertices, faces=faces, vertex_attrs=vertex_attrs)

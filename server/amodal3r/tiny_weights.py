@@ -1,0 +1,98 @@
+"""Seeded random tiny checkpoints in exactly the official folder layout, for tests, demos and benches.
+
+The structure decoder's output bias is calibrated so that random latents occupy a few percent of
+the 64^3 grid, as real objects do; everything else is random like the golden cases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoints import build_model
+
+CKPTS = "Amodal3R_ckpts"
+OCCUPANCY = 0.03
+TINY_COND_CHANNELS = 64
+
+
+def tiny_configs(cond_channels: int = TINY_COND_CHANNELS) -> dict[str, tuple[str, dict]]:
+    """Pipeline key -> (checkpoint stem relative to the folder, ``{"name", "args"}``)."""
+    flow = dict(model_channels=64, cond_channels=cond_channels, num_blocks=2, num_heads=4, mlp_ratio=4,
+                pe_mode="ape", qk_rms_norm=True, use_fp16=True)
+    return {
+        "sparse_structure_flow_model": (f"{CKPTS}/ss_flow_img_dit_L_16l8_fp16", {
+            "name": "SparseStructureFlowModelMaskAsCondWeighted",
+            "args": dict(resolution=16, in_channels=8, out_channels=8, patch_size=1, **flow)}),
+        "sparse_structure_decoder": (f"{CKPTS}/ss_dec_conv3d_16l8_fp16", {
+            "name": "SparseStructureDecoder",
+            "args": dict(out_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1,
+                         channels=[32, 16, 8], use_fp16=True)}),
+        "slat_flow_model": (f"{CKPTS}/slat_flow_img_dit_L_64l8p2_fp16", {
+            "name": "SLatFlowModelMaskAsCondWeighted",
+            "args": dict(resolution=64, in_channels=8, out_channels=8, patch_size=2, num_io_res_blocks=1,
+                         io_block_channels=[32], **flow)}),
+    }
+
+
+def randomize(model: nn.Module, generator: torch.Generator) -> None:
+    """Weights ``0.02 randn``; norm scales and RMS gammas ``1 + 0.1 randn`` (nothing is zero)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            is_scale = name.endswith("gamma") or (name.endswith("weight") and p.dim() == 1)
+            p.copy_(1 + 0.1 * noise if is_scale else 0.02 * noise)
+
+
+def calibrate_occupancy(decoder: nn.Module, latent_shape: tuple[int, ...], generator: torch.Generator) -> None:
+    """Shift the final bias so that about :data:`OCCUPANCY` of the voxels of random latents are occupied."""
+    decoder.set_torso_dtype(torch.float32)
+    with torch.no_grad():
+        logits = decoder(torch.randn(2, *latent_shape, generator=generator))
+        decoder.out_layer[-1].bias -= torch.quantile(logits.flatten()[::7], 1 - OCCUPANCY)
+
+
+def save_checkpoint(model: nn.Module, config: dict, stem: Path) -> None:
+    """Write ``stem.json`` and ``stem.safetensors`` as the official checkpoints are laid out."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(stem.with_name(stem.name + ".safetensors")))
+
+
+def write_tiny_weights(out_dir: str | Path, seed: int = 0, cond_channels: int = TINY_COND_CHANNELS) -> Path:
+    """A complete model folder (``pipeline.json`` + checkpoints) of seeded random tiny models."""
+    out_dir = Path(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    models = {}
+    for key, (rel, config) in tiny_configs(cond_channels).items():
+        model = build_model(config, out_dir / rel, device="cpu")
+        randomize(model, generator)
+        if key == "sparse_structure_decoder":
+            calibrate_occupancy(model, (8, 16, 16, 16), generator)
+            model.set_torso_dtype(torch.float16)
+        save_checkpoint(model, config, out_dir / rel)
+        models[key] = rel
+    sampler = {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5}}
+    pipeline = {
+        "name": "Amodal3RImageTo3DPipeline",
+        "args": {
+            "models": models,
+            "sparse_structure_sampler": {**sampler, "params": {"steps": 25, "cfg_strength": 7.5,
+                                                                "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+            "slat_sampler": {**sampler, "params": {"steps": 25, "cfg_strength": 3.0,
+                                                   "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+            "slat_normalization": {
+                "mean": (0.1 * torch.randn(8, generator=generator)).tolist(),
+                "std": (1 + 0.1 * torch.rand(8, generator=generator)).tolist(),
+            },
+            "image_cond_model": "dinov2_vitl14_reg",
+            "tiny_random_weights": True,
+        },
+    }
+    (out_dir / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
+    return out_dir
