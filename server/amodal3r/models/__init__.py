@@ -14,6 +14,10 @@ MODEL_MODULES: dict[str, str] = {
     "SLatFlowModel": "structured_latent_flow",
     "ElasticSLatFlowModel": "structured_latent_flow",
     "SLatFlowModelMaskAsCondWeighted": "structured_latent_flow",
+    "SLatMeshDecoder": "structured_latent_mesh_decoder",
+    "ElasticSLatMeshDecoder": "structured_latent_mesh_decoder",
+    "SLatGaussianDecoder": "structured_latent_gaussian_decoder",
+    "ElasticSLatGaussianDecoder": "structured_latent_gaussian_decoder",
 }
 
 

@@ -79,6 +79,19 @@ def _interp(w_a: Tensor, w_b: Tensor, v_a: Tensor, v_b: Tensor) -> Tensor:
     return (v_a * w_b + v_b * neg_w_a) / (w_b + neg_w_a)
 
 
+def _sum_in_order(values: Tensor, first: Tensor, count: Tensor) -> Tensor:
+    """Per-row sums of consecutive runs values[first[i] : first[i] + count[i]], added left to right.
+
+    Plain sequential accumulation (what a CPU ``index_add_`` does), so results are bitwise
+    reproducible on any device.
+    """
+    out = values.new_zeros((first.numel(),) + values.shape[1:])
+    for k in range(int(count.max()) if count.numel() else 0):
+        rows = (count > k).nonzero().squeeze(1)
+        out[rows] = out[rows] + values[first[rows] + k]
+    return out
+
+
 def flexicubes(
     cube_xyz: Tensor,
     cube_corners: Tensor,
@@ -91,7 +104,8 @@ def flexicubes(
     """Extract the FlexiCubes mesh of a sparse cube set.
 
     Args:
-        cube_xyz: [S, 3] integer grid coordinates of the candidate cubes, sorted by linear id.
+        cube_xyz: [S, 3] integer grid coordinates of the candidate cubes (unique).  Sorting them by
+            linear id (x-major) reproduces the reference's vertex order.
         cube_corners: [S, 8] indices into the vertex table of each cube's corners
             (corner order of :data:`flexicubes_tables.CORNERS`).
         vertices: [V, 3] (deformed) positions of the grid vertices.
@@ -116,16 +130,15 @@ def flexicubes(
             None if colors is None else vertices.new_zeros((0, n_attr)),
         )
     surf_idx = surf.nonzero().squeeze(1)
-    cube_xyz, cube_corners, occ = cube_xyz[surf_idx], cube_corners[surf_idx], occ[surf_idx]
+    cube_xyz, cube_corners, occ = cube_xyz[surf_idx].long(), cube_corners[surf_idx], occ[surf_idx]
     if weights is not None:
         weights = weights[surf_idx]
-    n_cubes = surf_idx.numel()
-    beta, alpha, gamma = _normalize_weights(weights, n_cubes, vertices)
+    beta, alpha, gamma = _normalize_weights(weights, surf_idx.numel(), vertices)
 
-    # --- case ids ---------------------------------------------------------------------------
+    # --- case ids -----------------------------------------------------------------------------
     bits = 2 ** torch.arange(8, device=device)
     case = (occ.long() * bits).sum(dim=1)
-    case = _resolve_ambiguity(case, cube_xyz.long(), resolution)
+    case = _resolve_ambiguity(case, cube_xyz, resolution)
 
     # --- dual vertices ------------------------------------------------------------------------
     # Order: cubes grouped by their number of dual vertices (ascending, stable), then by group.
@@ -136,53 +149,47 @@ def flexicubes(
     starts = torch.cumsum(num_vd[order], 0) - num_vd[order]
     vd_group = torch.arange(n_vd, device=device) - torch.repeat_interleave(starts, num_vd[order])
     groups = tables.on_device("DMC_TABLE", device)[case[vd_cube], vd_group]  # [M, 7], -1 padded
-    valid = groups >= 0
-    edge = groups.clamp(min=0)
 
-    edge_a = tables.on_device("EDGE_A", device)
-    edge_b = tables.on_device("EDGE_B", device)
-    cube_col = vd_cube[:, None].expand_as(edge)
-    ca, cb = edge_a[edge], edge_b[edge]  # local corners of each edge
-    va, vb = cube_corners[cube_col, ca], cube_corners[cube_col, cb]  # vertex-table ids
-    wa = (sdf[va] * alpha[cube_col, ca])[..., None]
-    wb = (sdf[vb] * alpha[cube_col, cb])[..., None]
-    edge_beta = torch.where(valid, beta[cube_col, edge], 0)[..., None]  # [M, 7, 1]
-    ue = torch.where(valid[..., None], _interp(wa, wb, vertices[va], vertices[vb]), 0)
+    # One row per (dual vertex, edge of its group): these are exactly the sign-changing edges of
+    # the surface cubes, each listed once, dual vertex by dual vertex in table order.
+    in_group = groups >= 0
+    group_size = in_group.sum(dim=1)
+    slot_vd, slot_k = in_group.nonzero(as_tuple=True)
+    edge = groups[slot_vd, slot_k]
+    cube = vd_cube[slot_vd]
+    ca = tables.on_device("EDGE_A", device)[edge]
+    cb = tables.on_device("EDGE_B", device)[edge]
+    va, vb = cube_corners[cube, ca], cube_corners[cube, cb]
 
-    # Sequential sums over the (up to 7) edges, in table order, as the reference accumulates.
-    beta_sum = torch.zeros((n_vd, 1), dtype=vertices.dtype, device=device)
-    vd = torch.zeros((n_vd, 3), dtype=vertices.dtype, device=device)
-    for k in range(edge.shape[1]):
-        beta_sum = beta_sum + edge_beta[:, k]
-        vd = vd + ue[:, k] * edge_beta[:, k]
-    vd = vd / beta_sum
+    # Zero crossing of each edge with the sdf scaled by alpha, weighted by beta.
+    wa = (sdf[va] * alpha[cube, ca])[:, None]
+    wb = (sdf[vb] * alpha[cube, cb])[:, None]
+    edge_beta = beta[cube, edge][:, None]
+    payload = vertices if colors is None else torch.cat((vertices, colors), dim=1)
+    crossing = _interp(wa, wb, payload[va], payload[vb]) * edge_beta
+    first = torch.cumsum(group_size, 0) - group_size
+    beta_sum = _sum_in_order(edge_beta, first, group_size)
+    vd_payload = _sum_in_order(crossing, first, group_size) / beta_sum
+    del crossing
+    vd = vd_payload[:, :3].contiguous()
+    vd_color = None if colors is None else vd_payload[:, 3:].contiguous()
 
-    vd_color = None
-    if colors is not None:
-        uc = torch.where(valid[..., None], _interp(wa, wb, colors[va], colors[vb]), 0)
-        vd_color = torch.zeros((n_vd, n_attr), dtype=colors.dtype, device=device)
-        for k in range(edge.shape[1]):
-            vd_color = vd_color + uc[:, k] * edge_beta[:, k]
-        vd_color = vd_color / beta_sum
-
-    # Which dual vertex each (cube, local edge) belongs to.
-    slot_vd = torch.full((n_cubes, 12), -1, dtype=torch.long, device=device)
-    vd_ids = torch.arange(n_vd, device=device)[:, None].expand_as(edge)
-    slot_vd[cube_col[valid], edge[valid]] = vd_ids[valid]
-
-    # --- quads around sign-changing edges shared by 4 cubes ------------------------------------
-    cut = occ[:, edge_a] != occ[:, edge_b]  # [S, 12]
-    cut_cube, cut_edge = cut.nonzero(as_tuple=True)  # cube-major, like the reference's slots
-    end_a = cube_corners[cut_cube, edge_a[cut_edge]]
-    end_b = cube_corners[cut_cube, edge_b[cut_edge]]
-    n_verts = vertices.shape[0]
-    _, edge_id, counts = torch.unique(end_a * n_verts + end_b, return_inverse=True, return_counts=True)
-    full = counts[edge_id] == 4
-    edge_id, slot_ids = edge_id[full], slot_vd[cut_cube[full], cut_edge[full]]
-    edge_sorted, perm = torch.sort(edge_id, stable=True)  # the 4 cubes come in linear-id order
-    quads = slot_ids[perm].reshape(-1, 4)
-    first_end = end_a[full][perm].reshape(-1, 4)[:, 0]
-    # Orient every quad so its normal points towards positive sdf.
+    # --- quads around sign-changing edges shared by 4 cubes -------------------------------------
+    # An edge is named by its first endpoint and direction, ordered like the reference's sorted
+    # (first, second) endpoint ids; each of its cubes gets its rank 0..3 in linear cube order.
+    offsets = tables.on_device("CORNER_OFFSETS", device)
+    r1 = resolution + 1
+    p0 = cube_xyz[cube] + offsets[ca]
+    edge_key = ((p0[:, 0] * r1 + p0[:, 1]) * r1 + p0[:, 2]) * 3
+    edge_key += tables.on_device("EDGE_ORDER", device)[edge]
+    slot_key = edge_key * 4 + tables.on_device("QUAD_POSITION", device)[edge]
+    slot_key, perm = torch.sort(slot_key)
+    _, per_edge = torch.unique_consecutive(slot_key // 4, return_counts=True)
+    full = torch.repeat_interleave(per_edge == 4, per_edge)  # edges inside the grid
+    quads = slot_vd[perm[full]].reshape(-1, 4)
+    first_end = va[perm[full]].reshape(-1, 4)[:, 0]
+    # Orient every quad so its normal points towards positive sdf.  (An sdf of exactly 0 at the
+    # first endpoint counts as outside for the cut test but as inside here, as in the reference.)
     flip = sdf[first_end] > 0
     quads = torch.cat((quads[flip][:, [0, 1, 3, 2]], quads[~flip][:, [2, 3, 1, 0]]))
 

@@ -134,6 +134,29 @@ CORNER_OFFSETS = torch.tensor(CORNERS, dtype=torch.long)
 EDGE_A = torch.tensor([a for a, _ in EDGES], dtype=torch.long)
 EDGE_B = torch.tensor([b for _, b in EDGES], dtype=torch.long)
 
+
+def _edge_axis(e: int) -> int:
+    a, b = EDGES[e]
+    return next(k for k in range(3) if CORNERS[a][k] != CORNERS[b][k])
+
+
+def _quad_position(e: int) -> int:
+    """Rank (0..3) of a cube among the 4 cubes around one of its edges, in linear cube order.
+
+    The 4 cubes differ along the two axes (u, w) other than the edge's; a cube holding the
+    edge at local (u, w) = (1, 1) is the lowest one, at (0, 0) the highest.
+    """
+    u, w = [k for k in range(3) if k != _edge_axis(e)]
+    corner = CORNERS[EDGES[e][0]]
+    return 2 * (1 - corner[u]) + (1 - corner[w])
+
+
+#: [12] int64: rank of each edge among the three edges leaving the same first endpoint when
+#: ordered by their other endpoint's linear id (y edges run downwards: y < z < x).
+EDGE_ORDER = torch.tensor([(2, 0, 1)[_edge_axis(e)] for e in range(12)], dtype=torch.long)
+#: [12] int64: see :func:`_quad_position`.
+QUAD_POSITION = torch.tensor([_quad_position(e) for e in range(12)], dtype=torch.long)
+
 _device_cache: dict[tuple[str, str], torch.Tensor] = {}
 
 

@@ -86,6 +86,7 @@ def sparse_features_to_mesh(
         coords = coords[:, 1:]
     device = feats.device
     xyz = coords.to(device=device, dtype=torch.long)
+    n = xyz.shape[0]
     res, res_v = resolution, resolution + 1
     corner_offsets = tables.on_device("CORNER_OFFSETS", device)
 
@@ -94,20 +95,24 @@ def sparse_features_to_mesh(
     vert_key, corner_vert = torch.unique(corner_key, return_inverse=True)
     n_verts = vert_key.numel()
 
-    def vertex_mean(values: Tensor) -> Tensor:
-        # Sum in corner order (cube-major) and divide by the count: a scatter "mean".
-        acc = torch.zeros((n_verts, values.shape[1]), dtype=values.dtype, device=device)
-        return acc.index_add_(0, corner_vert, values)
-
+    # One table of per-corner channels, [sdf | deform xyz | colour], as the decoder lays them out.
+    sdf_bias = -1.0 / res  # moves the zero level slightly outwards
+    parts = [
+        (feats[:, SDF_CHANNELS] + sdf_bias).reshape(n, 8, 1),
+        feats[:, DEFORM_CHANNELS].reshape(n, 8, 3),
+    ]
+    if use_color:
+        parts.append(feats[:, COLOR_CHANNELS].reshape(n, 8, COLOR_DIM))
+    corner_attrs = torch.cat(parts, dim=2).flatten(0, 1)
+    del parts
+    # A scatter "mean": sum in corner order (cube-major), then divide by the count.
     count = torch.zeros(n_verts, dtype=feats.dtype, device=device)
     count.index_add_(0, corner_vert, torch.ones_like(corner_key, dtype=feats.dtype))
-    sdf_bias = -1.0 / res  # puts the zero level slightly outwards
-    vert_sdf = vertex_mean((feats[:, SDF_CHANNELS] + sdf_bias).reshape(-1, 1))[:, 0] / count
-    vert_deform = vertex_mean(feats[:, DEFORM_CHANNELS].reshape(-1, 3)) / count[:, None]
-    vert_color = None
-    if use_color:
-        raw_color = feats[:, COLOR_CHANNELS].reshape(-1, COLOR_DIM)
-        vert_color = vertex_mean(raw_color) / count[:, None]
+    vert_attrs = torch.zeros((n_verts, corner_attrs.shape[1]), dtype=feats.dtype, device=device)
+    vert_attrs.index_add_(0, corner_vert, corner_attrs)
+    del corner_attrs
+    vert_attrs /= count[:, None]
+    vert_sdf = vert_attrs[:, 0]
 
     # --- candidate cubes: the 8 cubes around every negative vertex -----------------------------
     neg_xyz = _from_linear_id(vert_key[vert_sdf < 0], res_v)
@@ -127,12 +132,12 @@ def sparse_features_to_mesh(
     table_key, cube_corners = torch.unique(corner_key.reshape(-1), return_inverse=True)
     cube_corners = cube_corners.reshape(-1, 8)
     pos, found = _lookup(vert_key, table_key)
-    sdf = torch.where(found, vert_sdf[pos], 1.0)
-    deform = torch.where(found[:, None], vert_deform[pos], 0.0)
-    positions = deformed_positions(_from_linear_id(table_key, res_v), deform, res)
-    colors = None
-    if vert_color is not None:
-        colors = torch.sigmoid(torch.where(found[:, None], vert_color[pos], 0.0))
+    absent = torch.zeros(vert_attrs.shape[1], dtype=feats.dtype, device=device)
+    absent[0] = 1.0  # outside
+    attrs = torch.where(found[:, None], vert_attrs[pos], absent)
+    positions = deformed_positions(_from_linear_id(table_key, res_v), attrs[:, 1:4], res)
+    # Activated on the strided slice like the reference, so CPU kernels round identically.
+    colors = torch.sigmoid(attrs[:, 4:]) if use_color else None
 
     # --- per-cube weights (absent cubes: raw weights 0) ---------------------------------------
     in_key, in_order = torch.sort(_linear_id(xyz, res))
@@ -140,6 +145,6 @@ def sparse_features_to_mesh(
     weights = torch.where(found[:, None], feats[in_order[pos], WEIGHT_CHANNELS], 0.0)
 
     vertices, faces, vertex_attrs = flexicubes(
-        cube_xyz, cube_corners, positions, sdf, res, weights=weights, colors=colors
+        cube_xyz, cube_corners, positions, attrs[:, 0], res, weights=weights, colors=colors
     )
     return Mesh(vertices=vertices, faces=faces, vertex_attrs=vertex_attrs)

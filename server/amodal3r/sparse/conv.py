@@ -90,9 +90,14 @@ class _Kernel(nn.Module):
             nn.init.zeros_(self.bias)
 
 
-def conv_backend() -> str:
-    """``AMODAL3R_SPARSE_CONV`` picks ``torch`` (default) or ``spconv`` (CUDA tensors only)."""
-    return os.environ.get("AMODAL3R_SPARSE_CONV", "torch")
+def use_spconv(x: SparseTensor) -> bool:
+    """``AMODAL3R_SPARSE_CONV=spconv`` routes CUDA tensors through spconv. CPU tensors go through it
+    only when also ``AMODAL3R_SPCONV_ON_CPU=1`` with torch on one thread, to compare the backends."""
+    if os.environ.get("AMODAL3R_SPARSE_CONV", "torch") != "spconv":
+        return False
+    if x.device.type == "cuda":
+        return True
+    return os.environ.get("AMODAL3R_SPCONV_ON_CPU") == "1" and torch.get_num_threads() == 1
 
 
 class SparseConv3d(nn.Module):
@@ -103,10 +108,9 @@ class SparseConv3d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.conv = _Kernel(in_channels, out_channels, kernel_size, bias)
 
-    def forward(self, x: SparseTensor, backend: str | None = None) -> SparseTensor:
-        backend = backend or conv_backend()
+    def forward(self, x: SparseTensor) -> SparseTensor:
         feats = x.feats.to(self.conv.weight.dtype)
-        if backend == "spconv" and (x.device.type == "cuda" or backend_forced_on_cpu()):
+        if use_spconv(x):
             from .spconv_backend import spconv_submanifold_conv
 
             out = spconv_submanifold_conv(x, feats, self.conv.weight, self.conv.bias)
@@ -114,7 +118,3 @@ class SparseConv3d(nn.Module):
             out = submanifold_conv(feats, neighbour_map(x, self.kernel_size), self.conv.weight, self.conv.bias)
         return x.replace(out)
 
-
-def backend_forced_on_cpu() -> bool:
-    """Only for comparing backends in tests, single-threaded: spconv on the CPU is unsafe otherwise."""
-    return os.environ.get("AMODAL3R_SPCONV_ON_CPU") == "1" and torch.get_num_threads() == 1

@@ -40,7 +40,7 @@ class SparseTensor:
         if feats.shape[0] != coords.shape[0]:
             raise ValueError(f"feats has {feats.shape[0]} rows but coords has {coords.shape[0]}")
         self.feats = feats
-        self.coords = coords.int() if coords.dtype != torch.int32 else coords
+        self.coords = coords.to(torch.int32).contiguous()
         if batch_size is None:
             batch_size = int(coords[:, 0].max().item()) + 1 if coords.shape[0] else 1
         self.batch_size = batch_size

@@ -1,0 +1,112 @@
+"""Shifted-window self-attention over sparse voxels (TRELLIS ``attn_mode="swin"``).
+
+A voxel at ``(b, x, y, z)`` belongs to the window ``(b, (x+s)//w, (y+s)//w, (z+s)//w)`` for window
+size ``w`` and shift ``s``, and attends to the voxels of its own window only. A surface rarely fills
+a window, so window lengths vary. Rather than one attention call per window, windows are grouped
+into a few buckets of similar length, padded to the bucket length and run as one batched
+attention with the padded keys masked out. Masked keys get exactly zero weight and every window
+has at least one real key, so the result is exact: padding changes nothing but the work done.
+
+The partition depends only on the coordinates, so it is computed once per coordinate set and
+kept in the :class:`~amodal3r.sparse.SparseTensor` cache for every block and call that shares it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .attention import scaled_dot_product
+from .sparse import SparseTensor
+
+# Padded bucket lengths grow by at most 1.5x, so padding at worst costs ~2.25x the exact work.
+_BUCKET_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Largest attention-logit tensor (elements) built in one call; bigger buckets are split.
+MAX_LOGITS_PER_CALL = 1 << 26
+
+
+@dataclass
+class WindowBucket:
+    """Windows padded to one length: ``rows[w, i]`` is the voxel row in slot ``i`` of window ``w``."""
+
+    rows: torch.Tensor  # [W, L] int64; padding slots repeat a real row of the same window
+    key_bias: torch.Tensor | None  # [W, 1, 1, L] float32: 0 on real keys, -inf on padding; None if unpadded
+    slots: torch.Tensor  # [M] int64: flat indices (w * L + i) of the real slots
+    slot_rows: torch.Tensor  # [M] int64: the voxel row of each real slot
+
+
+@dataclass
+class WindowPartition:
+    buckets: list[WindowBucket]
+    num_rows: int
+    num_windows: int
+
+
+def padded_length(length: int) -> int:
+    for step in _BUCKET_STEPS:
+        if length <= step:
+            return step
+    return 1 << math.ceil(math.log2(length))
+
+
+def window_keys(coords: torch.Tensor, window_size: int, shift: int) -> torch.Tensor:
+    """One int64 key per voxel, equal for voxels of the same window (batch index included)."""
+    cells = (coords[:, 1:].long() + shift).div(window_size, rounding_mode="floor")
+    side = int(cells.max().item()) + 1 if cells.numel() else 1
+    return ((coords[:, 0].long() * side + cells[:, 0]) * side + cells[:, 1]) * side + cells[:, 2]
+
+
+def window_partition(coords: torch.Tensor, window_size: int, shift: int = 0) -> WindowPartition:
+    """Group the rows of ``coords [N, 4]`` into windows, and the windows into padded buckets."""
+    device = coords.device
+    keys = window_keys(coords, window_size, shift)
+    order = torch.argsort(keys, stable=True)
+    _, lengths = torch.unique_consecutive(keys[order], return_counts=True)
+    starts = torch.cumsum(lengths, 0) - lengths
+    padded = torch.tensor([padded_length(n) for n in lengths.tolist()], dtype=torch.long, device=device)
+
+    buckets = []
+    for length in torch.unique(padded).tolist():
+        member = (padded == length).nonzero().squeeze(1)
+        win_start, win_len = starts[member], lengths[member]
+        slot = torch.arange(length, device=device)
+        real = slot[None, :] < win_len[:, None]  # [W, L]
+        # Padding slots point at the window's first row: any real row of the window would do.
+        pos = win_start[:, None] + torch.where(real, slot[None, :], torch.zeros_like(slot)[None, :])
+        rows = order[pos]
+        if bool(real.all()):
+            key_bias = None
+        else:
+            key_bias = torch.zeros(real.shape, dtype=torch.float32, device=device)
+            key_bias.masked_fill_(~real, float("-inf"))
+            key_bias = key_bias[:, None, None, :]
+        slots = real.reshape(-1).nonzero().squeeze(1)
+        buckets.append(WindowBucket(rows, key_bias, slots, rows.reshape(-1)[slots]))
+    return WindowPartition(buckets, coords.shape[0], lengths.numel())
+
+
+def cached_window_partition(x: SparseTensor, window_size: int, shift: int) -> WindowPartition:
+    key = ("window_partition", window_size, shift)
+    if key not in x.cache:
+        x.cache[key] = window_partition(x.coords, window_size, shift)
+    return x.cache[key]
+
+
+def windowed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            partition: WindowPartition) -> torch.Tensor:
+    """Softmax attention of packed ``q, k, v [N, H, D]`` within each window; returns ``[N, H, D]``."""
+    out = torch.empty_like(q)
+    heads = q.shape[1]
+    for bucket in partition.buckets:
+        num_windows, length = bucket.rows.shape
+        per_call = max(1, MAX_LOGITS_PER_CALL // (heads * length * length))
+        results = []
+        for lo in range(0, num_windows, per_call):
+            rows = bucket.rows[lo:lo + per_call]
+            bias = None if bucket.key_bias is None else bucket.key_bias[lo:lo + per_call].to(q.dtype)
+            results.append(scaled_dot_product(q[rows], k[rows], v[rows], bias))
+        h = torch.cat(results) if len(results) > 1 else results[0]
+        out.index_copy_(0, bucket.slot_rows, h.flatten(0, 1).index_select(0, bucket.slots))
+    return out

@@ -1,0 +1,56 @@
+"""Shared fixtures: the golden reference folder and the conditioning it was made with."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def golden_dir() -> Path:
+    """``AMODAL3R_GOLDEN_DIR``, else ``../shared/golden`` beside the repository."""
+    return Path(os.environ.get("AMODAL3R_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+def golden_case(name: str) -> Path:
+    path = golden_dir() / name
+    if not path.is_dir():
+        pytest.fail(f"golden case {path} is missing: set AMODAL3R_GOLDEN_DIR to the golden folder")
+    return path
+
+
+def golden_cond() -> torch.Tensor:
+    """The ``cond`` tensor assembled exactly as the golden README prescribes (checksum verified)."""
+    folder = golden_case("cond")
+    parts = load_file(folder / "cond.safetensors")
+    width = parts["tokens_i8"].shape[-1]
+    cond = torch.cat([
+        parts["tokens_i8"].float() / 32,
+        parts["vis_ratio"][..., None].repeat(1, 1, width),
+        parts["occ_ratio"][..., None].repeat(1, 1, width),
+    ], dim=1)
+    expected = json.loads((folder / "cond.json").read_text())["cond_sum_f64"]
+    assert abs(cond.double().sum().item() - expected) < 1e-6 * abs(expected)
+    return cond
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> float:
+    """``|actual - expected| <= rel * (1 + max|expected|)``; returns the max error for reports."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = rel * (1 + expected.abs().max().item())
+    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
+    return err
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from amodal3r.tiny_weights import write_tiny_weights
+
+    return write_tiny_weights(tmp_path_factory.mktemp("tiny") / "model", seed=0)
