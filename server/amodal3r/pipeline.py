@@ -44,6 +44,7 @@ class PipelineConfig:
     slat_mean: list[float]
     slat_std: list[float]
     image_cond_model: str
+    tiny_random_weights: bool = False
 
     @classmethod
     def read(cls, folder: Path) -> "PipelineConfig":
@@ -61,6 +62,7 @@ class PipelineConfig:
                 slat_mean=list(args["slat_normalization"]["mean"]),
                 slat_std=list(args["slat_normalization"]["std"]),
                 image_cond_model=str(args.get("image_cond_model", "dinov2_vitl14_reg")),
+                tiny_random_weights=bool(args.get("tiny_random_weights", False)),
             )
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e}). Replace it with the original file") from e

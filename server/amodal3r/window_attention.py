@@ -13,7 +13,6 @@ kept in the :class:`~amodal3r.sparse.SparseTensor` cache for every block and cal
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,9 @@ import torch
 from .attention import scaled_dot_product
 from .sparse import SparseTensor
 
-# Padded bucket lengths grow by at most 1.5x, so padding at worst costs ~2.25x the exact work.
-_BUCKET_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Window lengths are rounded up to 8 steps per power of two: padding adds under 1/8 to any
+# window (under ~27% attention work) while the number of buckets stays small (at most ~8 per octave).
+STEPS_PER_OCTAVE_LOG2 = 3
 # Largest attention-logit tensor (elements) built in one call; bigger buckets are split.
 MAX_LOGITS_PER_CALL = 1 << 26
 
@@ -45,10 +45,9 @@ class WindowPartition:
 
 
 def padded_length(length: int) -> int:
-    for step in _BUCKET_STEPS:
-        if length <= step:
-            return step
-    return 1 << math.ceil(math.log2(length))
+    """``length`` rounded up to a multiple of ``2 ** (floor(log2(length)) - 3)`` (exact below 16)."""
+    granularity = 1 << max(0, length.bit_length() - 1 - STEPS_PER_OCTAVE_LOG2)
+    return -(-length // granularity) * granularity
 
 
 def window_keys(coords: torch.Tensor, window_size: int, shift: int) -> torch.Tensor:

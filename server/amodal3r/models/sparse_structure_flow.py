@@ -39,6 +39,7 @@ class SparseStructureFlowModel(nn.Module):
         if pe_mode != "ape":
             raise ValueError(f"pe_mode {pe_mode!r} is not supported: the official models use 'ape'")
         self.resolution, self.in_channels, self.out_channels = resolution, in_channels, out_channels
+        self.cond_channels = cond_channels
         self.model_channels, self.patch_size, self.share_mod = model_channels, patch_size, share_mod
         self.num_heads = num_heads or model_channels // num_head_channels
         self.dtype = torch.float16 if use_fp16 else torch.float32

@@ -57,6 +57,7 @@ class SLatFlowModel(nn.Module):
             raise ValueError(f"patch_size {patch_size} needs log2(patch_size) = {int(math.log2(patch_size))} "
                              f"io_block_channels, got {io_block_channels}")
         self.resolution, self.in_channels, self.out_channels = resolution, in_channels, out_channels
+        self.cond_channels = cond_channels
         self.model_channels, self.share_mod, self.use_skip_connection = model_channels, share_mod, use_skip_connection
         self.num_heads = num_heads or model_channels // num_head_channels
         self.dtype = torch.float16 if use_fp16 else torch.float32

@@ -11,9 +11,9 @@ FlexiCubes (Shen et al. 2023) is Dual Marching Cubes with learned weights:
   product of the per-cube weights ``gamma``.
 
 The reference runs this on a dense grid.  Here the caller passes only the cubes that may touch
-the surface together with a compact vertex table; the result is the same as long as every cube
-with mixed corner signs is included, the cube list is sorted by linear cube id and the vertex
-table by linear vertex id (both x-major), which also reproduces the reference's output order.
+the surface together with a vertex table in any order; the result is the same as long as every
+cube with mixed corner signs is included.  Listing the cubes by linear id (x-major) also
+reproduces the reference's vertex and face order.
 
 Summations run in a fixed order with no atomics, so results are deterministic on every device.
 """
@@ -28,7 +28,7 @@ from . import flexicubes_tables as tables
 WEIGHT_SCALE = 0.99
 
 
-def _lookup(sorted_keys: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+def sorted_lookup(sorted_keys: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
     """Index of each query in a sorted 1-D key tensor, and whether it was found there."""
     if sorted_keys.numel() == 0:
         zeros = torch.zeros_like(query)
@@ -51,8 +51,8 @@ def _normalize_weights(weights: Tensor | None, n: int, like: Tensor) -> tuple[Te
 def _resolve_ambiguity(case: Tensor, cube_xyz: Tensor, resolution: int) -> Tensor:
     """Invert C16/C19 cases that face another such case across their ambiguous face.
 
-    Both cubes would otherwise triangulate the shared face differently and leave a hole.
-    Flags are read from the original cases, so a pair of such cubes is inverted on both sides.
+    Otherwise the two cubes would resolve their shared ambiguous face inconsistently.  Flags are
+    read from the original cases, so both cubes of such a pair are inverted.
     """
     device = case.device
     flagged = tables.on_device("AMBIGUOUS_FLAG", device)[case]
@@ -66,7 +66,7 @@ def _resolve_ambiguity(case: Tensor, cube_xyz: Tensor, resolution: int) -> Tenso
     keys = (xyz[:, 0] * r + xyz[:, 1]) * r + xyz[:, 2]
     adj_keys = (adj[:, 0] * r + adj[:, 1]) * r + adj[:, 2]
     keys_sorted, _ = torch.sort(keys)
-    _, found = _lookup(keys_sorted, adj_keys)
+    _, found = sorted_lookup(keys_sorted, adj_keys)
     invert = idx[found & inside]
     case = case.clone()
     case[invert] = 255 - case[invert]

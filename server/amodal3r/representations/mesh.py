@@ -6,7 +6,8 @@ values shared by neighbouring cubes are averaged into one value per grid vertex,
 turns the result into a triangle mesh.
 
 The reference scatters everything into dense (res+1)^3 grids, where unset vertices get sdf 1,
-deformation 0 and colour logit 0, and unset cubes get weights 0.  That is about 3 GB at res 256.
+deformation 0 and colour logit 0, and unset cubes get weights 0; with the index grids that is
+over 5 GB at res 256 whatever the object.
 Here only the cubes that can carry surface are built: a cube crosses the surface only if one of
 its corners is negative, and only averaged (occupied) vertices can be negative, so the candidates
 are the 8 cubes around each negative vertex.  Missing vertices and cubes get the same defaults,
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import flexicubes_tables as tables
-from .flexicubes import _lookup, flexicubes
+from .flexicubes import flexicubes, sorted_lookup
 
 SDF_CHANNELS = slice(0, 8)
 DEFORM_CHANNELS = slice(8, 32)
@@ -71,7 +72,7 @@ def sparse_features_to_mesh(
 
     Args:
         coords: [N, 4] (batch, x, y, z) or [N, 3] (x, y, z) integer cube coordinates of ONE
-            batch element, unique, in [0, resolution).
+            batch element, unique, in [0, resolution), in any row order.
         feats: [N, 101] (or [N, 53] without colour): sdf 0:8, deform 8:32, weights 32:53,
             colour 53:101 (8 corners x 6 channels).
         resolution: cubes per axis.
@@ -84,6 +85,7 @@ def sparse_features_to_mesh(
         if coords.shape[0] and bool((coords[:, 0] != coords[0, 0]).any()):
             raise ValueError("coords hold several batch elements; extract one mesh per element")
         coords = coords[:, 1:]
+    feats = feats.to(torch.float32)
     device = feats.device
     xyz = coords.to(device=device, dtype=torch.long)
     n = xyz.shape[0]
@@ -123,25 +125,25 @@ def sparse_features_to_mesh(
 
     # Keep the cubes with mixed signs (an absent vertex has sdf 1).
     corner_key = _linear_id(cube_xyz[:, None, :] + corner_offsets, res_v)  # [S, 8]
-    pos, found = _lookup(vert_key, corner_key)
-    corner_neg = found & (vert_sdf[pos] < 0)
-    keep = ~corner_neg.all(dim=1)
+    pos, found = sorted_lookup(vert_key, corner_key)
+    keep = ~(found & (vert_sdf[pos] < 0)).all(dim=1)
     cube_key, cube_xyz, corner_key = cube_key[keep], cube_xyz[keep], corner_key[keep]
+    pos, found = pos[keep], found[keep]
 
-    # --- compact vertex table: the corners of those cubes, x-major like the dense grid ---------
-    table_key, cube_corners = torch.unique(corner_key.reshape(-1), return_inverse=True)
-    cube_corners = cube_corners.reshape(-1, 8)
-    pos, found = _lookup(vert_key, table_key)
-    absent = torch.zeros(vert_attrs.shape[1], dtype=feats.dtype, device=device)
-    absent[0] = 1.0  # outside
-    attrs = torch.where(found[:, None], vert_attrs[pos], absent)
-    positions = deformed_positions(_from_linear_id(table_key, res_v), attrs[:, 1:4], res)
+    # --- vertex table: the averaged vertices, then the absent corners with default values ------
+    absent_key, absent_idx = torch.unique(corner_key[~found], return_inverse=True)
+    cube_corners = pos.masked_scatter(~found, n_verts + absent_idx)
+    default = torch.zeros(vert_attrs.shape[1], dtype=feats.dtype, device=device)
+    default[0] = 1.0  # sdf: outside
+    attrs = torch.cat((vert_attrs, default.expand(absent_key.numel(), -1)))
+    table_xyz = _from_linear_id(torch.cat((vert_key, absent_key)), res_v)
+    positions = deformed_positions(table_xyz, attrs[:, 1:4], res)
     # Activated on the strided slice like the reference, so CPU kernels round identically.
     colors = torch.sigmoid(attrs[:, 4:]) if use_color else None
 
     # --- per-cube weights (absent cubes: raw weights 0) ---------------------------------------
     in_key, in_order = torch.sort(_linear_id(xyz, res))
-    pos, found = _lookup(in_key, cube_key)
+    pos, found = sorted_lookup(in_key, cube_key)
     weights = torch.where(found[:, None], feats[in_order[pos], WEIGHT_CHANNELS], 0.0)
 
     vertices, faces, vertex_attrs = flexicubes(
