@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import golden_case
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import amodal3r  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(REPO_ROOT / "server"))
+from amodal3r import conditioning as C
 
-from amodal3r import conditioning as C  # noqa: E402
-
-GOLDEN_DIR = Path(os.environ.get("AMODAL3R_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
-
-
-def _golden_case(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not path.is_dir():
-        pytest.skip(f"golden case {name!r} not found under {GOLDEN_DIR} (set AMODAL3R_GOLDEN_DIR)")
-    return path
 
 
 # --------------------------------------------------------------------------- golden
@@ -36,7 +20,7 @@ def _golden_case(name: str) -> Path:
 def test_golden_mask_preproc(case):
     from safetensors.numpy import load_file
 
-    d = _golden_case(case)
+    d = golden_case(case)
     io = load_file(str(d / "io.safetensors"))
     image = Image.open(d / "input.png")
     grey = Image.open(d / "input_mask.png").convert("L")
@@ -208,7 +192,7 @@ def test_golden_cond(case):
 
     from safetensors.torch import load_file
 
-    d = _golden_case(case)
+    d = golden_case(case)
 
     data = load_file(str(d / "cond.safetensors"))
     cond = C.assemble_cond(data["tokens_i8"].float() / 32, data["vis_ratio"], data["occ_ratio"])

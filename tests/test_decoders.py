@@ -18,8 +18,10 @@ from torch import nn
 
 from amodal3r.checkpoints import load_model
 from amodal3r.models import model_class
+from amodal3r.models.structured_latent_mesh_decoder import conv_after_subdivide, subdivide
 from amodal3r.representations.gaussians import Y_UP_TO_Z_UP, Gaussians
-from amodal3r.sparse import SparseTensor
+from amodal3r import window_attention
+from amodal3r.sparse import SparseConv3d, SparseTensor
 from amodal3r.window_attention import window_keys, window_partition, windowed_self_attention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,15 @@ needs_golden = pytest.mark.skipif(not (GOLDEN_DIR / "README.md").is_file(), reas
 
 GAUSSIAN_FIELDS = ("_xyz", "_features_dc", "_scaling", "_rotation", "_opacity",
                    "get_xyz", "get_scaling", "get_rotation", "get_opacity", "get_features")
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The cases are tiny: extra threads only add contention (seconds on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -137,7 +148,9 @@ def naive_windowed_attention(q, k, v, coords, window_size, shift):
 
 
 @pytest.mark.parametrize("shift", [0, 4])
-def test_windowed_attention_matches_per_window_loop(shift: int) -> None:
+@pytest.mark.parametrize("max_logits", [window_attention.MAX_LOGITS_PER_CALL, 2000])
+def test_windowed_attention_matches_per_window_loop(shift: int, max_logits: int, monkeypatch) -> None:
+    monkeypatch.setattr(window_attention, "MAX_LOGITS_PER_CALL", max_logits)  # 2000: a few windows per call
     coords = random_voxels(batch=2, count=600, extent=24, seed=shift)
     heads, dim = 3, 8
     g = torch.Generator().manual_seed(1)
@@ -146,19 +159,55 @@ def test_windowed_attention_matches_per_window_loop(shift: int) -> None:
     expected = naive_windowed_attention(q, k, v, coords, 8, shift)
     assert partition.num_windows == window_keys(coords, 8, shift).unique().numel()
     assert any(b.key_bias is not None for b in partition.buckets)  # padding is exercised
-    assert (windowed_self_attention(q, k, v, partition).double() - expected).abs().max().item() < 1e-5
+    out = windowed_self_attention(torch.stack([q, k, v], dim=1), partition)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_one_window_per_element_equals_full_attention() -> None:
+    """``swin`` with a window covering the grid takes the windowed path and must equal ``full``."""
+    rep = {"lr": dict.fromkeys(("_xyz", "_features_dc", "_opacity", "_scaling", "_rotation"), 1.0),
+           "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 4, "3d_filter_kernel_size": 9e-4,
+           "scaling_bias": 4e-3, "opacity_bias": 0.1, "scaling_activation": "softplus"}
+    args = dict(resolution=16, model_channels=32, latent_channels=8, num_blocks=2, num_heads=2,
+                window_size=16, qk_rms_norm=True, representation_config=rep)
+    torch.manual_seed(0)
+    full = model_class("SLatGaussianDecoder")(attn_mode="full", **args).eval()
+    swin = model_class("SLatGaussianDecoder")(attn_mode="swin", **args).eval()
+    swin.load_state_dict(full.state_dict())
+    coords = random_voxels(batch=2, count=200, extent=8, seed=9)  # shifted by 8: still one window
+    x = SparseTensor(torch.randn(coords.shape[0], 8), coords)
+    with torch.no_grad():
+        assert (swin.decode(x).feats - full.decode(x).feats).abs().max().item() < 1e-5
 
 
 def test_window_partition_groups_each_window_once() -> None:
     coords = random_voxels(batch=2, count=300, extent=20, seed=3)
     partition = window_partition(coords, 8, 4)
-    rows = torch.cat([b.slot_rows for b in partition.buckets])
-    assert torch.equal(rows.sort().values, torch.arange(coords.shape[0]))
+    slot_rows = torch.cat([b.rows.reshape(-1) for b in partition.buckets])
+    assert slot_rows.numel() == partition.num_slots
+    assert torch.equal(slot_rows[partition.unpad], torch.arange(coords.shape[0]))  # each row has one real slot
+    assert partition.unpad.unique().numel() == coords.shape[0]
     for bucket in partition.buckets:
         for window_rows in bucket.rows:
             cells = coords[window_rows].long()
             assert (cells[:, 0] == cells[0, 0]).all()
             assert ((cells[:, 1:] + 4) // 8 == (cells[0, 1:] + 4) // 8).all()
+
+
+# ---- subdivision ------------------------------------------------------------------------------
+
+
+def test_conv_after_subdivide_equals_conv_of_subdivided() -> None:
+    coords = random_voxels(batch=2, count=150, extent=7, seed=5)  # dense enough to have all neighbours, touches 0
+    x = SparseTensor(torch.randn(coords.shape[0], 6, generator=torch.Generator().manual_seed(2)), coords)
+    conv = SparseConv3d(6, 5, 3)
+    with torch.no_grad():
+        expected = conv(subdivide(x))
+        actual = conv_after_subdivide(x, conv)
+    assert torch.equal(actual.coords, expected.coords) and actual.layout == expected.layout
+    assert (actual.feats - expected.feats).abs().max().item() < 1e-5
+    sub = subdivide(x)
+    assert torch.equal(sub.coords[8 * 3 + 5, 1:], 2 * coords[3, 1:] + torch.tensor([1, 0, 1], dtype=torch.int32))
 
 
 # ---- Gaussian PLY export ---------------------------------------------------------------------

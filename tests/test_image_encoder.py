@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import golden_case, golden_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import amodal3r  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(REPO_ROOT / "server"))
-
-from amodal3r.models.image_encoder import (  # noqa: E402
+from amodal3r.models.image_encoder import (
     DinoV2Config,
     DinoV2Encoder,
     from_hub_state_dict,
     load_hub_checkpoint,
-    to_hub_state_dict,
 )
 
-GOLDEN_DIR = Path(os.environ.get("AMODAL3R_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
-
-
-def _golden_case(name: str) -> Path:
-    path = GOLDEN_DIR / name
-    if not path.is_dir():
-        pytest.skip(f"golden case {name!r} not found under {GOLDEN_DIR} (set AMODAL3R_GOLDEN_DIR)")
-    return path
 
 
 def _tol(expected: torch.Tensor) -> float:
@@ -42,7 +25,7 @@ def _tol(expected: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def golden_encoder():
-    d = _golden_case("dinov2")
+    d = golden_case("dinov2")
     config = DinoV2Config.from_json(d / "config.json")
     assert config == DinoV2Config.tiny()
     hub_sd = load_hub_checkpoint(d / "dinov2_hub_format.safetensors")
@@ -55,7 +38,7 @@ def golden_encoder():
 def test_golden_dinov2(case, golden_encoder):
     from safetensors.torch import load_file
 
-    d = _golden_case(case)
+    d = golden_case(case)
     io = load_file(str(d / "io.safetensors"))
     model = golden_encoder
     with torch.no_grad():
@@ -72,7 +55,7 @@ def test_golden_dinov2(case, golden_encoder):
 
     # Full path from [0,1] pixels: the golden input is input.png resized with LANCZOS
     # and ImageNet-normalised; forward() must do that normalisation itself.
-    png = GOLDEN_DIR / "mask_preproc" / "input.png"
+    png = golden_dir() / "mask_preproc" / "input.png"
     if png.is_file():
         img = Image.open(png).convert("RGB").resize((518, 518), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
@@ -88,7 +71,7 @@ def test_golden_dinov2_checkpoint_loaders(case, golden_encoder, tmp_path):
     """The .pth (torch.save of the hub dict) and timm-safetensors paths load the same weights."""
     from safetensors.torch import save_file
 
-    d = _golden_case(case)
+    d = golden_case(case)
     hub_sd = load_hub_checkpoint(d / "dinov2_hub_format.safetensors")
     pth = tmp_path / "dinov2_vitl14_reg4_pretrain.pth"
     torch.save(hub_sd, pth)
@@ -144,7 +127,7 @@ def test_conversion_folds_class_position():
 @pytest.mark.parametrize("case", ["manifests"])
 def test_golden_dinov2_manifest_keys(case):
     """Full-size ViT-L/14 reg4 built on the meta device covers the hub checkpoint's keys."""
-    d = _golden_case(case)
+    d = golden_case(case)
     manifest = json.loads((d / "dinov2_vitl14_reg4.json").read_text())
     manifest = manifest.get("state_dict", manifest)
     expected = {k: tuple(v[0]) for k, v in manifest.items()}

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+import trimesh
+from conftest import golden_case
 
 from amodal3r.representations import flexicubes_tables as tables
 from amodal3r.representations.mesh import Mesh, sparse_features_to_mesh
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("AMODAL3R_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 
 
 def _match_vertices(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> torch.Tensor:
@@ -54,9 +52,7 @@ def assert_same_mesh(actual: Mesh, expected: dict[str, torch.Tensor], tol: float
 
 @pytest.mark.parametrize("case", ["slat_dec_mesh"])
 def test_golden_mesh_extraction(case: str) -> None:
-    folder = GOLDEN_DIR / case
-    if not (folder / "mesh.safetensors").exists():
-        pytest.skip(f"golden data not found in {folder}")
+    folder = golden_case(case)
     from safetensors.torch import load_file
 
     io = load_file(str(folder / "io.safetensors"))
@@ -90,7 +86,6 @@ def _ball_features(res: int, radius: float, seed: int = 0) -> tuple[torch.Tensor
 
 
 def test_sphere_is_closed_manifold() -> None:
-    trimesh = pytest.importorskip("trimesh")
     res, radius = 48, 13.7  # not an integer: an sdf of exactly 0 would be mis-oriented (as in the reference)
     coords, feats = _ball_features(res, radius)
     perm = torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(1))

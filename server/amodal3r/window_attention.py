@@ -33,14 +33,14 @@ class WindowBucket:
 
     rows: torch.Tensor  # [W, L] int64; padding slots repeat a real row of the same window
     key_bias: torch.Tensor | None  # [W, 1, 1, L] float32: 0 on real keys, -inf on padding; None if unpadded
-    slots: torch.Tensor  # [M] int64: flat indices (w * L + i) of the real slots
-    slot_rows: torch.Tensor  # [M] int64: the voxel row of each real slot
+    offset: int  # where this bucket's W * L slots start in the padded output buffer
 
 
 @dataclass
 class WindowPartition:
     buckets: list[WindowBucket]
-    num_rows: int
+    num_slots: int  # padded slots over all buckets
+    unpad: torch.Tensor  # [N] int64: the padded-buffer slot that holds each voxel row's output
     num_windows: int
 
 
@@ -66,24 +66,24 @@ def window_partition(coords: torch.Tensor, window_size: int, shift: int = 0) -> 
     starts = torch.cumsum(lengths, 0) - lengths
     padded = torch.tensor([padded_length(n) for n in lengths.tolist()], dtype=torch.long, device=device)
 
-    buckets = []
+    buckets, offset = [], 0
+    unpad = torch.empty(coords.shape[0], dtype=torch.long, device=device)
     for length in torch.unique(padded).tolist():
         member = (padded == length).nonzero().squeeze(1)
         win_start, win_len = starts[member], lengths[member]
         slot = torch.arange(length, device=device)
         real = slot[None, :] < win_len[:, None]  # [W, L]
         # Padding slots point at the window's first row: any real row of the window would do.
-        pos = win_start[:, None] + torch.where(real, slot[None, :], torch.zeros_like(slot)[None, :])
-        rows = order[pos]
-        if bool(real.all()):
-            key_bias = None
-        else:
+        rows = order[win_start[:, None] + torch.where(real, slot[None, :], 0)]
+        key_bias = None
+        if not bool(real.all()):
             key_bias = torch.zeros(real.shape, dtype=torch.float32, device=device)
-            key_bias.masked_fill_(~real, float("-inf"))
-            key_bias = key_bias[:, None, None, :]
-        slots = real.reshape(-1).nonzero().squeeze(1)
-        buckets.append(WindowBucket(rows, key_bias, slots, rows.reshape(-1)[slots]))
-    return WindowPartition(buckets, coords.shape[0], lengths.numel())
+            key_bias = key_bias.masked_fill_(~real, float("-inf"))[:, None, None, :]
+        flat_real = real.reshape(-1).nonzero().squeeze(1)
+        unpad[rows.reshape(-1)[flat_real]] = offset + flat_real
+        buckets.append(WindowBucket(rows, key_bias, offset))
+        offset += rows.numel()
+    return WindowPartition(buckets, offset, unpad, lengths.numel())
 
 
 def cached_window_partition(x: SparseTensor, window_size: int, shift: int) -> WindowPartition:
@@ -93,19 +93,17 @@ def cached_window_partition(x: SparseTensor, window_size: int, shift: int) -> Wi
     return x.cache[key]
 
 
-def windowed_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            partition: WindowPartition) -> torch.Tensor:
-    """Softmax attention of packed ``q, k, v [N, H, D]`` within each window; returns ``[N, H, D]``."""
-    out = torch.empty_like(q)
-    heads = q.shape[1]
+def windowed_self_attention(qkv: torch.Tensor, partition: WindowPartition) -> torch.Tensor:
+    """Softmax self-attention of packed ``qkv [N, 3, H, D]`` within each window; returns ``[N, H, D]``."""
+    heads = qkv.shape[2]
+    padded_out = qkv.new_empty(partition.num_slots, heads, qkv.shape[3])
     for bucket in partition.buckets:
         num_windows, length = bucket.rows.shape
         per_call = max(1, MAX_LOGITS_PER_CALL // (heads * length * length))
-        results = []
         for lo in range(0, num_windows, per_call):
-            rows = bucket.rows[lo:lo + per_call]
-            bias = None if bucket.key_bias is None else bucket.key_bias[lo:lo + per_call].to(q.dtype)
-            results.append(scaled_dot_product(q[rows], k[rows], v[rows], bias))
-        h = torch.cat(results) if len(results) > 1 else results[0]
-        out.index_copy_(0, bucket.slot_rows, h.flatten(0, 1).index_select(0, bucket.slots))
-    return out
+            hi = min(lo + per_call, num_windows)
+            q, k, v = qkv.index_select(0, bucket.rows[lo:hi].reshape(-1)).unflatten(0, (hi - lo, length)).unbind(2)
+            bias = None if bucket.key_bias is None else bucket.key_bias[lo:hi].to(qkv.dtype)
+            target = padded_out[bucket.offset + lo * length:bucket.offset + hi * length]
+            target.unflatten(0, (hi - lo, length)).copy_(scaled_dot_product(q, k, v, bias))
+    return padded_out.index_select(0, partition.unpad)

@@ -48,8 +48,9 @@ def offset_perturbation(num_gaussians: int, voxel_size: float) -> torch.Tensor:
     """``atanh`` of the Hammersley points mapped to [-1, 1) and divided by ``voxel_size`` (float32).
 
     Adding this before the tanh of the predicted offsets spreads a voxel's Gaussians over it.
+    Computed on the CPU even while a model is built on the meta device: it is tiny and fixed.
     """
-    points = torch.tensor(hammersley_points(num_gaussians), dtype=torch.float32) * 2 - 1
+    points = torch.tensor(hammersley_points(num_gaussians), dtype=torch.float32, device="cpu") * 2 - 1
     return torch.atanh(points / voxel_size)
 
 

@@ -31,12 +31,13 @@ class SparseSelfAttention(MultiHeadAttention):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         qkv = self.to_qkv(x.feats).reshape(-1, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(dim=1)
-        q, k = self._norm_qk(q, k)
+        if self.qk_rms_norm:
+            q, k, v = qkv.unbind(dim=1)
+            qkv = torch.stack([*self._norm_qk(q, k), v], dim=1)
         if self.window_size is None:
-            h = varlen_self_attention(torch.stack([q, k, v], dim=1), x.layout)
+            h = varlen_self_attention(qkv, x.layout)
         else:
-            h = windowed_self_attention(q, k, v, cached_window_partition(x, self.window_size, self.shift_window))
+            h = windowed_self_attention(qkv, cached_window_partition(x, self.window_size, self.shift_window))
         return x.replace(self.to_out(h.reshape(-1, self.channels)))
 
 
