@@ -1,33 +1,28 @@
 """Structured-latent decoders against the reference's golden outputs, plus windowed attention and PLY export.
 
-Golden data: ``$AMODAL3R_GOLDEN_DIR`` (default ``<repo>/../shared/golden``), see its README sections 4-5.
+Golden data: see ``conftest.golden_dir`` and the golden README, sections 4-5.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, golden_case
 from safetensors.torch import load_file
 from torch import nn
 
+from amodal3r import window_attention
 from amodal3r.checkpoints import load_model
 from amodal3r.models import model_class
 from amodal3r.models.structured_latent_mesh_decoder import conv_after_subdivide, subdivide
 from amodal3r.representations.gaussians import Y_UP_TO_Z_UP, Gaussians
-from amodal3r import window_attention
 from amodal3r.sparse import SparseConv3d, SparseTensor
 from amodal3r.window_attention import window_keys, window_partition, windowed_self_attention
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("AMODAL3R_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
-
-needs_golden = pytest.mark.skipif(not (GOLDEN_DIR / "README.md").is_file(), reason=f"no golden data in {GOLDEN_DIR}")
 
 GAUSSIAN_FIELDS = ("_xyz", "_features_dc", "_scaling", "_rotation", "_opacity",
                    "get_xyz", "get_scaling", "get_rotation", "get_opacity", "get_features")
@@ -42,23 +37,22 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """The agreed bound ``1e-4 * (1 + max|expected|)``, and a tighter one that a wrong variant would miss."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = 1 + expected.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= 1e-4 * scale, f"{name}: max abs error {err:.3e} > {1e-4 * scale:.3e}"
-    assert err <= 1e-5 * scale, f"{name}: max abs error {err:.3e} passes 1e-4 but not the expected ~1e-7"
+def assert_tight(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """The agreed bound ``1e-4 * (1 + max|expected|)``, then a tighter one that wrong variants would miss."""
+    try:
+        assert_close(actual, expected, rel=1e-4)
+        assert_close(actual, expected, rel=1e-5)  # we reach ~3e-7
+    except AssertionError as e:
+        raise AssertionError(f"{name}: {e}") from None
 
 
 def load_case(case: str):
-    folder = GOLDEN_DIR / case
-    model = load_model(folder / "model")
-    io = load_file(str(folder / "io.safetensors"))
+    folder = golden_case(case)
+    model = load_model(folder / "model", device="cpu", dtype=torch.float32)
+    io = load_file(folder / "io.safetensors")
     return model, io, SparseTensor(io["feats"], io["coords"])
 
 
-@needs_golden
 @pytest.mark.parametrize("case", ["slat_dec_mesh", "slat_dec_gs"])
 def test_golden_decoder(case: str) -> None:
     model, io, x = load_case(case)
@@ -67,24 +61,23 @@ def test_golden_decoder(case: str) -> None:
     if case == "slat_dec_mesh":
         # Row 64*i + 8*a + b: child b of child a of input row i.
         assert torch.equal(out.coords, io["dec_coords"])
-        assert_close("dec_feats", out.feats, io["dec_feats"])
+        assert_tight("dec_feats", out.feats, io["dec_feats"])
         return
     (gaussians,) = model.to_representation(out)
-    assert_close("offset_perturbation", model.offset_perturbation, io["offset_perturbation"])
+    assert_tight("offset_perturbation", model.offset_perturbation, io["offset_perturbation"])
     for name in GAUSSIAN_FIELDS:
-        assert_close(name, getattr(gaussians, name), io[name])
+        assert_tight(name, getattr(gaussians, name), io[name])
 
 
-@needs_golden
 def test_golden_offset_perturbation_built_from_config() -> None:
     """The buffer the constructor computes (not just the one loaded) matches the reference's."""
-    config = json.loads((GOLDEN_DIR / "slat_dec_gs" / "model.json").read_text())
+    folder = golden_case("slat_dec_gs")
+    config = json.loads((folder / "model.json").read_text())
     model = model_class(config["name"])(**config["args"])
-    stored = load_file(str(GOLDEN_DIR / "slat_dec_gs" / "model.safetensors"))["offset_perturbation"]
+    stored = load_file(folder / "model.safetensors")["offset_perturbation"]
     assert torch.allclose(model.offset_perturbation, stored, rtol=0, atol=1e-6)
 
 
-@needs_golden
 @pytest.mark.parametrize("case", ["slat_dec_mesh", "slat_dec_gs"])
 def test_golden_decoder_fp16_torso(case: str) -> None:
     """``set_torso_dtype(float16)``: only torso linear/conv weights change dtype; output stays close."""
@@ -107,11 +100,10 @@ def test_golden_decoder_fp16_torso(case: str) -> None:
     assert (actual - expected).abs().max().item() < 1e-2 * (1 + expected.abs().max().item())
 
 
-@needs_golden
 @pytest.mark.parametrize("case", ["slat_dec_mesh", "slat_dec_gs"])
 def test_full_size_manifest(case: str) -> None:
     """The official full-size config gives exactly the official keys, shapes and (fp16) dtypes."""
-    manifest = json.loads((GOLDEN_DIR / "manifests" / f"{case}.json").read_text())
+    manifest = json.loads((golden_case("manifests") / f"{case}.json").read_text())
     with torch.device("meta"):
         model = model_class(manifest["name"])(**manifest["args"])
     state = {k: ([*v.shape], str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
@@ -168,8 +160,8 @@ def test_one_window_per_element_equals_full_attention() -> None:
     rep = {"lr": dict.fromkeys(("_xyz", "_features_dc", "_opacity", "_scaling", "_rotation"), 1.0),
            "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 4, "3d_filter_kernel_size": 9e-4,
            "scaling_bias": 4e-3, "opacity_bias": 0.1, "scaling_activation": "softplus"}
-    args = dict(resolution=16, model_channels=32, latent_channels=8, num_blocks=2, num_heads=2,
-                window_size=16, qk_rms_norm=True, representation_config=rep)
+    args = {"resolution": 16, "model_channels": 32, "latent_channels": 8, "num_blocks": 2, "num_heads": 2,
+            "window_size": 16, "qk_rms_norm": True, "representation_config": rep}
     torch.manual_seed(0)
     full = model_class("SLatGaussianDecoder")(attn_mode="full", **args).eval()
     swin = model_class("SLatGaussianDecoder")(attn_mode="swin", **args).eval()
