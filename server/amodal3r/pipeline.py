@@ -19,6 +19,7 @@ from .samplers import MultiViewMode, ProgressFn, SamplerSettings, sample
 from .sparse import SparseTensor
 
 REQUIRED_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
+DECODERS = {"mesh": "slat_decoder_mesh", "gaussian": "slat_decoder_gs"}
 
 
 class PipelineError(RuntimeError):
@@ -157,3 +158,11 @@ class Amodal3RPipeline:
         coords = self.sample_structure(cond, generator, variants, multiview, progress, cancelled,
                                        **(structure_params or {}))
         return self.sample_slat(cond, coords, generator, multiview, progress, cancelled, **(slat_params or {}))
+
+    @torch.inference_mode()
+    def decode(self, slat: SparseTensor, formats: tuple[str, ...] = ("mesh", "gaussian")) -> dict[str, list]:
+        """Decode each variant into the requested formats; only their decoders are loaded."""
+        unknown = [f for f in formats if f not in DECODERS]
+        if unknown:
+            raise ValueError(f"unknown output format(s) {unknown}; choose from {sorted(DECODERS)}")
+        return {f: self.model(DECODERS[f])(slat) for f in formats}

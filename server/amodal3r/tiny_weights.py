@@ -24,6 +24,8 @@ def tiny_configs(cond_channels: int = TINY_COND_CHANNELS) -> dict[str, tuple[str
     """Pipeline key -> (checkpoint stem relative to the folder, ``{"name", "args"}``)."""
     flow = dict(model_channels=64, cond_channels=cond_channels, num_blocks=2, num_heads=4, mlp_ratio=4,
                 pe_mode="ape", qk_rms_norm=True, use_fp16=True)
+    decoder = dict(resolution=64, latent_channels=8, num_blocks=2, num_heads=4, mlp_ratio=4, attn_mode="swin",
+                   window_size=8, use_fp16=True)
     return {
         "sparse_structure_flow_model": (f"{CKPTS}/ss_flow_img_dit_L_16l8_fp16", {
             "name": "SparseStructureFlowModelMaskAsCondWeighted",
@@ -36,6 +38,18 @@ def tiny_configs(cond_channels: int = TINY_COND_CHANNELS) -> dict[str, tuple[str
             "name": "SLatFlowModelMaskAsCondWeighted",
             "args": dict(resolution=64, in_channels=8, out_channels=8, patch_size=2, num_io_res_blocks=1,
                          io_block_channels=[32], **flow)}),
+        # The mesh decoder needs model_channels >= 256: its subdivision blocks group-normalise
+        # model_channels / 8 channels in 32 groups.
+        "slat_decoder_mesh": (f"{CKPTS}/slat_dec_mesh_swin8_B_64l8m256c_fp16", {
+            "name": "SLatMeshDecoder",
+            "args": dict(decoder, model_channels=256, representation_config={"use_color": True})}),
+        "slat_decoder_gs": (f"{CKPTS}/slat_dec_gs_swin8_B_64l8gs32_fp16", {
+            "name": "SLatGaussianDecoder",
+            "args": dict(decoder, model_channels=64, representation_config={
+                "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
+                "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 8, "2d_filter_kernel_size": 0.1,
+                "3d_filter_kernel_size": 9e-4, "scaling_bias": 4e-3, "opacity_bias": 0.1,
+                "scaling_activation": "softplus"})}),
     }
 
 

@@ -29,6 +29,7 @@ DEFORM_CHANNELS = slice(8, 32)
 WEIGHT_CHANNELS = slice(32, 53)
 COLOR_CHANNELS = slice(53, 101)
 COLOR_DIM = 6
+MIN_FACE_HEIGHT = 1e-8  # world units; float32 positions near 0.5 are resolved to 6e-8
 
 
 @dataclass
@@ -46,6 +47,25 @@ class Mesh:
     def to(self, device: torch.device | str) -> "Mesh":
         attrs = None if self.vertex_attrs is None else self.vertex_attrs.to(device)
         return Mesh(self.vertices.to(device), self.faces.to(device), attrs)
+
+    def welded(self) -> "Mesh":
+        """Merge vertices at identical positions and drop the faces of zero area.
+
+        FlexiCubes places the dual vertices of neighbouring cubes at the very same point, or on one
+        line, where a cube's surface degenerates; such faces have no area and confuse exporters.
+        """
+        positions, inverse = torch.unique(self.vertices, dim=0, return_inverse=True)
+        faces = inverse[self.faces]
+        corners = positions[faces].double()
+        edges = corners.roll(-1, dims=1) - corners
+        area2 = torch.linalg.cross(edges[:, 0], edges[:, 1]).norm(dim=1)
+        keep = area2 > MIN_FACE_HEIGHT * edges.norm(dim=2).amax(dim=1)
+        attrs = None
+        if self.vertex_attrs is not None:
+            first = torch.full((positions.shape[0],), self.vertices.shape[0], dtype=torch.long, device=faces.device)
+            first.scatter_reduce_(0, inverse, torch.arange(inverse.shape[0], device=faces.device), reduce="amin")
+            attrs = self.vertex_attrs[first]
+        return Mesh(positions, faces[keep], attrs)
 
 
 def _linear_id(xyz: Tensor, size: int) -> Tensor:
