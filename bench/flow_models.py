@@ -34,9 +34,10 @@ def sphere_shell(radius: float = 24.0, res: int = 64) -> torch.Tensor:
 
 
 def condition(batch: int) -> torch.Tensor:
+    """Image tokens, then per-patch visibility and occlusion ratios: multiples of 1/196 (14x14 pixels)."""
     tokens = torch.randn(batch, 1374, COND_CHANNELS)
-    ratios = torch.rand(batch, 2 * 1369, 1).expand(-1, -1, COND_CHANNELS)
-    return torch.cat([tokens, ratios], dim=1)
+    ratios = (torch.rand(batch, 2 * 1369, 1) * 196).round() / 196
+    return torch.cat([tokens, ratios.expand(-1, -1, COND_CHANNELS)], dim=1)
 
 
 def timed(fn, repeat: int) -> float:

@@ -101,6 +101,19 @@ class MultiHeadRMSNorm(nn.Module):
 Tokens = torch.Tensor | SparseTensor
 
 
+def _distinct_ratios(ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row, the distinct values of ``ratios [B, L]`` and their log counts, padded with
+    log 0 = -inf so that padding gets no weight."""
+    rows = [torch.unique(r, return_counts=True) for r in ratios.float()]
+    width = max(len(v) for v, _ in rows)
+    values = ratios.new_zeros(len(rows), width, dtype=torch.float32)
+    log_counts = torch.full_like(values, float("-inf"))
+    for i, (v, c) in enumerate(rows):
+        values[i, :len(v)] = v
+        log_counts[i, :len(v)] = c.float().log()
+    return values, log_counts
+
+
 class MultiHeadAttention(nn.Module):
     """Self or cross attention on dense ``[B, L, C]`` tokens or on a :class:`SparseTensor`.
 
@@ -130,6 +143,33 @@ class MultiHeadAttention(nn.Module):
         if self.qk_rms_norm:
             return self.q_rms_norm(q), self.k_rms_norm(k)
         return q, k
+
+    def attend_to_ratios(self, x: Tokens, ratios: torch.Tensor) -> Tokens:
+        """Cross-attention to a context whose rows are ``ratio * ones`` (Amodal3R's occlusion tokens).
+
+        Then every key and value is affine in its ratio, ``k_i = r_i a_k + b_k`` and likewise for
+        values, so the output is ``E_p[r] a_v + b_v`` with ``p_i`` the softmax of ``r_i (q . a_k)``.
+        The expectation runs over the distinct ratios weighted by their counts: exact, and about
+        ten times cheaper than attending to 1369 identical-looking tokens.
+        """
+        if self.is_self or self.qk_rms_norm:
+            raise ValueError("attend_to_ratios needs a cross-attention without q/k RMS norm")
+        feats = x.feats if isinstance(x, SparseTensor) else x
+        lead = feats.shape[:-1]
+        slope = self.to_kv.weight.sum(dim=1).view(2, self.num_heads, self.head_dim)
+        offset = self.to_kv.bias.view(2, self.num_heads, self.head_dim)
+        q = self.to_q(feats).reshape(*lead, self.num_heads, self.head_dim)
+        score = (q * slope[0]).sum(-1) / self.head_dim**0.5  # [..., H]
+        values, log_counts = _distinct_ratios(ratios)  # [B, U] each
+        if isinstance(x, SparseTensor):
+            values, log_counts = x.broadcast_batch(values), x.broadcast_batch(log_counts)
+        else:
+            values, log_counts = values[:, None], log_counts[:, None]
+        weights = torch.softmax(score.unsqueeze(-1) * values.unsqueeze(-2) + log_counts.unsqueeze(-2), dim=-1)
+        expected = (weights * values.unsqueeze(-2)).sum(-1)  # [..., H]
+        h = expected.unsqueeze(-1) * slope[1] + offset[1]
+        out = self.to_out(h.reshape(*lead, self.channels).to(feats.dtype))
+        return x.replace(out) if isinstance(x, SparseTensor) else out
 
     def forward(self, x: Tokens, context: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> Tokens:

@@ -69,6 +69,7 @@ class Condition:
     tokens: torch.Tensor
     visibility_bias: torch.Tensor | None = None
     occlusion: torch.Tensor | None = None
+    occlusion_ratios: torch.Tensor | None = None  # [B, P] when each occlusion row is ratio * ones
 
 
 def split_condition(cond: torch.Tensor, mask_as_cond: bool, dtype: torch.dtype) -> Condition:
@@ -81,10 +82,14 @@ def split_condition(cond: torch.Tensor, mask_as_cond: bool, dtype: torch.dtype) 
         raise ValueError(f"condition must be [B, {expected}, C] (tokens, visibility, occlusion), got {tuple(cond.shape)}")
     n_tok = NUM_PREFIX_TOKENS + PATCH_TOKENS
     visibility = cond[:, n_tok:n_tok + PATCH_TOKENS, 0].type(dtype)
+    occlusion = cond[:, n_tok + PATCH_TOKENS:]
+    ratios = occlusion[..., 0]
+    repeated = torch.equal(occlusion, ratios.unsqueeze(-1).expand_as(occlusion))
     return Condition(
         tokens=cond[:, :n_tok].type(dtype),
         visibility_bias=visibility_bias(visibility, NUM_PREFIX_TOKENS),
-        occlusion=cond[:, n_tok + PATCH_TOKENS:].type(dtype),
+        occlusion=occlusion.type(dtype),
+        occlusion_ratios=ratios if repeated else None,
     )
 
 
@@ -130,7 +135,11 @@ class ModulatedTransformerCrossBlock(nn.Module):
         x = x + self.self_attn(h) * gate_msa
         x = x + self.cross_attn(_norm(self.norm2, x), cond.tokens, cond.visibility_bias)
         if self.mask_as_cond:
-            x = x + self.cross_attn_mask(_norm(self.norm_mask, x), cond.occlusion)
+            h = _norm(self.norm_mask, x)
+            if cond.occlusion_ratios is not None and not self.cross_attn_mask.qk_rms_norm:
+                x = x + self.cross_attn_mask.attend_to_ratios(h, cond.occlusion_ratios)
+            else:
+                x = x + self.cross_attn_mask(h, cond.occlusion)
         h = _norm(self.norm3, x) * (1 + scale_mlp) + shift_mlp
         return x + self.mlp(h) * gate_mlp
 
