@@ -1,0 +1,49 @@
+"""Attention paths against straightforward formulations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from amodal3r.attention import MultiHeadAttention, visibility_bias
+from amodal3r.blocks import NUM_PREFIX_TOKENS, split_condition
+from amodal3r.sparse import SparseTensor
+
+
+def test_visibility_weighted_attention_is_the_papers_softmax() -> None:
+    """Eq. 3: softmax(q k / sqrt(d) + log(w + 1e-6)) v with weight 1 on the class and register tokens."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4, ctx_channels=16, type="cross")
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, NUM_PREFIX_TOKENS + 9, 16)
+    vis = torch.tensor([[0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 0.75, 1.0, 1 / 196]] * 2)
+    out = attn(x, ctx, visibility_bias(vis, NUM_PREFIX_TOKENS))
+    q = attn.to_q(x).view(2, 7, 4, 8).transpose(1, 2)
+    k, v = attn.to_kv(ctx).view(2, -1, 2, 4, 8).unbind(2)
+    w = torch.cat([torch.ones(2, NUM_PREFIX_TOKENS), vis], dim=1)
+    logits = q @ k.transpose(1, 2).transpose(-1, -2) / math.sqrt(8) + torch.log(w + 1e-6)[:, None, None]
+    expected = attn.to_out((logits.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(2, 7, 32))
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_ratio_context_closed_form_equals_full_attention() -> None:
+    torch.manual_seed(1)
+    attn = MultiHeadAttention(32, 4, ctx_channels=24, type="cross")
+    ratios = (torch.rand(2, 50) * 196).round() / 196
+    ratios[1] = 0.0  # the unconditional row: all zeros
+    context = ratios[..., None].expand(-1, -1, 24)
+    x = torch.randn(2, 11, 32)
+    assert torch.allclose(attn.attend_to_ratios(x, ratios), attn(x, context), atol=1e-5)
+    coords = torch.tensor([[0, 1, 1, 1], [0, 2, 1, 1], [1, 0, 0, 0]], dtype=torch.int32)
+    sparse = SparseTensor(torch.randn(3, 32), coords)
+    assert torch.allclose(attn.attend_to_ratios(sparse, ratios).feats, attn(sparse, context).feats, atol=1e-5)
+
+
+def test_split_condition_detects_repeated_occlusion_rows() -> None:
+    tokens = torch.randn(1, NUM_PREFIX_TOKENS + 1369, 8)
+    ratios = torch.rand(1, 2 * 1369, 1)
+    repeated = split_condition(torch.cat([tokens, ratios.expand(-1, -1, 8)], dim=1), True, torch.float32)
+    assert torch.equal(repeated.occlusion_ratios, ratios[0, 1369:, 0][None])
+    general = torch.cat([tokens, ratios.expand(-1, -1, 8).clone()], dim=1)
+    general[0, -1, 3] += 1
+    assert split_condition(general, True, torch.float32).occlusion_ratios is None
