@@ -80,14 +80,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeat}; "
           f"latent on a sphere shell of {len(sphere_shell())} voxels at 64^3\n")
-    print(f"| {'model':<16} | {'config':<6} | {'dtype':<8} | {'batch 1 (s)':>11} | {'batch 2 (s)':>11} |")
-    print(f"|{'-' * 18}|{'-' * 8}|{'-' * 10}|{'-' * 13}|{'-' * 13}|")
+    print(f"| {'model':<17} | {'config':<6} | {'dtype':<8} | {'batch 1 (s)':>11} | {'batch 2 (s)':>11} |")
+    print(f"|{'-' * 19}|{'-' * 8}|{'-' * 10}|{'-' * 13}|{'-' * 13}|")
     for name, build in (("structure flow", structure_forward), ("structured latent", latent_forward)):
         for size in CONFIGS:
             for dtype in (torch.float32, torch.bfloat16):
                 times = [timed(build(size, dtype, batch), args.repeat) for batch in (1, 2)]
                 label = str(dtype).removeprefix("torch.")
-                print(f"| {name:<16} | {size:<6} | {label:<8} | {times[0]:>11.3f} | {times[1]:>11.3f} |", flush=True)
+                print(f"| {name:<17} | {size:<6} | {label:<8} | {times[0]:>11.3f} | {times[1]:>11.3f} |", flush=True)
 
 
 if __name__ == "__main__":

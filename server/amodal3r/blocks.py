@@ -10,10 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention, Tokens, visibility_bias
+from .conditioning import NUM_PATCHES, NUM_PREFIX_TOKENS
 from .sparse import SparseTensor
-
-NUM_PREFIX_TOKENS = 5  # DINOv2 class token + 4 registers
-PATCH_TOKENS = 37 * 37
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -77,12 +75,12 @@ def split_condition(cond: torch.Tensor, mask_as_cond: bool, dtype: torch.dtype) 
     occlusion ratios (all channels, as ordinary context). Plain TRELLIS models take tokens only."""
     if not mask_as_cond:
         return Condition(cond.type(dtype))
-    expected = NUM_PREFIX_TOKENS + 3 * PATCH_TOKENS
+    expected = NUM_PREFIX_TOKENS + 3 * NUM_PATCHES
     if cond.dim() != 3 or cond.shape[1] != expected:
         raise ValueError(f"condition must be [B, {expected}, C] (tokens, visibility, occlusion), got {tuple(cond.shape)}")
-    n_tok = NUM_PREFIX_TOKENS + PATCH_TOKENS
-    visibility = cond[:, n_tok:n_tok + PATCH_TOKENS, 0].type(dtype)
-    occlusion = cond[:, n_tok + PATCH_TOKENS:]
+    n_tok = NUM_PREFIX_TOKENS + NUM_PATCHES
+    visibility = cond[:, n_tok:n_tok + NUM_PATCHES, 0].type(dtype)
+    occlusion = cond[:, n_tok + NUM_PATCHES:]
     ratios = occlusion[..., 0]
     repeated = torch.equal(occlusion, ratios.unsqueeze(-1).expand_as(occlusion))
     return Condition(
