@@ -20,6 +20,11 @@ from .sparse import SparseTensor
 
 REQUIRED_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
 DECODERS = {"mesh": "slat_decoder_mesh", "gaussian": "slat_decoder_gs"}
+IMAGE_ENCODER = "image_cond_model"
+# DINOv2 weights are not in the Amodal3R folder: the reference fetches them through torch.hub.
+IMAGE_ENCODER_FILES = ("dinov2_vitl14_reg4_pretrain.safetensors", "dinov2_vitl14_reg4_pretrain.pth")
+IMAGE_ENCODER_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
+IMAGE_ENCODER_CONFIG = "image_encoder.json"  # optional architecture override (tiny test models)
 
 
 class PipelineError(RuntimeError):
@@ -94,6 +99,30 @@ class Amodal3RPipeline:
         folder = Path(folder)
         return cls(folder, PipelineConfig.read(folder), pick_device(device) if not isinstance(device, torch.device)
                    else device, dtype)
+
+    def image_encoder_path(self) -> Path:
+        """The DINOv2 checkpoint: in the model folder, else in torch.hub's checkpoint cache."""
+        places = [self.folder, Path(torch.hub.get_dir()) / "checkpoints"]
+        for place in places:
+            for name in IMAGE_ENCODER_FILES:
+                if (place / name).is_file():
+                    return place / name
+        raise CheckpointError(f"DINOv2 weights not found: put {IMAGE_ENCODER_FILES[1]} ({IMAGE_ENCODER_URL}) "
+                              f"into {places[0]} or {places[1]}")
+
+    def image_encoder(self) -> nn.Module:
+        if IMAGE_ENCODER not in self._models:
+            from .models.image_encoder import DinoV2Config, DinoV2Encoder
+
+            config_path = self.folder / IMAGE_ENCODER_CONFIG
+            config = DinoV2Config.from_dict(json.loads(config_path.read_text())["args"]) \
+                if config_path.is_file() else DinoV2Config.vitl14_reg4()
+            try:
+                encoder = DinoV2Encoder.from_checkpoint(self.image_encoder_path(), config, device=self.device)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from e
+            self._models[IMAGE_ENCODER] = encoder
+        return self._models[IMAGE_ENCODER]
 
     def model(self, key: str) -> nn.Module:
         if key not in self._models:

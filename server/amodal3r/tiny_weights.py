@@ -17,6 +17,7 @@ from .checkpoints import build_model
 
 CKPTS = "Amodal3R_ckpts"
 OCCUPANCY = 0.03
+INSIDE = 0.05
 TINY_COND_CHANNELS = 64
 
 
@@ -70,6 +71,19 @@ def calibrate_occupancy(decoder: nn.Module, latent_shape: tuple[int, ...], gener
         decoder.out_layer[-1].bias -= torch.quantile(logits.flatten()[::7], 1 - OCCUPANCY)
 
 
+def calibrate_surface(decoder: nn.Module, generator: torch.Generator) -> None:
+    """Shift the corner-sdf biases so that about :data:`INSIDE` of the corners are inside: random
+    weights otherwise put a surface through nearly every cube, a mesh of pure noise."""
+    from .sparse import SparseTensor
+
+    coords = torch.argwhere(torch.rand(1, 24, 24, 24, generator=generator) < 0.3).int()
+    latent = SparseTensor(torch.randn(coords.shape[0], 8, generator=generator), coords + torch.tensor([0, 20, 20, 20]))
+    decoder.set_torso_dtype(torch.float32)
+    with torch.no_grad():
+        sdf = decoder.decode(latent).feats[:, :8]
+        decoder.out_layer.bias[:8] -= torch.quantile(sdf.flatten()[::5], INSIDE)
+
+
 def save_checkpoint(model: nn.Module, config: dict, stem: Path) -> None:
     """Write ``stem.json`` and ``stem.safetensors`` as the official checkpoints are laid out."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +102,9 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, cond_channels: int = 
         randomize(model, generator)
         if key == "sparse_structure_decoder":
             calibrate_occupancy(model, (8, 16, 16, 16), generator)
+            model.set_torso_dtype(torch.float16)
+        if key == "slat_decoder_mesh":
+            calibrate_surface(model, generator)
             model.set_torso_dtype(torch.float16)
         save_checkpoint(model, config, out_dir / rel)
         models[key] = rel
@@ -109,4 +126,20 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, cond_channels: int = 
         },
     }
     (out_dir / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
+    write_tiny_image_encoder(out_dir, generator, cond_channels)
     return out_dir
+
+
+def write_tiny_image_encoder(out_dir: Path, generator: torch.Generator, width: int) -> None:
+    """A tiny DINOv2 (hub layout, like ``dinov2_vitl14_reg4_pretrain.pth``) with its architecture."""
+    from .models.image_encoder import DinoV2Config, DinoV2Encoder
+    from .pipeline import IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_FILES
+
+    config = DinoV2Config.tiny()
+    if config.embed_dim != width:
+        raise ValueError(f"the tiny encoder is {config.embed_dim} wide but the flows expect {width}")
+    encoder = DinoV2Encoder(config)
+    randomize(encoder, generator)
+    (out_dir / IMAGE_ENCODER_CONFIG).write_text(json.dumps({"name": "dinov2_vitl14_reg", "args": config.to_dict()}))
+    state = {k: v.contiguous() for k, v in encoder.hub_state_dict().items()}
+    save_file(state, str(out_dir / IMAGE_ENCODER_FILES[0]))
