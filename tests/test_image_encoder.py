@@ -80,8 +80,6 @@ def test_golden_dinov2_checkpoint_loaders(case, golden_encoder, tmp_path):
 
     expected = golden_encoder.timm_state_dict()
     for model in (
-        DinoV2Encoder.from_hub_checkpoint(pth, DinoV2Config.tiny()),
-        DinoV2Encoder.from_timm_safetensors(timm_file, DinoV2Config.tiny()),
         DinoV2Encoder.from_checkpoint(pth, DinoV2Config.tiny()),
         DinoV2Encoder.from_checkpoint(timm_file, DinoV2Config.tiny()),
     ):

@@ -41,7 +41,6 @@ __all__ = [
     "from_hub_state_dict",
     "to_hub_state_dict",
     "load_hub_checkpoint",
-    "load_timm_safetensors",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,13 +177,6 @@ def load_hub_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_timm_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read timm's safetensors export (``cls_token``, ``reg_token``, ``pos_embed`` [1,1369,C], ...)."""
-    from safetensors.torch import load_file
-
-    return load_file(os.fspath(path), device="cpu")
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -310,31 +302,6 @@ class DinoV2Encoder(nn.Module):
     ) -> None:
         """Convert a hub-layout state dict with :func:`from_hub_state_dict` and load it strictly."""
         self.load_timm_state_dict(from_hub_state_dict(state_dict), source=source, assign=assign)
-
-    @classmethod
-    def from_hub_checkpoint(
-        cls,
-        path: str | os.PathLike,
-        config: DinoV2Config | None = None,
-        *,
-        device: torch.device | str = "cpu",
-    ) -> "DinoV2Encoder":
-        """Build and load from the official hub checkpoint (``.pth``) or a hub-layout
-        ``.safetensors`` file.  The model is returned in eval mode without gradients."""
-        sd = load_hub_checkpoint(path)
-        return cls._from_timm_sd(from_hub_state_dict(sd), config, os.fspath(path), device)
-
-    @classmethod
-    def from_timm_safetensors(
-        cls,
-        path: str | os.PathLike,
-        config: DinoV2Config | None = None,
-        *,
-        device: torch.device | str = "cpu",
-    ) -> "DinoV2Encoder":
-        """Build and load from timm's safetensors export of the same model."""
-        sd = load_timm_safetensors(path)
-        return cls._from_timm_sd(sd, config, os.fspath(path), device)
 
     @classmethod
     def from_checkpoint(
