@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_MODEL = "Sm0kyWu/Amodal3R"
 
 
 def _tiny_weights(args: argparse.Namespace) -> int:
@@ -45,15 +46,8 @@ def _slat(args: argparse.Namespace) -> int:
     if pipeline.config.tiny_random_weights:
         print(f"NOTE: {args.model} holds tiny RANDOM weights (amodal3r tiny-weights), not the Amodal3R model")
     cond = _load_cond(args, pipeline.model("sparse_structure_flow_model").cond_channels)
-    started: dict[str, float] = {}
-
-    def progress(stage: str, step: int, total: int) -> None:
-        started.setdefault(stage, time.perf_counter())
-        if sys.stdout.isatty():
-            print(f"\r{stage:>9} {step:3d}/{total}", end="\n" if step == total else "", flush=True)
-        else:
-            print(f"{stage:>9} {step:3d}/{total}", flush=True)
-
+    progress = _progress_printer()
+    started = progress.started
     t0 = time.perf_counter()
     params = {"steps": args.steps, "cfg_strength": args.cfg}
     slat = pipeline.run(cond, seed=args.seed, variants=args.variants, multiview=args.multiview,
@@ -65,6 +59,80 @@ def _slat(args: argparse.Namespace) -> int:
     print(f"time: structure {started['slat'] - t0:.2f} s (incl. loading and occupancy decoding), "
           f"latent {t0 + total - started['slat']:.2f} s, total {total:.2f} s on {pipeline.device}")
     return 0
+
+
+class ViewArgument(argparse.Action):
+    """``--image`` opens a view; the mask options that follow it belong to that view."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        views = getattr(namespace, "views", None) or []
+        key = self.dest
+        if key == "image":
+            views.append({"image": value})
+        elif not views:
+            parser.error(f"{option_string} must follow the --image it belongs to")
+        elif key in views[-1]:
+            parser.error(f"{option_string} given twice for {views[-1]['image']}")
+        else:
+            views[-1][key] = value
+        namespace.views = views
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_glb
+    from .hub import resolve_model
+    from .inputs import load_view
+    from .pipeline import Amodal3RPipeline
+    from .reconstruct import RunSettings, reconstruct
+
+    views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in args.views]
+    for view in views:
+        for notice in view.notices:
+            print(f"notice: {notice}")
+    folder = resolve_model(args.model)
+    pipeline = Amodal3RPipeline.from_pretrained(folder, device=args.device,
+                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
+    if pipeline.config.tiny_random_weights:
+        print(f"NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, "
+              "not a reconstruction. Pass --model with the Amodal3R weights for real results")
+    sampler = {"steps": args.steps, "cfg_strength": args.cfg}
+    settings = RunSettings(seed=args.seed, variants=args.variants, multiview=args.multiview,
+                           structure=sampler, slat=sampler)
+    result = reconstruct(pipeline, views, settings, progress=_progress_printer())
+    outputs = _variant_paths(args.out, len(result.meshes))
+    for mesh, gaussians, out in zip(result.meshes, result.gaussians, outputs):
+        report = export_glb(mesh, out, texture_size=args.texture_size, target_faces=args.faces, gaussians=gaussians)
+        print(f"wrote {out} ({report.faces_out} faces, {report.texture_size}px texture, "
+              f"{report.seconds_total:.1f} s to export)")
+        if args.gaussians:
+            gaussians.save_ply(out.with_suffix(".ply"))
+            print(f"wrote {out.with_suffix('.ply')}")
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+    print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
+    return 0
+
+
+def _variant_paths(out: Path, n: int) -> list[Path]:
+    """``out.glb`` for one variant, ``out_0.glb``, ``out_1.glb``... for several."""
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+
+
+def _progress_printer():
+    started: dict[str, float] = {}
+
+    def progress(stage: str, step: int, total: int) -> None:
+        started.setdefault(stage, time.perf_counter())
+        if sys.stdout.isatty():
+            print(f"\r{stage:>9} {step:3d}/{total}", end="\n" if step == total else "", flush=True)
+        else:
+            print(f"{stage:>9} {step:3d}/{total}", flush=True)
+
+    progress.started = started  # type: ignore[attr-defined]
+    return progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     slat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     slat.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
     slat.set_defaults(run=_slat)
+
+    rec = commands.add_parser("reconstruct", help="photos with masks -> a textured GLB",
+                              description="Each --image takes the mask options that follow it.")
+    rec.add_argument("--image", action=ViewArgument, required=True, type=Path, help="an image of the object")
+    rec.add_argument("--target-mask", action=ViewArgument, type=Path, help="visible part of the target (white)")
+    rec.add_argument("--occluder-mask", action=ViewArgument, type=Path, help="occluders in front of it (white)")
+    rec.add_argument("--mask", action=ViewArgument, type=Path,
+                     help="one mask: grey format (255 background, 188 target, 0 occluder) or labels 0/1/2")
+    rec.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hugging Face id (default: %(default)s)")
+    rec.add_argument("--out", type=Path, required=True, help="output .glb (variants get _0, _1, ...)")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json)")
+    rec.add_argument("--cfg", type=float, help="guidance strength of both stages (default: pipeline.json)")
+    rec.add_argument("--variants", type=int, default=1)
+    rec.add_argument("--multiview", choices=("stochastic", "multidiffusion"), default="stochastic")
+    rec.add_argument("--texture-size", type=int, default=1024)
+    rec.add_argument("--faces", type=int, help="decimate to about this many faces before unwrapping")
+    rec.add_argument("--gaussians", action="store_true", help="also write the 3D Gaussians as .ply")
+    rec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    rec.add_argument("--dtype", choices=DTYPES)
+    rec.set_defaults(run=_reconstruct)
     return parser
 
 
@@ -100,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear line and a non-zero exit
         from .checkpoints import CheckpointError
         from .pipeline import PipelineError
+        from .samplers import Cancelled
 
-        if isinstance(e, (CheckpointError, PipelineError, ValueError, OSError)):
+        if isinstance(e, (CheckpointError, PipelineError, Cancelled, ValueError, OSError)):
             print(f"amodal3r: error: {e}", file=sys.stderr)
             return 2
         raise
