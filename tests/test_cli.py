@@ -45,12 +45,16 @@ def test_one_view_to_glb(photo: dict, tiny_model_dir: Path, tmp_path: Path, caps
     assert out.with_suffix(".ply").is_file()
 
 
-def test_two_views_two_variants(photo: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_three_views_two_variants(photo: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "obj.glb"
     assert run(tiny_model_dir, out, "--image", str(photo["image"]), "--mask", str(photo["grey"]),
                "--image", str(photo["image"]), "--target-mask", str(photo["target"]),
-               extra=("--variants", "2", "--multiview", "multidiffusion")) == 0
+               "--image", str(photo["image"]), "--target-mask", str(photo["target"]),
+               "--occluder-mask", str(photo["occluder"]), extra=("--variants", "2")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["obj_0.glb", "obj_1.glb"]
+    for path in tmp_path.iterdir():
+        assert load_glb(path).visual.material.baseColorTexture.size == (128, 128)
+        assert gltf_issues(path)["numErrors"] == 0
 
 
 def test_bad_input_fails_cleanly(photo: dict, tiny_model_dir: Path, tmp_path: Path,
