@@ -14,8 +14,8 @@ DEFAULT_MODEL = "Sm0kyWu/Amodal3R"
 def _tiny_weights(args: argparse.Namespace) -> int:
     from .tiny_weights import write_tiny_weights
 
-    out = write_tiny_weights(args.out_dir, seed=args.seed)
-    print(f"wrote tiny RANDOM weights (for tests and demos, not a real model) to {out}")
+    out = write_tiny_weights(args.out_dir, seed=args.seed, size=args.size)
+    print(f"wrote {args.size} RANDOM weights (for tests, demos and benchmarks, not a real model) to {out}")
     return 0
 
 
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-weights", help="write a tiny random model folder in the official layout")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--size", choices=("tiny", "medium"), default="tiny",
+                      help="medium: 256-channel flows, 512-channel decoders, the full-size DINOv2")
     tiny.set_defaults(run=_tiny_weights)
 
     slat = commands.add_parser("slat", help="sample the structured latent from a conditioning tensor")

@@ -7,6 +7,7 @@ the 64^3 grid, as real objects do; everything else is random like the golden cas
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,19 +15,42 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoints import build_model
+from .models.image_encoder import DinoV2Config, DinoV2Encoder
 
 CKPTS = "Amodal3R_ckpts"
 OCCUPANCY = 0.03
 INSIDE = 0.05
-TINY_COND_CHANNELS = 64
+TINY_COND_CHANNELS = DinoV2Config.tiny().embed_dim
 
 
-def tiny_configs(cond_channels: int = TINY_COND_CHANNELS) -> dict[str, tuple[str, dict]]:
+@dataclass(frozen=True)
+class Size:
+    """Widths and depths of one random model family; ``medium`` times realistic work on a CPU."""
+
+    flow_channels: int
+    flow_blocks: int
+    io_channels: int
+    structure_decoder: tuple[int, ...]
+    mesh_channels: int
+    gaussian_channels: int
+    decoder_blocks: int
+    decoder_heads: int
+    gaussians_per_voxel: int
+    full_size_encoder: bool
+
+
+SIZES = {
+    "tiny": Size(64, 2, 32, (32, 16, 8), 256, 64, 2, 4, 8, False),
+    "medium": Size(256, 4, 128, (128, 32, 16), 512, 512, 4, 8, 32, True),
+}
+
+
+def tiny_configs(cond_channels: int, size: Size) -> dict[str, tuple[str, dict]]:
     """Pipeline key -> (checkpoint stem relative to the folder, ``{"name", "args"}``)."""
-    flow = dict(model_channels=64, cond_channels=cond_channels, num_blocks=2, num_heads=4, mlp_ratio=4,
-                pe_mode="ape", qk_rms_norm=True, use_fp16=True)
-    decoder = dict(resolution=64, latent_channels=8, num_blocks=2, num_heads=4, mlp_ratio=4, attn_mode="swin",
-                   window_size=8, use_fp16=True)
+    flow = dict(model_channels=size.flow_channels, cond_channels=cond_channels, num_blocks=size.flow_blocks,
+                num_heads=4, mlp_ratio=4, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
+    decoder = dict(resolution=64, latent_channels=8, num_blocks=size.decoder_blocks, num_heads=size.decoder_heads,
+                   mlp_ratio=4, attn_mode="swin", window_size=8, use_fp16=True)
     return {
         "sparse_structure_flow_model": (f"{CKPTS}/ss_flow_img_dit_L_16l8_fp16", {
             "name": "SparseStructureFlowModelMaskAsCondWeighted",
@@ -34,21 +58,22 @@ def tiny_configs(cond_channels: int = TINY_COND_CHANNELS) -> dict[str, tuple[str
         "sparse_structure_decoder": (f"{CKPTS}/ss_dec_conv3d_16l8_fp16", {
             "name": "SparseStructureDecoder",
             "args": dict(out_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1,
-                         channels=[32, 16, 8], use_fp16=True)}),
+                         channels=list(size.structure_decoder), use_fp16=True)}),
         "slat_flow_model": (f"{CKPTS}/slat_flow_img_dit_L_64l8p2_fp16", {
             "name": "SLatFlowModelMaskAsCondWeighted",
             "args": dict(resolution=64, in_channels=8, out_channels=8, patch_size=2, num_io_res_blocks=1,
-                         io_block_channels=[32], **flow)}),
+                         io_block_channels=[size.io_channels], **flow)}),
         # The mesh decoder needs model_channels >= 256: its subdivision blocks group-normalise
         # model_channels / 8 channels in 32 groups.
         "slat_decoder_mesh": (f"{CKPTS}/slat_dec_mesh_swin8_B_64l8m256c_fp16", {
             "name": "SLatMeshDecoder",
-            "args": dict(decoder, model_channels=256, representation_config={"use_color": True})}),
+            "args": dict(decoder, model_channels=size.mesh_channels, representation_config={"use_color": True})}),
         "slat_decoder_gs": (f"{CKPTS}/slat_dec_gs_swin8_B_64l8gs32_fp16", {
             "name": "SLatGaussianDecoder",
-            "args": dict(decoder, model_channels=64, representation_config={
+            "args": dict(decoder, model_channels=size.gaussian_channels, representation_config={
                 "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
-                "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 8, "2d_filter_kernel_size": 0.1,
+                "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": size.gaussians_per_voxel,
+                "2d_filter_kernel_size": 0.1,
                 "3d_filter_kernel_size": 9e-4, "scaling_bias": 4e-3, "opacity_bias": 0.1,
                 "scaling_activation": "softplus"})}),
     }
@@ -92,12 +117,14 @@ def save_checkpoint(model: nn.Module, config: dict, stem: Path) -> None:
     save_file(state, str(stem.with_name(stem.name + ".safetensors")))
 
 
-def write_tiny_weights(out_dir: str | Path, seed: int = 0, cond_channels: int = TINY_COND_CHANNELS) -> Path:
-    """A complete model folder (``pipeline.json`` + checkpoints) of seeded random tiny models."""
+def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """A complete model folder (``pipeline.json`` + checkpoints) of seeded random models."""
     out_dir = Path(out_dir)
     generator = torch.Generator().manual_seed(seed)
+    family = SIZES[size]
+    encoder = DinoV2Config.vitl14_reg4() if family.full_size_encoder else DinoV2Config.tiny()
     models = {}
-    for key, (rel, config) in tiny_configs(cond_channels).items():
+    for key, (rel, config) in tiny_configs(encoder.embed_dim, family).items():
         model = build_model(config, out_dir / rel, device="cpu")
         randomize(model, generator)
         if key == "sparse_structure_decoder":
@@ -126,18 +153,14 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, cond_channels: int = 
         },
     }
     (out_dir / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
-    write_tiny_image_encoder(out_dir, generator, cond_channels)
+    write_random_image_encoder(out_dir, generator, encoder)
     return out_dir
 
 
-def write_tiny_image_encoder(out_dir: Path, generator: torch.Generator, width: int) -> None:
-    """A tiny DINOv2 (hub layout, like ``dinov2_vitl14_reg4_pretrain.pth``) with its architecture."""
-    from .models.image_encoder import DinoV2Config, DinoV2Encoder
+def write_random_image_encoder(out_dir: Path, generator: torch.Generator, config: DinoV2Config) -> None:
+    """A random DINOv2 (hub layout, like ``dinov2_vitl14_reg4_pretrain.pth``) with its architecture."""
     from .pipeline import IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_FILES
 
-    config = DinoV2Config.tiny()
-    if config.embed_dim != width:
-        raise ValueError(f"the tiny encoder is {config.embed_dim} wide but the flows expect {width}")
     encoder = DinoV2Encoder(config)
     randomize(encoder, generator)
     (out_dir / IMAGE_ENCODER_CONFIG).write_text(json.dumps({"name": "dinov2_vitl14_reg", "args": config.to_dict()}))
