@@ -10,14 +10,13 @@ in this channel order, ``num_gaussians`` x (3 position offsets, 3 SH DC colours,
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..representations.gaussians import Gaussians
 from ..sparse import SparseLinear, SparseTensor
-from .structured_latent_vae import AttnMode, SparseTransformerBase
+from .structured_latent_vae import SparseTransformerBase
 
 # Parameter groups of the output layer in channel order, with their per-Gaussian shape.
 GAUSSIAN_PARAMETERS: dict[str, tuple[int, ...]] = {
@@ -58,12 +57,9 @@ class SLatGaussianDecoder(SparseTransformerBase):
     """TRELLIS's structured-latent Gaussian decoder (official args, state-dict keys and buffer)."""
 
     def __init__(self, resolution: int, model_channels: int, latent_channels: int, num_blocks: int,
-                 num_heads: int | None = None, num_head_channels: int | None = 64, mlp_ratio: float = 4,
-                 attn_mode: AttnMode = "swin", window_size: int = 8, pe_mode: Literal["ape", "rope"] = "ape",
-                 use_fp16: bool = False, use_checkpoint: bool = False, qk_rms_norm: bool = False,
-                 representation_config: dict | None = None):
-        super().__init__(latent_channels, model_channels, num_blocks, num_heads, num_head_channels, mlp_ratio,
-                         attn_mode, window_size, pe_mode, use_fp16=False, qk_rms_norm=qk_rms_norm)
+                 representation_config: dict | None = None, use_fp16: bool = False, **trunk: object):
+        trunk = {"attn_mode": "swin", "window_size": 8, **trunk}
+        super().__init__(latent_channels, model_channels, num_blocks, **trunk)  # type: ignore[arg-type]
         if not representation_config:
             raise ValueError("SLatGaussianDecoder needs its representation_config (num_gaussians, voxel_size, ...)")
         self.resolution = resolution

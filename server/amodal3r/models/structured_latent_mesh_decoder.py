@@ -8,7 +8,6 @@ corner colour channels (101 channels in all, 53 without colour).
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from torch import nn
 from ..representations.mesh import Mesh, sparse_features_to_mesh
 from ..sparse import SparseConv3d, SparseGroupNorm32, SparseLinear, SparseSiLU, SparseTensor
 from ..sparse.conv import neighbour_map
-from .structured_latent_vae import AttnMode, SparseTransformerBase
+from .structured_latent_vae import SparseTransformerBase
 
 # Child c of a voxel sits at 2 * voxel + CHILD_OFFSETS[c], c = 4*dx + 2*dy + dz.
 CHILD_OFFSETS = torch.tensor([[dx, dy, dz] for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)], dtype=torch.int32)
@@ -152,12 +151,9 @@ class SLatMeshDecoder(SparseTransformerBase):
     """TRELLIS's structured-latent mesh decoder (official args and state-dict keys)."""
 
     def __init__(self, resolution: int, model_channels: int, latent_channels: int, num_blocks: int,
-                 num_heads: int | None = None, num_head_channels: int | None = 64, mlp_ratio: float = 4,
-                 attn_mode: AttnMode = "swin", window_size: int = 8, pe_mode: Literal["ape", "rope"] = "ape",
-                 use_fp16: bool = False, use_checkpoint: bool = False, qk_rms_norm: bool = False,
-                 representation_config: dict | None = None):
-        super().__init__(latent_channels, model_channels, num_blocks, num_heads, num_head_channels, mlp_ratio,
-                         attn_mode, window_size, pe_mode, use_fp16=False, qk_rms_norm=qk_rms_norm)
+                 representation_config: dict | None = None, use_fp16: bool = False, **trunk: object):
+        trunk = {"attn_mode": "swin", "window_size": 8, **trunk}
+        super().__init__(latent_channels, model_channels, num_blocks, **trunk)  # type: ignore[arg-type]
         self.resolution = resolution
         self.rep_config = dict(representation_config or {})
         self.use_color = bool(self.rep_config.get("use_color", False))
