@@ -37,12 +37,12 @@ def run(model: Path, out: Path, *views: str, extra: tuple[str, ...] = ()) -> int
 def test_one_view_to_glb(photo: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "chair.glb"
     assert run(tiny_model_dir, out, "--image", str(photo["image"]), "--target-mask", str(photo["target"]),
-               "--occluder-mask", str(photo["occluder"]), extra=("--gaussians",)) == 0
+               "--occluder-mask", str(photo["occluder"]), extra=("--gaussians", "--preview")) == 0
     printed = capsys.readouterr().out
     assert "tiny RANDOM weights" in printed and "structure   1/1" in printed and "time: encode" in printed
     assert load_glb(out).visual.material.baseColorTexture.size == (128, 128)
     assert gltf_issues(out)["numErrors"] == 0
-    assert out.with_suffix(".ply").is_file()
+    assert out.with_suffix(".ply").is_file() and out.with_suffix(".png").is_file()
 
 
 def test_three_views_two_variants(photo: dict, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -80,3 +80,24 @@ def test_failure_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot export an empty mesh"):
         export_glb(empty, tmp_path / "x.glb")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preview_draws_the_nearest_surface(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from amodal3r.export import preview_png
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
+    box = trimesh.creation.box(extents=[0.3, 0.3, 0.3])
+    box.apply_translation([0.1, -0.3, 0.0])  # in front of the sphere for a viewer at -Y
+    both = trimesh.util.concatenate([sphere, box])
+    colours = np.zeros((len(both.vertices), 6), np.float32)
+    colours[:len(sphere.vertices), 0] = 1
+    colours[len(sphere.vertices):, 2] = 1
+    mesh = Mesh(torch.tensor(both.vertices, dtype=torch.float32), torch.tensor(both.faces), torch.tensor(colours))
+    preview_png(mesh, tmp_path / "p.png", size=200)
+    image = np.asarray(Image.open(tmp_path / "p.png"), dtype=int)
+    box_centre, sphere_left, corner = image[100, 120], image[100, 55], image[5, 5]
+    assert box_centre[2] > 150 and box_centre[0] < 30
+    assert sphere_left[0] > 100 and sphere_left[2] < 30
+    assert (corner == 255).all()

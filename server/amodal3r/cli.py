@@ -81,7 +81,7 @@ class ViewArgument(argparse.Action):
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_glb
+    from .export import export_glb, preview_png
     from .hub import resolve_model
     from .inputs import load_view
     from .pipeline import Amodal3RPipeline
@@ -109,6 +109,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
         if args.gaussians:
             gaussians.save_ply(out.with_suffix(".ply"))
             print(f"wrote {out.with_suffix('.ply')}")
+        if args.preview:
+            preview_png(mesh, out.with_suffix(".png"))
+            print(f"wrote {out.with_suffix('.png')}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
     return 0
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--texture-size", type=int, default=1024)
     rec.add_argument("--faces", type=int, help="decimate to about this many faces before unwrapping")
     rec.add_argument("--gaussians", action="store_true", help="also write the 3D Gaussians as .ply")
+    rec.add_argument("--preview", action="store_true", help="also write a front-view preview .png")
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     rec.add_argument("--dtype", choices=DTYPES)
     rec.set_defaults(run=_reconstruct)

@@ -106,6 +106,33 @@ def _fill_gutter(texture: np.ndarray, filled: np.ndarray) -> np.ndarray:
     return (np.clip(texture, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def preview_png(mesh: Mesh, path: str | Path, size: int = 512) -> None:
+    """A quick look without a GPU: an orthographic front view (from -Y, Z up), vertex colours with
+    Lambert shading, depth-tested by drawing surface samples far to near."""
+    from PIL import Image
+
+    vertices = mesh.vertices.cpu().numpy().astype(np.float64)
+    faces = mesh.faces.cpu().numpy()
+    colours = mesh.vertex_attrs[:, :3].float().clamp(0, 1).cpu().numpy()
+    corners = vertices[faces]
+    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    light = np.array([-0.4, -0.8, 0.45]) / np.linalg.norm([-0.4, -0.8, 0.45])
+    shade = 0.35 + 0.65 * np.abs(normals @ light)
+    screen = (corners[..., [0, 2]] + 0.5) * size  # x right, z up
+    a, b = screen[:, 1] - screen[:, 0], screen[:, 2] - screen[:, 0]
+    face, weights = _triangle_samples(np.ceil(np.abs(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]) * 2).astype(np.int64) + 3)
+    points = np.einsum("nk,nkc->nc", weights, screen[face])
+    depth = np.einsum("nk,nk->n", weights, corners[face][..., 1])
+    rgb = np.einsum("nk,nkc->nc", weights, colours[faces[face]]) * shade[face, None]
+    col = np.clip(points[:, 0].astype(np.int64), 0, size - 1)
+    row = np.clip((size - points[:, 1]).astype(np.int64), 0, size - 1)
+    image = np.ones((size, size, 3))
+    far_to_near = np.argsort(-depth, kind="stable")
+    image[row[far_to_near], col[far_to_near]] = rgb[far_to_near]  # later (nearer) writes win
+    Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+
+
 def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target_faces: int | None = None,
                min_component_fraction: float = 0.01) -> ExportReport:
     """Write ``mesh`` (vertex colours in its first three attribute channels) as a textured GLB.
