@@ -101,3 +101,15 @@ def test_preview_draws_the_nearest_surface(tmp_path: Path) -> None:
     assert box_centre[2] > 150 and box_centre[0] < 30
     assert sphere_left[0] > 100 and sphere_left[2] < 30
     assert (corner == 255).all()
+
+
+def test_an_unwrapper_crash_is_contained_and_retried(tmp_path: Path) -> None:
+    """xatlas segfaults on a regular 82k-face icosphere here; the export survives and says so."""
+    sphere = trimesh.creation.icosphere(subdivisions=6, radius=0.4)
+    vertices = np.asarray(sphere.vertices, dtype=np.float32)
+    mesh = Mesh(torch.from_numpy(vertices), torch.from_numpy(np.asarray(sphere.faces)),
+                torch.from_numpy(smooth_colours(vertices)))
+    report = export_glb(mesh, tmp_path / "s.glb", texture_size=128)
+    assert report.notices == ["xatlas failed on 81920 faces; retried with 57344"]
+    assert report.faces_out == 57344
+    assert gltf_issues(tmp_path / "s.glb")["numErrors"] == 0

@@ -104,6 +104,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     outputs = _variant_paths(args.out, len(result.meshes))
     for mesh, gaussians, out in zip(result.meshes, result.gaussians, outputs):
         report = export_glb(mesh, out, texture_size=args.texture_size, target_faces=args.faces)
+        for notice in report.notices:
+            print(f"notice: {notice}")
         print(f"wrote {out} ({report.faces_out} faces, {report.texture_size}px texture, "
               f"{report.seconds_total:.1f} s to export)")
         if args.gaussians:

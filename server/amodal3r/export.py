@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .representations.mesh import Mesh
+from .unwrap import UnwrapFailed, unwrap
 
 Z_UP_TO_Y_UP = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=np.float32)
 GUTTER_PASSES = 8
+UNWRAP_ATTEMPTS = 3
+UNWRAP_RETRY_KEEP = 0.7
 
 
 @dataclass
@@ -30,6 +33,7 @@ class ExportReport:
     texture_size: int
     bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
 
     @property
     def seconds_total(self) -> float:
@@ -59,6 +63,23 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray,
     new_vertices, new_faces = fast_simplification.simplify(vertices, faces, target_reduction=reduction)
     _, nearest = cKDTree(vertices).query(new_vertices)
     return new_vertices.astype(np.float32), new_faces.astype(np.int64), colours[nearest]
+
+
+def _unwrap_robustly(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray, notices: list[str]):
+    """Unwrap; where xatlas fails on a mesh, decimate it a little (which perturbs the geometry
+    that trips it) and try again, saying so."""
+    error: UnwrapFailed | None = None
+    for attempt in range(UNWRAP_ATTEMPTS):
+        if attempt:
+            target = int(len(faces) * UNWRAP_RETRY_KEEP)
+            notices.append(f"xatlas failed on {len(faces)} faces; retried with {target}")
+            vertices, faces, colours = decimate(vertices, faces, colours, target)
+        try:
+            return (*unwrap(vertices, faces), vertices, faces, colours)
+        except UnwrapFailed as e:
+            error = e
+    raise RuntimeError(f"UV unwrapping failed on this mesh ({error}). Export with fewer faces (--faces) "
+                       "or try another seed") from error
 
 
 def _triangle_samples(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,13 +161,13 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
     The file appears at ``path`` only when complete (written aside, then renamed).
     """
     import trimesh
-    import xatlas
     from PIL import Image
 
     if not mesh.success or mesh.vertex_attrs is None:
         raise ValueError("cannot export an empty mesh or one without vertex colours: the decoder found no "
                          "surface; try another seed or check the masks")
     seconds: dict[str, float] = {}
+    notices: list[str] = []
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -164,9 +185,9 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
     if target_faces is not None and len(faces) > target_faces:
         vertices, faces, colours = decimate(vertices, faces, colours, target_faces)
         lap("decimate")
-    mapping, unwrapped_faces, uv = xatlas.parametrize(vertices, faces.astype(np.uint32))
+    mapping, unwrapped_faces, uv, vertices, faces, colours = _unwrap_robustly(vertices, faces, colours, notices)
     lap("unwrap")
-    texture = bake_texture(uv, unwrapped_faces.astype(np.int64), colours[mapping], texture_size)
+    texture = bake_texture(uv, unwrapped_faces, colours[mapping], texture_size)
     lap("bake")
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(texture), metallicFactor=0.0,
                                                    roughnessFactor=1.0, doubleSided=False)
@@ -179,5 +200,5 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
         tmp.write(data)
     os.replace(tmp.name, path)
     lap("write")
-    return ExportReport(len(mesh.faces), len(unwrapped_faces), texture_size, len(data), seconds)
+    return ExportReport(len(mesh.faces), len(unwrapped_faces), texture_size, len(data), seconds, notices)
 
