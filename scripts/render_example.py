@@ -17,6 +17,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import bmesh
 import bpy
 import numpy as np
 
@@ -46,6 +47,13 @@ def build_scene() -> tuple[list[bpy.types.Object], bpy.types.Object]:
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.ops.mesh.primitive_cylinder_add(vertices=64, radius=0.5, depth=1.0, location=(0, 0, 0.5))
     body = bpy.context.object
+    mesh = bmesh.new()
+    mesh.from_mesh(body.data)
+    top = [face for face in mesh.faces if face.calc_center_median().z > 0.49]  # local z: the top cap
+    bmesh.ops.delete(mesh, geom=top, context="FACES_ONLY")  # an open mug
+    mesh.to_mesh(body.data)
+    mesh.free()
+    body.modifiers.new("wall", "SOLIDIFY").thickness = 0.05
     bpy.ops.mesh.primitive_torus_add(major_radius=0.3, minor_radius=0.07, location=(0.55, 0, 0.5),
                                      rotation=(math.pi / 2, 0, 0))
     handle = bpy.context.object
@@ -70,10 +78,25 @@ def build_scene() -> tuple[list[bpy.types.Object], bpy.types.Object]:
     light.data.energy = 900
     light.data.size = 3.0
     light.rotation_euler = (math.radians(40), math.radians(-25), 0)
-    world = bpy.data.worlds.new("world")
-    world.color = (0.8, 0.8, 0.8)
-    bpy.context.scene.world = world
+    bpy.context.scene.world = make_world()
     return [body, handle], box
+
+
+def make_world() -> bpy.types.World:
+    """Light grey to the camera, dim as lighting. Worlds are node trees in Blender 5: ``world.color`` is ignored."""
+    world = bpy.data.worlds.new("world")
+    nodes, links = world.node_tree.nodes, world.node_tree.links
+    ambient = nodes["Background"]
+    ambient.inputs["Color"].default_value = (0.25, 0.25, 0.25, 1.0)
+    backdrop = nodes.new("ShaderNodeBackground")
+    backdrop.inputs["Color"].default_value = (0.8, 0.8, 0.8, 1.0)
+    camera_ray = nodes.new("ShaderNodeLightPath")
+    mix = nodes.new("ShaderNodeMixShader")
+    links.new(camera_ray.outputs["Is Camera Ray"], mix.inputs["Fac"])
+    links.new(ambient.outputs["Background"], mix.inputs[1])
+    links.new(backdrop.outputs["Background"], mix.inputs[2])
+    links.new(mix.outputs["Shader"], nodes["World Output"].inputs["Surface"])
+    return world
 
 
 def configure_render(samples: int, flat: bool) -> None:
@@ -92,14 +115,15 @@ def configure_render(samples: int, flat: bool) -> None:
 
 
 def render(path: Path) -> np.ndarray:
-    """Render to ``path`` and return the pixels as float RGB, top row first."""
+    """Render to ``path`` and return the pixels as 8-bit RGB, top row first."""
     bpy.context.scene.render.filepath = str(path)
     bpy.ops.render.render(write_still=True)
     image = bpy.data.images.load(str(path))
     pixels = np.empty(SIZE * SIZE * 4, np.float32)
     image.pixels.foreach_get(pixels)
     bpy.data.images.remove(image)
-    return pixels.reshape(SIZE, SIZE, 4)[::-1, :, :3]
+    path.unlink()
+    return np.rint(pixels.reshape(SIZE, SIZE, 4)[::-1, :, :3] * 255).astype(np.uint8)
 
 
 def flatten(objects: list[bpy.types.Object], rgb: tuple[float, float, float]) -> None:
@@ -117,15 +141,16 @@ def flatten(objects: list[bpy.types.Object], rgb: tuple[float, float, float]) ->
         obj.data.materials.append(mat)
 
 
-def save_grey_png(values: np.ndarray, path: Path) -> None:
-    """An 8-bit greyscale PNG with the standard library alone (Blender's Python has no PIL)."""
-    height, width = values.shape
+def save_png(values: np.ndarray, path: Path) -> None:
+    """An 8-bit greyscale (H, W) or RGB (H, W, 3) PNG with the standard library alone (Blender's Python
+    has no PIL), and no metadata: Blender's own PNGs carry the date and render time, so they never repeat."""
+    height, width = values.shape[:2]
     raw = b"".join(b"\x00" + row.tobytes() for row in values.astype(np.uint8))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if values.ndim == 3 else 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
                      + chunk(b"IEND", b""))
 
@@ -135,24 +160,24 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     target, occluder = build_scene()
     configure_render(args.samples, flat=False)
-    render(args.out / "image.png")
+    save_png(render(args.out / "_image.png"), args.out / "image.png")
 
     configure_render(args.samples, flat=True)
-    bpy.context.scene.world.color = (0.0, 0.0, 0.0)
+    for node in bpy.context.scene.world.node_tree.nodes:  # a black background
+        if node.bl_idname == "ShaderNodeBackground":
+            node.inputs["Strength"].default_value = 0.0
     flatten(target, TARGET_RGB)
     flatten([occluder], OCCLUDER_RGB)
     ids = render(args.out / "_ids.png")
-    visible, in_front = ids[..., 0] > 0.5, ids[..., 2] > 0.5
+    visible, in_front = ids[..., 0] > 127, ids[..., 2] > 127
     occluder.hide_render = True
-    full = render(args.out / "_amodal.png")[..., 0] > 0.5
-    for scratch in ("_ids.png", "_amodal.png"):
-        (args.out / scratch).unlink()
+    full = render(args.out / "_amodal.png")[..., 0] > 127
 
     for name, mask in (("target_mask", visible), ("occluder_mask", in_front), ("amodal_target_mask", full)):
-        save_grey_png(mask.astype(np.uint8) * 255, args.out / f"{name}.png")
+        save_png(mask.astype(np.uint8) * 255, args.out / f"{name}.png")
     grey = np.full(visible.shape, 255, np.uint8)
     grey[visible], grey[in_front] = 188, 0
-    save_grey_png(grey, args.out / "mask.png")
+    save_png(grey, args.out / "mask.png")
     hidden = 1 - visible.sum() / max(full.sum(), 1)
     print(f"wrote {args.out}: target {full.sum()} px, {hidden:.0%} of it hidden by the occluder")
 

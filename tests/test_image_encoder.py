@@ -155,9 +155,9 @@ def test_strict_load_error_names_file_and_keys():
         model.load_hub_state_dict(hub, source="/models/wrong.pth")
     msg = str(info.value)
     assert "/models/wrong.pth" in msg
-    assert "missing keys (1): blocks.1.mlp.fc2.bias" in msg
-    assert "unexpected keys (1): blocks.7.extra.weight" in msg
-    assert "norm.weight" in msg and "shape mismatch" in msg
+    assert "missing keys: blocks.1.mlp.fc2.bias" in msg
+    assert "unexpected keys: blocks.7.extra.weight" in msg
+    assert "wrong shapes: norm.weight (65,) != (64,)" in msg
 
 
 def test_load_hub_checkpoint_rejects_non_state_dict(tmp_path):

@@ -18,7 +18,7 @@ from .models import model_class
 MAX_LISTED_KEYS = 8
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is."""
 
 
@@ -63,8 +63,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     problems = [f"{label}: {_listed(keys)}" for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if keys]
     if problems:
-        raise CheckpointError(f"{path}: does not match {type(model).__name__} of its json; " + "; ".join(problems)
-                              + ". The json and the weights must come from the same official release")
+        raise CheckpointError(f"{path}: does not fit the {type(model).__name__} it should hold; " + "; ".join(problems)
+                              + ". Use the original file of this model (json and weights from the same release)")
 
 
 def default_torso_dtype(use_fp16: bool, device: torch.device) -> torch.dtype:

@@ -117,11 +117,8 @@ class Amodal3RPipeline:
             config_path = self.folder / IMAGE_ENCODER_CONFIG
             config = DinoV2Config.from_dict(json.loads(config_path.read_text())["args"]) \
                 if config_path.is_file() else DinoV2Config.vitl14_reg4()
-            try:
-                encoder = DinoV2Encoder.from_checkpoint(self.image_encoder_path(), config, device=self.device)
-            except ValueError as e:
-                raise CheckpointError(str(e)) from e
-            self._models[IMAGE_ENCODER] = encoder
+            self._models[IMAGE_ENCODER] = DinoV2Encoder.from_checkpoint(self.image_encoder_path(), config,
+                                                                       device=self.device)
         return self._models[IMAGE_ENCODER]
 
     def model(self, key: str) -> nn.Module:

@@ -26,6 +26,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -269,32 +270,11 @@ class DinoV2Encoder(nn.Module):
         source: str = "state dict",
         assign: bool = False,
     ) -> None:
-        """Strictly load a timm-layout state dict; raise ValueError naming ``source`` and the
-        missing / unexpected / mis-shaped keys."""
-        own = self.vit.state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        mismatched = sorted(
-            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in set(own) & set(state_dict)
-            if tuple(state_dict[k].shape) != tuple(own[k].shape)
-        )
-        if missing or unexpected or mismatched:
-            lines = [
-                f"cannot load DINOv2 weights from {source} into a model with config "
-                f"{self.config.to_dict()}:"
-            ]
-            if missing:
-                lines.append(f"  missing keys ({len(missing)}): {_abbrev(missing)}")
-            if unexpected:
-                lines.append(f"  unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
-            if mismatched:
-                lines.append(f"  shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}")
-            lines.append(
-                "  check that the file is the DINOv2 ViT checkpoint matching this config "
-                "(official hub layout: dinov2_vitl14_reg4_pretrain.pth)"
-            )
-            raise ValueError("\n".join(lines))
+        """Strictly load a timm-layout state dict; a :class:`CheckpointError` (a ``ValueError``)
+        names ``source`` and the missing / unexpected / mis-shaped keys."""
+        from ..checkpoints import check_state_dict
+
+        check_state_dict(self.vit, state_dict, Path(source))
         self.vit.load_state_dict(state_dict, strict=True, assign=assign)
 
     def load_hub_state_dict(
@@ -366,7 +346,3 @@ class DinoV2Encoder(nn.Module):
             return tokens, x_prenorm
         return tokens
 
-
-def _abbrev(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
