@@ -17,7 +17,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import bmesh
 import bpy
 import numpy as np
 
@@ -35,7 +34,6 @@ def arguments() -> argparse.Namespace:
 
 def material(name: str, rgb: tuple[float, float, float], roughness: float = 0.5) -> bpy.types.Material:
     mat = bpy.data.materials.new(name)
-    mat.use_nodes = True
     bsdf = mat.node_tree.nodes["Principled BSDF"]
     bsdf.inputs["Base Color"].default_value = (*rgb, 1.0)
     bsdf.inputs["Roughness"].default_value = roughness
@@ -44,6 +42,7 @@ def material(name: str, rgb: tuple[float, float, float], roughness: float = 0.5)
 
 def build_scene() -> tuple[list[bpy.types.Object], bpy.types.Object]:
     """A red mug (cylinder and handle) behind a blue box, seen slightly from above."""
+    import bmesh  # here, not at the top: the bpy module from PyPI provides bmesh only after bpy is imported
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.ops.mesh.primitive_cylinder_add(vertices=64, radius=0.5, depth=1.0, location=(0, 0, 0.5))
     body = bpy.context.object
@@ -75,7 +74,7 @@ def build_scene() -> tuple[list[bpy.types.Object], bpy.types.Object]:
     bpy.context.scene.camera = camera
     bpy.ops.object.light_add(type="AREA", location=(-2.0, -3.0, 4.0))
     light = bpy.context.object
-    light.data.energy = 900
+    light.data.energy = 450
     light.data.size = 3.0
     light.rotation_euler = (math.radians(40), math.radians(-25), 0)
     bpy.context.scene.world = make_world()
@@ -129,7 +128,6 @@ def render(path: Path) -> np.ndarray:
 def flatten(objects: list[bpy.types.Object], rgb: tuple[float, float, float]) -> None:
     """Replace the objects' materials by unlit emission of one colour."""
     mat = bpy.data.materials.new(f"flat{rgb}")
-    mat.use_nodes = True
     nodes = mat.node_tree.nodes
     nodes.clear()
     emission = nodes.new("ShaderNodeEmission")
@@ -179,7 +177,7 @@ def main() -> None:
     grey[visible], grey[in_front] = 188, 0
     save_png(grey, args.out / "mask.png")
     hidden = 1 - visible.sum() / max(full.sum(), 1)
-    print(f"wrote {args.out}: target {full.sum()} px, {hidden:.0%} of it hidden by the occluder")
+    print(f"wrote {args.out}: target {full.sum()} px, {hidden:.1%} of it hidden by the occluder (amodal vs visible)")
 
 
 if __name__ == "__main__":
