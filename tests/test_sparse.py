@@ -26,26 +26,40 @@ def dense_reference_conv(x: SparseTensor, conv: SparseConv3d, res: int) -> torch
     return out[b, :, i, j, k]
 
 
-def test_submanifold_conv_matches_dense_conv() -> None:
-    x = random_voxels()
-    conv = SparseConv3d(5, 7)
+@pytest.mark.parametrize("channels", [5, 80])  # gathered (narrow) and scattered (wide) formulations
+def test_submanifold_conv_matches_dense_conv(channels: int) -> None:
+    x = random_voxels(channels=channels)
+    conv = SparseConv3d(channels, 7)
     torch.nn.init.normal_(conv.conv.bias)
     with torch.no_grad():
         out = conv(x)
     assert torch.allclose(out.feats, dense_reference_conv(x, conv, 12), atol=1e-5)
 
 
-def test_neighbour_map_built_once_per_coordinate_set() -> None:
+def test_neighbour_index_built_once_per_coordinate_set() -> None:
     x = random_voxels()
     conv1, conv2 = SparseConv3d(5, 5), SparseConv3d(5, 5)
     with torch.no_grad():
         h = conv1(x)
-        pairs = x.cache[("neighbours", 3)]
+        index = x.cache[("neighbour_index", 3)]
         conv2(h)
         conv2(x.replace(torch.randn_like(x.feats)))
-    assert x.cache[("neighbours", 3)] is pairs
-    centre_out, centre_in = pairs[13]
-    assert torch.equal(centre_out, centre_in) and centre_out.numel() == x.feats.shape[0]
+    assert x.cache[("neighbour_index", 3)] is index
+    n = x.feats.shape[0]
+    assert torch.equal(index[:, 13], torch.arange(n))  # the centre cell reads the voxel itself
+    # Symmetry: if b is a's neighbour at offset d, a is b's at -d (cell 26 - k).
+    a, k = torch.nonzero(index < n, as_tuple=True)
+    assert torch.equal(index[index[a, k], 26 - k], a)
+
+
+def test_neighbour_pairs_agree_with_the_index() -> None:
+    from amodal3r.sparse.conv import neighbour_index, neighbour_map
+
+    x = random_voxels()
+    index = neighbour_index(x, 3)
+    for k, (out_rows, in_rows) in enumerate(neighbour_map(x, 3)):
+        assert torch.equal(index[out_rows, k], in_rows)
+        assert (index[:, k] < len(index)).sum() == len(out_rows)
 
 
 def test_spconv_backend_agrees_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
