@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -12,15 +16,17 @@ import pytest
 import torch
 import trimesh
 from conftest import REPO_ROOT
+from PIL import Image
 
-from amodal3r.export import export_glb
+from amodal3r.export import SH_C0, export_glb
+from amodal3r.representations.gaussians import Gaussians
 from amodal3r.representations.mesh import Mesh
 
 VALIDATOR = REPO_ROOT / "tests" / "gltf"
 
 
 def gltf_issues(path: Path) -> dict:
-    """The Khronos validator's summary (npm package gltf-validator, installed by scripts/bootstrap)."""
+    """The Khronos validator's summary (npm package gltf-validator pinned in tests/gltf/package.json)."""
     if shutil.which("node") is None or not (VALIDATOR / "node_modules" / "gltf-validator").is_dir():
         pytest.fail(f"the glTF validator is not installed: run `npm ci --prefix {VALIDATOR}`")
     out = subprocess.run(["node", str(VALIDATOR / "validate.cjs"), str(path)], capture_output=True, text=True,
@@ -28,10 +34,47 @@ def gltf_issues(path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def read_glb(path: Path) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+    """The glTF JSON, the first primitive's attributes and indices, and the base-colour image,
+    read straight from the file (so the test does not rely on trimesh's own conventions)."""
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<4sII", data)
+    assert magic == b"glTF" and version == 2 and length == len(data)
+    json_length, = struct.unpack_from("<I", data, 12)
+    gltf = json.loads(data[20:20 + json_length])
+    binary = data[20 + json_length + 8:]
+
+    def view(index: int) -> bytes:
+        v = gltf["bufferViews"][index]
+        return binary[v.get("byteOffset", 0):v.get("byteOffset", 0) + v["byteLength"]]
+
+    def accessor(index: int) -> np.ndarray:
+        a = gltf["accessors"][index]
+        dtype = {5126: np.float32, 5125: np.uint32, 5123: np.uint16}[a["componentType"]]
+        width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3}[a["type"]]
+        raw = view(a["bufferView"])[a.get("byteOffset", 0):]
+        return np.frombuffer(raw, dtype=dtype, count=a["count"] * width).reshape(a["count"], width)
+
+    primitive = gltf["meshes"][0]["primitives"][0]
+    arrays = {name: accessor(i) for name, i in primitive["attributes"].items()}
+    arrays["indices"] = accessor(primitive["indices"]).reshape(-1, 3)
+    texture = gltf["materials"][primitive["material"]]["pbrMetallicRoughness"]["baseColorTexture"]["index"]
+    image = gltf["images"][gltf["textures"][texture]["source"]]
+    pixels = np.asarray(Image.open(io.BytesIO(view(image["bufferView"]))).convert("RGB"), dtype=np.float32) / 255
+    return gltf, arrays, pixels
+
+
+def sample_texture(pixels: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Nearest texel at glTF texture coordinates (origin at the image's top-left, v down)."""
+    h, w, _ = pixels.shape
+    return pixels[np.clip((uv[:, 1] * h).astype(int), 0, h - 1), np.clip((uv[:, 0] * w).astype(int), 0, w - 1)]
+
+
 def smooth_colours(vertices: np.ndarray) -> np.ndarray:
-    """Colour varying slowly over the surface, so a texel near a vertex must show its colour."""
-    rgb = np.stack([vertices[:, 0], vertices[:, 1], vertices[:, 2]], axis=1) + 0.5
-    return np.concatenate([rgb, np.zeros_like(rgb)], axis=1).astype(np.float32)
+    """Colour varying slowly over the surface, so a texel near a vertex must show its colour;
+    the last three channels (the decoder's normal channels) are noise that must not leak in."""
+    noise = np.random.default_rng(0).random((len(vertices), 3))
+    return np.concatenate([vertices + 0.5, noise], axis=1).astype(np.float32)
 
 
 def sphere_with_fragment(subdivisions: int = 4) -> Mesh:
@@ -44,6 +87,11 @@ def sphere_with_fragment(subdivisions: int = 4) -> Mesh:
                 torch.from_numpy(smooth_colours(vertices)))
 
 
+def to_decoder_frame(gltf_positions: np.ndarray) -> np.ndarray:
+    """glTF Y-up back to the decoder's Z-up: (x, y, z) -> (x, -z, y)."""
+    return gltf_positions @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], dtype=np.float32)
+
+
 def load_glb(path: Path) -> trimesh.Trimesh:
     scene = trimesh.load(path, force="scene")
     assert len(scene.geometry) == 1
@@ -53,25 +101,80 @@ def load_glb(path: Path) -> trimesh.Trimesh:
 def test_textured_glb_round_trip(tmp_path: Path) -> None:
     mesh = sphere_with_fragment()
     report = export_glb(mesh, tmp_path / "a.glb", texture_size=256)
-    assert report.faces_in == 5140 and report.faces_out == 5120  # the 20-face fragment is gone
+    assert (report.faces_in, report.faces_cleaned, report.faces_out) == (5140, 5120, 5120)  # fragment gone
+    assert report.colour_source == "vertex colours" and report.bytes == (tmp_path / "a.glb").stat().st_size
+    assert list(report.seconds) == ["cleanup", "unwrap", "bake", "write"]
+
+    # Read back by trimesh, as Blender-side tools and the CLI users do.
     glb = load_glb(tmp_path / "a.glb")
     texture = np.asarray(glb.visual.material.baseColorTexture.convert("RGB"), dtype=np.float32) / 255
     assert texture.shape == (256, 256, 3)
     uv = np.asarray(glb.visual.uv)
     assert uv.min() >= 0 and uv.max() <= 1
-    # Y-up: the decoder's z becomes glTF's y.
-    source = (np.asarray(glb.vertices) @ np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])).astype(np.float32)
-    expected = source + 0.5
     texel = texture[np.clip(((1 - uv[:, 1]) * 256).astype(int), 0, 255), np.clip((uv[:, 0] * 256).astype(int), 0, 255)]
+    expected = to_decoder_frame(np.asarray(glb.vertices, dtype=np.float32)) + 0.5
     assert np.abs(texel - expected).mean() < 0.02
     assert np.percentile(np.abs(texel - expected), 99) < 0.08
+
+    # Read raw, by the glTF specification: Y-up, UV origin top-left, unit outward normals.
+    gltf, arrays, pixels = read_glb(tmp_path / "a.glb")
+    material = gltf["materials"][0]["pbrMetallicRoughness"]
+    assert material["metallicFactor"] == 0 and material["roughnessFactor"] == 1
+    positions, normals = arrays["POSITION"], arrays["NORMAL"]
+    assert np.abs(np.linalg.norm(positions, axis=1) - 0.4).max() < 1e-4
+    assert positions[:, 1].max() > 0.399  # the decoder's top (+Z) is glTF's +Y
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-4)
+    assert (np.einsum("nc,nc->n", normals, positions / 0.4) > 0.99).all()
+    corners = positions[arrays["indices"]]
+    winding = np.einsum("nc,nc->n", np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]),
+                        corners.mean(axis=1))
+    assert (winding > 0).all()  # counter-clockwise seen from outside: front faces outward
+    raw_texel = sample_texture(pixels, arrays["TEXCOORD_0"])
+    raw_expected = to_decoder_frame(positions) + 0.5
+    assert np.abs(raw_texel - raw_expected).mean() < 0.02
+
     issues = gltf_issues(tmp_path / "a.glb")
-    assert issues["numErrors"] == 0, issues["messages"]
+    assert issues["numErrors"] == 0 and issues["numWarnings"] == 0, issues["messages"]
+
+
+def sphere_gaussians(colour_of, radius: float = 0.4) -> Gaussians:
+    """Opaque Gaussians on a sphere coloured by ``colour_of(points)``, interleaved with almost
+    transparent black ones that must not darken the bake."""
+    points = np.asarray(trimesh.creation.icosphere(subdivisions=5, radius=radius).vertices, dtype=np.float32)
+    points = np.concatenate([points, points * 1.002])
+    n = len(points)
+    rgb = np.concatenate([colour_of(points[: n // 2]), np.zeros((n // 2, 3), np.float32)])
+    opacity = np.concatenate([np.full(n // 2, 0.9), np.full(n // 2, 1e-3)])
+    raw_opacity = np.log(opacity / (1 - opacity)) - math.log(0.1 / 0.9)  # the decoder adds logit(0.1)
+    return Gaussians(
+        _xyz=torch.from_numpy(points + 0.5),  # the default aabb maps [0, 1]^3 to [-0.5, 0.5]^3
+        _features_dc=torch.from_numpy((rgb - 0.5) / SH_C0)[:, None, :].float(),
+        _scaling=torch.zeros(n, 3),  # exp(0 + log(0.01)): 0.01 wide
+        _rotation=torch.zeros(n, 4),
+        _opacity=torch.from_numpy(raw_opacity)[:, None].float(),
+    )
+
+
+def test_texture_baked_from_gaussians(tmp_path: Path) -> None:
+    def colour_of(p: np.ndarray) -> np.ndarray:
+        return np.clip(0.5 - p[:, [2, 0, 1]], 0, 1).astype(np.float32)  # unlike the vertex colours
+
+    report = export_glb(sphere_with_fragment(), tmp_path / "g.glb", texture_size=256,
+                        gaussians=sphere_gaussians(colour_of))
+    assert report.colour_source == "gaussians"
+    _, arrays, pixels = read_glb(tmp_path / "g.glb")
+    texel = sample_texture(pixels, arrays["TEXCOORD_0"])
+    error = np.abs(texel - colour_of(to_decoder_frame(arrays["POSITION"])))
+    assert error.mean() < 0.03 and np.percentile(error, 99) < 0.1
+    assert gltf_issues(tmp_path / "g.glb")["numErrors"] == 0
 
 
 def test_decimation_before_unwrap(tmp_path: Path) -> None:
     report = export_glb(sphere_with_fragment(subdivisions=5), tmp_path / "d.glb", texture_size=128, target_faces=4000)
-    assert 3800 <= report.faces_out <= 4200 and "decimate" in report.seconds
+    assert report.faces_cleaned == 20480
+    assert 3800 <= report.faces_out <= 4200
+    assert list(report.seconds) == ["cleanup", "decimate", "unwrap", "bake", "write"]
+    assert len(read_glb(tmp_path / "d.glb")[1]["indices"]) == report.faces_out
     assert gltf_issues(tmp_path / "d.glb")["numErrors"] == 0
 
 
@@ -79,12 +182,38 @@ def test_failure_leaves_nothing(tmp_path: Path) -> None:
     empty = Mesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 6))
     with pytest.raises(ValueError, match="cannot export an empty mesh"):
         export_glb(empty, tmp_path / "x.glb")
+    flat = Mesh(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="zero area"):
+        export_glb(flat, tmp_path / "x.glb")
+    mesh = sphere_with_fragment(subdivisions=1)
+    with pytest.raises(ValueError, match="without vertex colours"):
+        export_glb(Mesh(mesh.vertices, mesh.faces), tmp_path / "x.glb")
+    with pytest.raises(ValueError, match="texture_size"):
+        export_glb(mesh, tmp_path / "x.glb", texture_size=0)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_preview_draws_the_nearest_surface(tmp_path: Path) -> None:
-    from PIL import Image
+def test_interrupted_write_leaves_nothing_and_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    mesh = sphere_with_fragment(subdivisions=2)
+    target = tmp_path / "w.glb"
+    target.write_bytes(b"old")
 
+    def refuse(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        export_glb(mesh, target, texture_size=64)
+    assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"old"
+    monkeypatch.undo()
+    export_glb(mesh, target, texture_size=64)
+    assert list(tmp_path.iterdir()) == [target] and target.read_bytes()[:4] == b"glTF"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not a private temp file
+
+
+def test_preview_draws_the_nearest_surface(tmp_path: Path) -> None:
     from amodal3r.export import preview_png
 
     sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
