@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+from .protocol import MAX_UPLOAD_BYTES
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL = "Sm0kyWu/Amodal3R"
@@ -140,6 +143,31 @@ def _progress_printer():
     return progress
 
 
+def default_data_dir() -> Path:
+    """Where a server keeps its jobs when no --data-dir is given: the platform's user data folder."""
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "amodal3r"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "amodal3r"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "amodal3r"
+
+
+def _sam_checkpoint(text: str) -> tuple[str, Path]:
+    kind, sep, path = text.partition("=")
+    if not sep or kind not in ("vit_h", "vit_l", "vit_b"):
+        raise argparse.ArgumentTypeError(f"expected KIND=PATH with KIND vit_h, vit_l or vit_b, got {text!r}")
+    return kind, Path(path)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ServerConfig, serve
+
+    return serve(ServerConfig(model_dir=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
+                              device=args.device, dtype=args.dtype, idle_unload=args.idle_unload,
+                              sam_checkpoints=dict(args.sam_checkpoint),
+                              max_upload_bytes=int(args.max_upload_mb * 2**20)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amodal3r", description="Amodal3R occluded-object reconstruction")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     rec.add_argument("--dtype", choices=DTYPES)
     rec.set_defaults(run=_reconstruct)
+
+    srv = commands.add_parser("serve", help="run the reconstruction server (HTTP, for the Blender extension)")
+    srv.add_argument("--model", type=Path, required=True, help="model folder (pipeline.json, checkpoints, sam/)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=int, default=0, help="0 picks a free port (printed and in server.json)")
+    srv.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                     help="jobs, uploads and results (default: %(default)s)")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    srv.add_argument("--dtype", choices=DTYPES)
+    srv.add_argument("--idle-unload", type=float, default=900.0, help="unload models after this many idle seconds")
+    srv.add_argument("--sam-checkpoint", type=_sam_checkpoint, action="append", default=[], metavar="KIND=PATH",
+                     help="a SAM checkpoint outside the model folder (repeatable)")
+    srv.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                     help="largest request body accepted (default: %(default)s)")
+    srv.set_defaults(run=_serve)
     return parser
 
 
@@ -194,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear line and a non-zero exit
+    except Exception as e:
         from .checkpoints import CheckpointError
         from .pipeline import PipelineError
         from .samplers import Cancelled
