@@ -187,6 +187,7 @@ class Guard:
         headers = dict(scope["headers"])
         refusal = self._refusal(headers)
         if refusal is not None:
+            await self._drain(receive)
             return await refusal(scope, receive, send)
         received = 0
 
@@ -201,7 +202,18 @@ class Guard:
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
+            await self._drain(receive)
             await _too_large(self.max_bytes)(scope, receive, send)
+
+    async def _drain(self, receive) -> None:
+        """Read what the client still sends before refusing: a reply sent mid-upload reaches the client
+        as a connection reset instead of the reason. A client sending far past the limit is cut off."""
+        budget = DRAIN_FACTOR * self.max_bytes
+        while budget > 0:
+            message = await receive()
+            budget -= len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
     def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
         auth = headers.get(b"authorization", b"")
@@ -215,6 +227,9 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return _too_large(self.max_bytes)
         return None
+
+
+DRAIN_FACTOR = 4
 
 
 class _TooLarge(Exception):
