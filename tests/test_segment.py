@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def segmenter(checkpoint: Path) -> Segmenter:
     """Keeps one embedding: encoding takes ~20 s on two cores, so the tests encode as little as they can."""
-    return Segmenter("vit_b", checkpoint, "cpu", cached_images=1)
+    return Segmenter("vit_b", checkpoint, cached_images=1)  # "auto": the CPU here
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .pipeline import pick_device
 from .protocol import SAM_KINDS
 
 CACHED_IMAGES = 4
@@ -49,7 +50,7 @@ def build_sam(kind: str):
     return sam_model_registry[kind](checkpoint=None)
 
 
-def load_sam(kind: str, checkpoint: Path, device: str):
+def load_sam(kind: str, checkpoint: Path, device: str = "auto"):
     """The official ``sam_vit_*.pth`` files are plain state dicts; load them without running pickled code."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -64,7 +65,7 @@ def load_sam(kind: str, checkpoint: Path, device: str):
     except RuntimeError:
         raise SegmentError(f"{checkpoint.name} does not fit the SAM {kind} architecture: "
                            f"is it the checkpoint of another kind ({', '.join(SAM_KINDS)})?") from None
-    return model.to(device).eval()
+    return model.to(pick_device(device)).eval()
 
 
 def write_random_sam(path: Path, kind: str = "vit_b", seed: int = 0) -> Path:
@@ -79,7 +80,7 @@ def write_random_sam(path: Path, kind: str = "vit_b", seed: int = 0) -> Path:
 class Segmenter:
     """One SAM model, loaded on first use; calls are serialised because the predictor holds state."""
 
-    def __init__(self, kind: str, checkpoint: Path, device: str = "cpu", cached_images: int = CACHED_IMAGES):
+    def __init__(self, kind: str, checkpoint: Path, device: str = "auto", cached_images: int = CACHED_IMAGES):
         if kind not in SAM_KINDS:
             raise SegmentError(f"unknown SAM model {kind!r}: use one of {', '.join(SAM_KINDS)}")
         self.kind, self.checkpoint, self.device = kind, Path(checkpoint), device

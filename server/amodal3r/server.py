@@ -301,6 +301,12 @@ def create_app(server: Server) -> FastAPI:
     async def input_error(_request: Request, error: InputError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, 422)
 
+    @app.exception_handler(Exception)
+    async def server_bug(_request: Request, error: Exception) -> JSONResponse:
+        """A bug, not the request: name it so that the user's report says what broke (the log has the trace)."""
+        return JSONResponse({"detail": f"server error ({type(error).__name__}: {error}); the server log has "
+                                       "the details: please report it"}, 500)
+
     @app.get(f"{API_PREFIX}/health")
     def health() -> dict:
         return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": __version__}
