@@ -1,0 +1,316 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Reconstruct objects without the UI: one image, or a folder / CSV of them.
+
+    blender -b --factory-startup --python-exit-code 1 --python amodal3r_blender/batch.py -- \\
+        --image photo.png --target-mask visible.png [--occluder-mask front.png] --out chair.glb
+    python amodal3r_blender/batch.py -- --image photo.png --mask grey.png --out scene.blend   (bpy module)
+    python amodal3r_blender/batch.py -- --batch FOLDER_OR_CSV --out-dir results/
+
+A folder holds NAME.png with NAME_target.png [+ NAME_occluder.png] or NAME_mask.png; a CSV has the
+columns image, target_mask, occluder_mask, mask (paths relative to the CSV). Every input is checked
+before the server starts. ``.glb`` outputs need no bpy; ``.blend`` outputs import the mesh into an
+empty scene. Exit code 0 on success, 2 for bad arguments or inputs, 1 when a reconstruction failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+PACKAGE = "amodal3r_blender"  # the name this folder is loaded under when run as a script
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = ("_target", "_occluder", "_mask")
+OUTPUT_SUFFIXES = (".glb", ".blend")
+CSV_COLUMNS = ("image", "target_mask", "occluder_mask", "mask")
+
+
+class InputError(ValueError):
+    """A bad argument or a missing file, found before any work starts."""
+
+
+@dataclass
+class Item:
+    name: str
+    view: dict[str, str]  # kind -> path, as the client uploads it
+    out: Path
+
+
+def _package() -> ModuleType:
+    """This folder as a package, whatever the folder is called (``amodal3r`` when installed)."""
+    if __package__:
+        return importlib.import_module(__package__)
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACKAGE, HERE / "__init__.py",
+                                                      submodule_search_locations=[str(HERE)])
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[PACKAGE]
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{_package().__name__}.{name}")
+
+
+# --- arguments and inputs ---------------------------------------------------------------------
+
+
+def script_argv(argv: list[str]) -> list[str]:
+    """The arguments after ``--`` (Blender's own come before it), else all but the script name."""
+    return argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch.py", description="Amodal3R reconstruction without the UI")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="the photo of one object")
+    source.add_argument("--batch", type=Path, help="a folder of NAME.png + NAME_target.png / NAME_mask.png, or a CSV")
+    parser.add_argument("--target-mask", type=Path, help="visible part of the object (white)")
+    parser.add_argument("--occluder-mask", type=Path, help="what hides the object (white)")
+    parser.add_argument("--mask", type=Path, help="one mask: grey (255/188/0) or labels (0/1/2)")
+    parser.add_argument("--out", type=Path, help="with --image: the result, .glb or .blend")
+    parser.add_argument("--out-dir", type=Path, help="with --batch: the folder for NAME.glb results")
+    parser.add_argument("--model", help="model folder with pipeline.json (default: AMODAL3R_MODEL or the add-on's)")
+    parser.add_argument("--server-python", help="Python with the amodal3r server (default: AMODAL3R_SERVER_PYTHON "
+                                                "or the one Set up backend made)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="sampler steps of both stages (default: the model's)")
+    parser.add_argument("--texture-size", type=int, default=1024)
+    parser.add_argument("--faces", type=int, help="decimate to about this many faces")
+    return parser
+
+
+def _existing(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    return str(path)
+
+
+def make_view(image: Path, target: Path | None, occluder: Path | None, mask: Path | None) -> dict[str, str]:
+    """One view's files, checked: an image with a target mask (+ occluder mask) or one mask."""
+    if mask is not None and (target is not None or occluder is not None):
+        raise InputError(f"{image}: give --mask alone, or --target-mask with an optional --occluder-mask")
+    if mask is None and target is None:
+        raise InputError(f"{image}: no mask; give --target-mask (and --occluder-mask) or --mask")
+    view = {"image": _existing(image, "image")}
+    for kind, path in (("target_mask", target), ("occluder_mask", occluder), ("mask", mask)):
+        if path is not None:
+            view[kind] = _existing(path, kind.replace("_", " "))
+    return view
+
+
+def _sibling(image: Path, suffix: str) -> Path | None:
+    path = image.with_name(f"{image.stem}{suffix}.png")
+    return path if path.is_file() else None
+
+
+def folder_items(folder: Path, out_dir: Path) -> list[Item]:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.stem.endswith(MASK_SUFFIXES))
+    if not images:
+        raise InputError(f"{folder} holds no images (NAME.png with NAME_target.png or NAME_mask.png)")
+    items = []
+    for image in images:
+        target, occluder, mask = (_sibling(image, s) for s in MASK_SUFFIXES)
+        if target is None and mask is None:
+            raise InputError(f"{image} has no mask: add {image.stem}_target.png (and {image.stem}_occluder.png) "
+                             f"or {image.stem}_mask.png next to it")
+        items.append(Item(image.stem, make_view(image, target, occluder, mask if target is None else None),
+                          out_dir / f"{image.stem}.glb"))
+    return items
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def csv_items(table: Path, out_dir: Path) -> list[Item]:
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "image" not in rows[0]:
+        raise InputError(f"{table}: expected a header with the columns {', '.join(CSV_COLUMNS)}")
+    items, taken = [], set()
+    for line, row in enumerate(rows, start=2):
+        paths = {c: table.parent / row[c].strip() if (row.get(c) or "").strip() else None for c in CSV_COLUMNS}
+        if paths["image"] is None:
+            raise InputError(f"{table} line {line}: the image column is empty")
+        try:
+            view = make_view(paths["image"], paths["target_mask"], paths["occluder_mask"], paths["mask"])
+        except InputError as error:
+            raise InputError(f"{table} line {line}: {error}") from None
+        name = _unique(paths["image"].stem, taken)
+        items.append(Item(name, view, out_dir / f"{name}.glb"))
+    return items
+
+
+def collect_items(args: argparse.Namespace) -> list[Item]:
+    """The work to do, with every input file checked."""
+    if args.batch is not None:
+        if args.out_dir is None or args.out is not None:
+            raise InputError("--batch writes into --out-dir (not --out)")
+        if any(v is not None for v in (args.target_mask, args.occluder_mask, args.mask)):
+            raise InputError("--batch takes its masks from the folder or CSV, not from --target-mask/--mask")
+        if args.batch.is_dir():
+            return folder_items(args.batch, args.out_dir)
+        if args.batch.suffix.lower() == ".csv" and args.batch.is_file():
+            return csv_items(args.batch, args.out_dir)
+        raise InputError(f"--batch {args.batch}: expected a folder or a .csv file")
+    if args.out is None or args.out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError("--image needs --out ending in .glb or .blend")
+    view = make_view(args.image, args.target_mask, args.occluder_mask, args.mask)
+    return [Item(args.image.stem, view, args.out)]
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def _installed_package_name() -> str | None:
+    """``bl_ext.<repo>.<id>`` when this script lies in an installed extension and bpy is there."""
+    try:
+        import bpy
+    except ImportError:
+        return None
+    for repo in bpy.context.preferences.extensions.repos:
+        if repo.directory and Path(repo.directory).resolve() == HERE.parent:
+            return f"bl_ext.{repo.module}.{HERE.name}"
+    return None
+
+
+def _defaults() -> tuple[str | None, str | None]:
+    """The server Python and model folder the add-on would use, where they can be found."""
+    package = _installed_package_name()
+    if package is not None:
+        prefs = _module("preferences")
+        python, model = prefs.default_python(package), prefs.default_model_dir(package)
+        return (python if Path(python).is_file() else None), model
+    checkout = HERE.parent / ".venv" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    return (str(checkout) if checkout.is_file() else None), None
+
+
+def backend_settings(args: argparse.Namespace):
+    """The local server's settings (its data folder is set per run); checked, so it can start."""
+    default_python, default_model = _defaults()
+    python = args.server_python or os.environ.get("AMODAL3R_SERVER_PYTHON") or default_python
+    model = args.model or os.environ.get("AMODAL3R_MODEL") or default_model
+    if not python:
+        raise InputError("no server Python: pass --server-python, set AMODAL3R_SERVER_PYTHON, or run Set up "
+                         "backend in the add-on preferences")
+    if not model or not (Path(model) / "pipeline.json").is_file():
+        raise InputError(f"no model folder with pipeline.json ({model or 'none given'}): pass --model or set "
+                         "AMODAL3R_MODEL, or use Download models in the add-on preferences")
+    backend = _module("backend")
+    return backend.BackendSettings(mode=backend.LOCAL, python=python, model_dir=model, device=args.device)
+
+
+def job_params(args: argparse.Namespace, name: str):
+    """The run settings; out-of-range values raise InputError."""
+    _module("server_package").ensure_client_importable()
+    from amodal3r.protocol import JobParams, ProtocolError
+
+    params = JobParams(seed=args.seed, structure_steps=args.steps, slat_steps=args.steps,
+                       texture_size=args.texture_size, faces=args.faces, preview=False, name=name[:200])
+    try:
+        return params.validate()
+    except ProtocolError as error:
+        raise InputError(str(error)) from None
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def _progress_printer(prefix: str):
+    last: list[tuple] = [()]
+
+    def progress(status) -> None:
+        key = (status.state, status.stage, status.step)
+        if key != last[0]:
+            last[0] = key
+            steps = f" {status.step}/{status.total}" if status.total else ""
+            print(f"{prefix} {status.stage or status.state}{steps} ({status.progress:.0%})", flush=True)
+
+    return progress
+
+
+def save_blend(glb: Path, out: Path, name: str) -> None:
+    """An empty scene with the result imported, saved as out (a .blend)."""
+    import bpy
+
+    scene_import = _module("scene_import")
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene_import.import_result(bpy.context, glb, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), check_existing=False)
+
+
+def deliver(result: Path, item: Item) -> None:
+    if item.out.suffix.lower() == ".blend":
+        save_blend(result, item.out, item.name)
+    else:
+        item.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result, item.out)
+
+
+def run_items(items: list[Item], args: argparse.Namespace, settings, work_dir: Path) -> int:
+    """Reconstruct each item; failures are reported and the rest still run. Returns the failure count."""
+    backend_module, jobs = _module("backend"), _module("jobs")
+    backend = backend_module.Backend(dataclasses.replace(settings, data_dir=str(work_dir / "server")))
+    failures = 0
+    try:
+        for index, item in enumerate(items, start=1):
+            prefix = f"[{index}/{len(items)}] {item.name}:"
+            try:
+                paths = jobs.run_blocking(backend, [item.view], job_params(args, item.name),
+                                          work_dir / f"job{index}", _progress_printer(prefix))
+                glbs = [p for p in paths if p.suffix == ".glb"]
+                if not glbs:
+                    raise jobs.JobError("the server gave no .glb result")
+                deliver(glbs[0], item)
+                print(f"{prefix} wrote {item.out}", flush=True)
+            except backend_module.BackendError as error:  # no server: the other items would fail alike
+                print(f"{prefix} FAILED: {error}", file=sys.stderr, flush=True)
+                return failures + len(items) - index + 1
+            except (jobs.JobError, OSError, RuntimeError) as error:
+                failures += 1
+                print(f"{prefix} FAILED: {error}", file=sys.stderr, flush=True)
+    finally:
+        backend.stop()
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        items = collect_items(args)
+        settings = backend_settings(args)
+        job_params(args, items[0].name)
+    except InputError as error:
+        print(f"batch.py: error: {error}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="amodal3r-batch-") as tmp:
+        failures = run_items(items, args, settings, Path(tmp))
+    if failures:
+        print(f"batch.py: {failures} of {len(items)} reconstruction(s) failed", file=sys.stderr)
+        return 1
+    print(f"batch.py: {len(items)} result(s) written", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(script_argv(sys.argv)))

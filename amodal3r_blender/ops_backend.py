@@ -1,0 +1,274 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Operators that manage the server: Set up backend, Download models, Restart/Stop server.
+
+Long work runs in a worker thread; the preferences draw its progress and a timer redraws them. In
+background mode (``blender -b``, the bpy module) timers never fire, so it runs inline and
+prints its log instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+
+import bpy
+
+from . import preferences
+from .backend import BackendError, get_backend, stop_backend
+from .backend_setup import SetupError, run_setup
+from .server_package import ensure_client_importable, server_install_source
+
+SETUP_COMMANDS = 6  # the venv plus plan_install's five commands: progress is commands started / this
+DOWNLOAD_POLL_SECONDS = 1.0
+ONLINE_HINT = "allow Online Access in Preferences > System, then try again"
+
+
+class _Task:
+    """One piece of backend work (setup, download, restart) and its progress, shared with the UI."""
+
+    def __init__(self, title: str, echo: bool):
+        self.title = title
+        self.echo = echo  # print log lines (background mode has no preferences window)
+        self.cancel = threading.Event()
+        self.progress = 0.0
+        self.status = title
+        self.done = False
+        self.error = ""
+        self.message = ""
+
+    def log(self, line: str) -> None:
+        preferences.setup_log.append(line)
+        self.status = line
+        if self.echo:
+            print(f"amodal3r: {line}", flush=True)
+
+    def run(self, work: Callable[[_Task], str]) -> None:
+        try:
+            self.message = work(self)
+        except (SetupError, BackendError) as error:
+            self.error = str(error)
+        except Exception as error:  # noqa: BLE001 - shown to the person instead of a lost traceback
+            self.error = f"{self.title} failed unexpectedly: {error!r}"
+        finally:
+            self.done = True
+
+
+_task: _Task | None = None
+_timer: Callable[[], float | None] | None = None
+
+
+def _redraw_preferences() -> None:
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type == "PREFERENCES":
+                area.tag_redraw()
+
+
+def _follow(task: _Task) -> float | None:
+    """Timer: redraw the preferences (which show the task) until the task ends."""
+    _redraw_preferences()
+    if task.done and task.error:
+        print(f"amodal3r: {task.title}: {task.error}")
+    return None if task.done else 0.3
+
+
+def _start(operator: bpy.types.Operator, task: _Task, work: Callable[[_Task], str]) -> set[str]:
+    """Run work inline in background mode (reporting the result), else in a thread a timer follows."""
+    global _task, _timer
+    _task = preferences.current_task = task
+    preferences.setup_log.clear()
+    if bpy.app.background:
+        task.run(work)
+        if task.error:
+            operator.report({"ERROR"}, task.error)
+            return {"CANCELLED"}
+        operator.report({"INFO"}, task.message)
+        return {"FINISHED"}
+    threading.Thread(target=task.run, args=(work,), name=f"amodal3r-{task.title}", daemon=True).start()
+    _timer = functools.partial(_follow, task)
+    bpy.app.timers.register(_timer, first_interval=0.2)
+    operator.report({"INFO"}, f"{task.title} started: the add-on preferences show its progress")
+    return {"FINISHED"}
+
+
+def _busy(operator: bpy.types.Operator) -> bool:
+    if _task is not None and not _task.done:
+        operator.report({"WARNING"}, f"{_task.title} is still running: wait for it or cancel it")
+        return True
+    return False
+
+
+def _setup_work(venv_dir, package) -> Callable[[_Task], str]:
+    def work(task: _Task) -> str:
+        def log(line: str) -> None:
+            if line.startswith("$ "):
+                task.progress = min(1.0, task.progress + 1.0 / SETUP_COMMANDS)
+            task.log(line)
+
+        python = run_setup(venv_dir, package, log, task.cancel.is_set)
+        return f"Backend ready: {python}"
+
+    return work
+
+
+class AMODAL3R_OT_setup_backend(bpy.types.Operator):
+    """Install PyTorch and the reconstruction server into a Python environment of this extension"""
+
+    bl_idname = "amodal3r.setup_backend"
+    bl_label = "Set up Backend"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        if not bpy.app.online_access:
+            self.report({"ERROR"}, f"Set up backend downloads PyTorch (several GB): {ONLINE_HINT}")
+            return {"CANCELLED"}
+        if _busy(self):
+            return {"CANCELLED"}
+        package = server_install_source()
+        if package is None:
+            self.report({"ERROR"}, "The extension has no server package (wheels/): reinstall the extension")
+            return {"CANCELLED"}
+        prefs = preferences.get_preferences(context)
+        if prefs.server_python:
+            self.report({"WARNING"}, "Server Python is set, so the new environment is not used until you clear it")
+        stop_backend()  # the running server uses the environment about to change
+        venv_dir = preferences.default_venv_dir()
+        return _start(self, _Task("Set up backend", bpy.app.background), _setup_work(venv_dir, package))
+
+
+def _components_missing(client) -> list[str]:
+    components = client.models()["components"]
+    return [c["name"] for c in components if not c.get("present") and c.get("required", True)]
+
+
+def _download_text(status: dict) -> str:
+    progress = status.get("progress") or {}
+    done = progress.get("bytes_done", progress.get("done"))
+    total = progress.get("bytes_total", progress.get("total"))
+    what = progress.get("file") or progress.get("component") or ""
+    if done is not None and total:
+        return f"Downloading {what} {done / 2**20:.0f} / {total / 2**20:.0f} MB"
+    return f"Downloading {what}".rstrip()
+
+
+def _download_work(settings) -> Callable[[_Task], str]:
+    def work(task: _Task) -> str:
+        ensure_client_importable()
+        from amodal3r.client import ServerError, ServerUnavailable
+
+        task.log("starting the server to download through it")
+        client = get_backend(settings).client(require_model=False)
+        try:
+            return _download(client, task, settings.model_dir)
+        except (ServerError, ServerUnavailable) as error:
+            raise BackendError(f"The model download stopped: {error}. Try Download models again") from None
+
+    return work
+
+
+def _download(client, task: _Task, model_dir: str) -> str:
+    missing = _components_missing(client)
+    if not missing:
+        return "All models are present"
+    task.log(f"downloading {', '.join(missing)}")
+    status = client.download_models(missing)
+    while status.get("state") == "running" and not task.cancel.is_set():
+        time.sleep(DOWNLOAD_POLL_SECONDS)
+        status = client.download_status()
+        progress = status.get("progress") or {}
+        if progress.get("bytes_total"):
+            task.progress = progress.get("bytes_done", 0) / progress["bytes_total"]
+        task.status = _download_text(status)
+    if task.cancel.is_set():
+        return "Stopped following the download; the server finishes it in the background"
+    if status.get("state") != "done":
+        raise BackendError(f"The model download failed: {status.get('error') or status}. "
+                           "Check the internet connection and disk space, then try again")
+    return f"Models downloaded into {client.models().get('model_dir', model_dir)}"
+
+
+class AMODAL3R_OT_download_models(bpy.types.Operator):
+    """Download the Amodal3R and segmentation weights through the reconstruction server"""
+
+    bl_idname = "amodal3r.download_models"
+    bl_label = "Download Models"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        if not bpy.app.online_access:
+            self.report({"ERROR"}, f"Downloading models needs the internet: {ONLINE_HINT}")
+            return {"CANCELLED"}
+        if _busy(self):
+            return {"CANCELLED"}
+        settings = preferences.backend_settings(context)
+        return _start(self, _Task("Download models", bpy.app.background), _download_work(settings))
+
+
+class AMODAL3R_OT_restart_server(bpy.types.Operator):
+    """Stop the reconstruction server and start it again with the current preferences"""
+
+    bl_idname = "amodal3r.restart_server"
+    bl_label = "Restart Server"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        if _busy(self):
+            return {"CANCELLED"}
+        backend = get_backend(preferences.backend_settings(context))
+
+        def work(task: _Task) -> str:
+            backend.stop()
+            task.log("starting the server")
+            backend.client().health()
+            return backend.status_text().splitlines()[0]
+
+        return _start(self, _Task("Restart server", bpy.app.background), work)
+
+
+class AMODAL3R_OT_stop_server(bpy.types.Operator):
+    """Stop the local reconstruction server (it starts again with the next job)"""
+
+    bl_idname = "amodal3r.stop_server"
+    bl_label = "Stop Server"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        stop_backend()
+        self.report({"INFO"}, "Reconstruction server stopped")
+        return {"FINISHED"}
+
+
+class AMODAL3R_OT_cancel_task(bpy.types.Operator):
+    """Stop Set up backend, or stop following a model download"""
+
+    bl_idname = "amodal3r.cancel_task"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _task is not None and not _task.done
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        _task.cancel.set()  # type: ignore[union-attr]
+        return {"FINISHED"}
+
+
+classes = (
+    AMODAL3R_OT_setup_backend,
+    AMODAL3R_OT_download_models,
+    AMODAL3R_OT_restart_server,
+    AMODAL3R_OT_stop_server,
+    AMODAL3R_OT_cancel_task,
+)
+_register, _unregister = bpy.utils.register_classes_factory(classes)
+
+
+def register() -> None:
+    _register()
+
+
+def unregister() -> None:
+    if _task is not None:
+        _task.cancel.set()
+    if _timer is not None and bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.unregister(_timer)
+    stop_backend()
+    _unregister()

@@ -1,0 +1,391 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Reconstruct and Cancel: send the views to the server, follow the job, import the result.
+
+The photos and masks are written as PNGs into a fresh temporary folder (the user's files are
+never touched) and a ``jobs.JobRunner`` works in a thread. In the UI a ``bpy.app.timers`` function,
+``tick``, copies its progress into ``scene.amodal3r`` for the panel and, once the job ends, imports
+every variant at the 3D cursor or records the error. In background mode (``blender -b``, the bpy
+module) timers never fire, so the job runs to the end inside the operator instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import bpy
+from bpy.app.handlers import persistent
+from bpy.props import EnumProperty
+
+from . import masks
+from .backend import LOCAL, Backend, BackendError, get_backend
+from .jobs import JobError, JobRunner, run_blocking
+from .ops_masks import UserError, encode_source, image_size, read_layer, view_image
+from .preferences import backend_settings
+from .properties import AMODAL3R_PG_settings, AMODAL3R_PG_view, get_settings
+from .scene_import import ResultImportError, import_result, push_undo
+from .server_package import ensure_client_importable
+
+if TYPE_CHECKING:
+    from amodal3r.protocol import JobParams, JobStatus
+
+TICK_SECONDS = 0.25
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff", ".webp", ".bmp", ".tga", ".hdr")
+STAGE_TEXT = {
+    "queued": "Waiting for the server",
+    "loading": "Loading the model",
+    "encoding": "Reading the image",
+    "structure": "Sampling the shape",
+    "slat": "Sampling the details",
+    "decoding": "Building the mesh",
+    "exporting": "Baking the texture",
+}
+MODES = [
+    ("AUTO", "Auto", "In the background when Blender has a user interface, else wait for the result"),
+    ("TIMER", "Timer", "Start the job and follow it with a timer (call tick() where timers do not run)"),
+    ("BLOCKING", "Blocking", "Wait for the result inside the operator"),
+]
+
+
+@dataclass
+class ActiveJob:
+    """The one reconstruction in flight, and where its result goes."""
+
+    runner: JobRunner
+    backend: Backend
+    scene_name: str
+    name: str
+    location: tuple[float, float, float]
+    folder: Path  # temporary: the uploaded PNGs and the downloaded results
+
+
+_job: ActiveJob | None = None
+
+
+def active_job() -> ActiveJob | None:
+    return _job
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def object_name(image: bpy.types.Image) -> str:
+    """The image's name without a file extension, e.g. "mug.jpg" -> "mug"."""
+    stem, extension = os.path.splitext(image.name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS and stem else image.name
+
+
+def view_files(view: AMODAL3R_PG_view, number: int) -> list[tuple[str, bytes]]:
+    """One view's PNG files as (kind, bytes), after checking its masks."""
+    try:
+        image = view_image(view)
+    except UserError:
+        if number == 1:
+            raise
+        raise UserError(f"View {number} has no image: choose one in the Views panel or remove the view") from None
+    if view.target_mask is None:
+        raise UserError(f"{image.name!r} has no target mask: click Create Masks and paint the visible part white")
+    width, height = image_size(image)
+    target = read_layer(view.target_mask)
+    occluder = read_layer(view.occluder_mask) if view.occluder_mask is not None else None
+    masks.validate_view(target, occluder, width, height, repr(image.name))
+    files = [("image", encode_source(image)), ("target_mask", masks.encode_layer(target))]
+    if occluder is not None:
+        files.append(("occluder_mask", masks.encode_layer(occluder)))
+    return files
+
+
+def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, str]]:
+    """The views as PNG files in ``folder``, in the ``[{kind: path}]`` form the client uploads."""
+    if not settings.views or settings.views[0].image is None:
+        raise UserError("No source image: choose one in the Source panel (or right-click an image in the "
+                        "Image Editor > Reconstruct occluded object)")
+    views = []
+    for index, view in enumerate(settings.views):
+        paths = {}
+        for kind, data in view_files(view, index + 1):
+            path = folder / f"view{index}_{kind}.png"
+            path.write_bytes(data)
+            paths[kind] = str(path)
+        views.append(paths)
+    return views
+
+
+def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
+    """The server's settings; zero step and guidance fields leave the pipeline's defaults."""
+    ensure_client_importable()
+    from amodal3r.protocol import JobParams, ProtocolError
+
+    params = JobParams(
+        seed=settings.seed, variants=settings.variants, multiview=settings.multiview_mode,
+        structure_steps=settings.structure_steps or None, structure_cfg=settings.structure_guidance or None,
+        slat_steps=settings.slat_steps or None, slat_cfg=settings.slat_guidance or None,
+        texture_size=int(settings.texture_size), faces=settings.faces or None, gaussians=settings.gaussians,
+        preview=False, name=name[:200])
+    try:
+        return params.validate()
+    except ProtocolError as error:
+        raise UserError(f"Check the Settings panel: {error}") from None
+
+
+# --- progress and results -----------------------------------------------------------------------
+
+
+def progress_text(status: JobStatus | None) -> str:
+    if status is None:
+        return "Starting the reconstruction server"
+    text = STAGE_TEXT.get(status.stage, status.stage.capitalize() or "Working")
+    if status.total:
+        text += f" {status.step}/{status.total}"
+    if status.eta is not None and status.eta >= 1:
+        text += f", about {status.eta:.0f} s left"
+    return text
+
+
+def show_progress(settings: AMODAL3R_PG_settings, status: JobStatus | None) -> None:
+    settings.progress = min(max(status.progress, 0.0), 1.0) if status is not None else 0.0
+    settings.stage = status.stage if status is not None else ""
+    settings.step = status.step if status is not None else 0
+    settings.total = status.total if status is not None else 0
+    settings.message = progress_text(status)
+
+
+def redraw_panels() -> None:
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type in {"VIEW_3D", "IMAGE_EDITOR"}:
+                area.tag_redraw()
+
+
+def server_stopped(backend: Backend) -> bool:
+    return backend.settings.mode == LOCAL and not backend.alive()
+
+
+def import_variants(context: bpy.types.Context, glb_paths: list[Path], name: str,
+                    location: tuple[float, float, float]) -> list[bpy.types.Object]:
+    """Each variant as its own object at ``location``; with several, they are numbered."""
+    paths = sorted(glb_paths, key=lambda path: path.name)
+    if not paths:
+        raise ResultImportError("The server finished without a mesh: run the reconstruction again")
+    names = [name] if len(paths) == 1 else [f"{name} {index + 1}" for index in range(len(paths))]
+    return [import_result(context, path, object_name, location) for path, object_name in zip(paths, names)]
+
+
+def _window_for(scene: bpy.types.Scene) -> bpy.types.Window | None:
+    windows = list(bpy.context.window_manager.windows)
+    return next((w for w in windows if w.scene == scene), windows[0] if windows else None)
+
+
+def _import_in_scene(scene: bpy.types.Scene, job: ActiveJob) -> list[bpy.types.Object]:
+    """Import with a context of a window showing the job's scene (a timer has no window of its own)."""
+    window = _window_for(scene)
+    if window is None:
+        return import_variants(bpy.context, job.runner.glb_paths, job.name, job.location)
+    with bpy.context.temp_override(window=window, scene=scene):
+        return import_variants(bpy.context, job.runner.glb_paths, job.name, job.location)
+
+
+def _report_later(message: str) -> None:
+    """An error from a timer: the panel shows it; a popup and the console tell at once."""
+    print(f"amodal3r: {message}")
+    if bpy.app.background:
+        return
+
+    def draw(menu: bpy.types.Menu, context: bpy.types.Context) -> None:
+        for line in message.splitlines()[:12]:
+            menu.layout.label(text=line)
+
+    bpy.context.window_manager.popup_menu(draw, title="Reconstruct occluded object", icon="ERROR")
+
+
+def _fail(settings: AMODAL3R_PG_settings, message: str, backend: Backend) -> None:
+    settings.running = False
+    settings.last_error = message
+    settings.server_dead = server_stopped(backend)
+    settings.message = "The server stopped" if settings.server_dead else "Failed"
+
+
+def _finish(job: ActiveJob, scene: bpy.types.Scene) -> None:
+    """Record how the job ended and import its results."""
+    settings = scene.amodal3r
+    runner = job.runner
+    settings.running = False
+    if runner.cancelled:
+        settings.message = "Cancelled"
+    elif runner.error:
+        _fail(settings, runner.error, job.backend)
+        _report_later(runner.error)
+    else:
+        try:
+            objects = _import_in_scene(scene, job)
+        except ResultImportError as error:
+            _fail(settings, str(error), job.backend)
+            _report_later(str(error))
+        else:
+            settings.progress = 1.0
+            settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
+            push_undo("Reconstruct occluded object")
+
+
+def _end_job() -> ActiveJob | None:
+    global _job
+    job, _job = _job, None
+    if job is not None:
+        shutil.rmtree(job.folder, ignore_errors=True)
+    return job
+
+
+def tick() -> float | None:
+    """The timer: mirror the job's progress into the scene; on its end import or report, then stop.
+
+    Returns the seconds until the next call, or None when there is nothing more to follow.
+    """
+    job = _job
+    if job is None:
+        return None
+    scene = bpy.data.scenes.get(job.scene_name)
+    if scene is None or not hasattr(scene, "amodal3r"):  # the scene was deleted: nowhere to put a result
+        job.runner.cancel()
+        _end_job()
+        return None
+    try:
+        if not job.runner.finished:
+            show_progress(scene.amodal3r, job.runner.status)
+            return TICK_SECONDS
+        _finish(job, scene)
+    except Exception:  # noqa: BLE001 - a failing timer would leave the panel stuck on "running"
+        scene.amodal3r.running = False
+        scene.amodal3r.last_error = f"Reconstruct failed unexpectedly:\n{traceback.format_exc(limit=4)}"
+    finally:
+        redraw_panels()
+    _end_job()
+    return None
+
+
+# --- operators ----------------------------------------------------------------------------------
+
+
+class AMODAL3R_OT_reconstruct(bpy.types.Operator):
+    """Reconstruct the hidden object from the source image and its masks, and import it at the 3D cursor"""
+
+    bl_idname = "amodal3r.reconstruct"
+    bl_label = "Reconstruct"
+    bl_options: ClassVar[set[str]] = {"REGISTER"}
+
+    mode: EnumProperty(items=MODES, default="AUTO", options={"HIDDEN", "SKIP_SAVE"})  # type: ignore[valid-type]
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return hasattr(context.scene, "amodal3r") and _job is None
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        settings = get_settings(context)
+        folder = Path(tempfile.mkdtemp(prefix="amodal3r-job-"))
+        try:
+            views = write_views(settings, folder)
+            name = object_name(settings.views[0].image)
+            params = job_params(settings, name)
+            backend = get_backend(backend_settings(context))
+        except (UserError, masks.MaskError, BackendError) as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        settings.last_error = ""
+        settings.server_dead = False
+        location = tuple(context.scene.cursor.location)
+        job = ActiveJob(JobRunner(), backend, context.scene.name, name, location, folder)
+        blocking = self.mode == "BLOCKING" or (self.mode == "AUTO" and bpy.app.background)
+        if blocking:
+            return self._run_blocking(context, job, views, params)
+        self._start(context, job, views, params)
+        return {"FINISHED"}
+
+    def _start(self, context: bpy.types.Context, job: ActiveJob, views: list[dict[str, str]],
+               params: JobParams) -> None:
+        global _job
+        _job = job
+        settings = get_settings(context)
+        settings.running = True
+        show_progress(settings, None)
+        job.runner.start(job.backend, views, params, job.folder / "results")
+        if not bpy.app.timers.is_registered(tick):
+            bpy.app.timers.register(tick, first_interval=TICK_SECONDS)
+        self.report({"INFO"}, "Reconstruction started: the Amodal3R panel shows its progress")
+
+    def _run_blocking(self, context: bpy.types.Context, job: ActiveJob, views: list[dict[str, str]],
+                      params: JobParams) -> set[str]:
+        settings = get_settings(context)
+        last_stage = [""]
+
+        def progress(status: JobStatus) -> None:
+            if status.stage != last_stage[0]:
+                last_stage[0] = status.stage
+                print(f"amodal3r: {progress_text(status)}", flush=True)
+
+        try:
+            job.runner.result_paths = run_blocking(job.backend, views, params, job.folder / "results", progress)
+            objects = import_variants(context, job.runner.glb_paths, job.name, job.location)
+        except (JobError, BackendError, ResultImportError) as error:
+            _fail(settings, str(error), job.backend)
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        finally:
+            shutil.rmtree(job.folder, ignore_errors=True)
+        settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
+        self.report({"INFO"}, settings.message)
+        return {"FINISHED"}
+
+
+class AMODAL3R_OT_cancel(bpy.types.Operator):
+    """Stop the running reconstruction (nothing is imported)"""
+
+    bl_idname = "amodal3r.cancel"
+    bl_label = "Cancel"
+    bl_options: ClassVar[set[str]] = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _job is not None and not _job.runner.finished
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        _job.runner.cancel()  # type: ignore[union-attr]
+        get_settings(context).message = "Cancelling"
+        return {"FINISHED"}
+
+
+@persistent
+def _forget_stale_jobs(_file: str) -> None:
+    """A newly loaded file gets no result of a job started in another one, and no stale "running"."""
+    job = _end_job()
+    if job is not None:
+        job.runner.cancel()
+    for scene in bpy.data.scenes:
+        settings = getattr(scene, "amodal3r", None)
+        if settings is not None and settings.running:
+            settings.running = False
+            settings.message = ""
+
+
+classes = (AMODAL3R_OT_reconstruct, AMODAL3R_OT_cancel)
+_register, _unregister = bpy.utils.register_classes_factory(classes)
+
+
+def register() -> None:
+    _register()
+    bpy.app.handlers.load_post.append(_forget_stale_jobs)
+
+
+def unregister() -> None:
+    if _forget_stale_jobs in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_forget_stale_jobs)
+    if bpy.app.timers.is_registered(tick):
+        bpy.app.timers.unregister(tick)
+    job = _end_job()
+    if job is not None:
+        job.runner.cancel()
+    _unregister()

@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Fixtures of the Blender tests, which run in the bpy venv, apart from the torch suite:
+
+    .venv-blender/bin/python -m pytest -q --confcutdir=tests/blender tests/blender
+
+Blender keeps one session per process, so the add-on is built, installed from its zip and enabled
+once (``addon``). ``BLENDER_USER_RESOURCES`` points at a temporary folder before anything imports
+bpy, so the tests never touch the user's Blender configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "mug_behind_box"
+EXTENSION_ID = "amodal3r"
+REPO_MODULE = "user_default"
+DEFAULT_SERVER_PYTHON = REPO / ".venv" / "bin" / "python"
+
+# Before any test module imports bpy: Blender reads this once, when it starts.
+USER_DIR = Path(tempfile.mkdtemp(prefix="amodal3r-blender-user-"))
+os.environ["BLENDER_USER_RESOURCES"] = str(USER_DIR)
+if str(REPO) not in sys.path:  # `import amodal3r_blender.backend` for the bpy-free modules
+    sys.path.insert(0, str(REPO))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(USER_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def blender_user_dir() -> Path:
+    """Blender's user folder for this test session (config, extensions, their user data)."""
+    return USER_DIR
+
+
+@pytest.fixture(scope="session")
+def extension_zip(tmp_path_factory) -> Path:
+    """The extension built by scripts/build_extension.py, as users get it."""
+    out = tmp_path_factory.mktemp("dist")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_extension.py"), "--out", str(out)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    zip_path = Path(result.stdout.strip().splitlines()[-1])
+    assert zip_path.is_file()
+    return zip_path
+
+
+@pytest.fixture(scope="session")
+def addon(blender_user_dir, extension_zip) -> str:
+    """The extension installed from its zip and enabled; the add-on's module name."""
+    import bpy
+
+    module = f"bl_ext.{REPO_MODULE}.{EXTENSION_ID}"
+    result = bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=REPO_MODULE,
+                                                      enable_on_install=True)
+    assert result == {"FINISHED"}
+    assert module in bpy.context.preferences.addons
+    yield module
+    if module in bpy.context.preferences.addons:
+        bpy.ops.preferences.addon_disable(module=module)  # stops any server the tests left running
+
+
+@pytest.fixture
+def clean_scene(addon) -> str:
+    """Factory settings (an empty scene) with the add-on enabled again; the add-on's module name."""
+    import bpy
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)  # this disables extensions enabled at runtime
+    bpy.ops.preferences.addon_enable(module=addon)
+    return addon
+
+
+@pytest.fixture(scope="session")
+def server_python() -> str:
+    """A Python with the amodal3r server and torch: AMODAL3R_SERVER_PYTHON, else the repo's .venv."""
+    chosen = Path(os.environ.get("AMODAL3R_SERVER_PYTHON") or DEFAULT_SERVER_PYTHON)
+    assert chosen.is_file(), (f"no server Python at {chosen}: run scripts/bootstrap (it makes .venv) "
+                              "or set AMODAL3R_SERVER_PYTHON")
+    return str(chosen)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(server_python, tmp_path_factory) -> Path:
+    """A model folder of tiny random weights (a few seconds to write)."""
+    out = tmp_path_factory.mktemp("tiny-model")
+    result = subprocess.run([server_python, "-m", "amodal3r.cli", "tiny-weights", str(out)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture
+def server_env(monkeypatch, server_python, tiny_model_dir) -> None:
+    """The add-on's server settings pointed at the test server Python and the tiny weights."""
+    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", server_python)
+    monkeypatch.setenv("AMODAL3R_MODEL", str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def example_dir() -> Path:
+    """The shipped example: image.png, target_mask.png, occluder_mask.png, mask.png."""
+    return EXAMPLE
