@@ -213,6 +213,20 @@ def test_segment_reuses_the_cached_embedding(server: LocalServer) -> None:
     assert error.value.status == 409 and "sam_vit_h" in error.value.detail
 
 
+def test_a_non_loopback_host_warns_and_still_needs_the_token(tiny_model_dir: Path, tmp_path: Path) -> None:
+    process = launch_server(sys.executable, tiny_model_dir, tmp_path / "data", token="test-token",
+                            extra_args=["--device", "cpu", "--host", "0.0.0.0"])
+    try:
+        assert any("warning: listening on 0.0.0.0" in line for line in process.output), process.output
+        port = process.url.rsplit(":", 1)[1]
+        status, reply = raw_request(f"http://127.0.0.1:{port}", "/v1/health", token=None)
+        assert status == 401 and "Authorization: Bearer" in reply["detail"]
+        status, _ = raw_request(f"http://127.0.0.1:{port}", "/v1/health", token="test-token")
+        assert status == 200
+    finally:
+        process.stop()
+
+
 def test_restart_serves_finished_results_and_fails_the_interrupted_job(tiny_model_dir: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     first = start(tiny_model_dir, data_dir)
