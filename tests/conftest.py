@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from loopback_files import Served, serve_files
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +56,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from amodal3r.tiny_weights import write_tiny_weights
 
     return write_tiny_weights(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+def file_server() -> Iterator[Served]:
+    """In-memory files over HTTP on loopback: a stand-in for download sites and the Hugging Face Hub."""
+    with serve_files() as served:
+        yield served

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -223,6 +224,38 @@ def test_a_non_loopback_host_warns_and_still_needs_the_token(tiny_model_dir: Pat
         assert status == 401 and "Authorization: Bearer" in reply["detail"]
         status, _ = raw_request(f"http://127.0.0.1:{port}", "/v1/health", token="test-token")
         assert status == 200
+    finally:
+        process.stop()
+
+
+def test_download_models_then_reconstruct(tiny_model_dir: Path, tmp_path: Path, file_server) -> None:
+    """An empty model folder, the Hub stood in for on loopback (huggingface_hub reads HF_ENDPOINT): the
+    download's progress shows through the protocol, then the folder serves jobs (with the tiny image
+    encoder placed by hand, as a user may place DINOv2)."""
+    for file in tiny_model_dir.rglob("*"):
+        if file.is_file():
+            file_server.files[f"/Sm0kyWu/Amodal3R/resolve/main/{file.relative_to(tiny_model_dir)}"] = file.read_bytes()
+    process = launch_server(sys.executable, tmp_path / "model", tmp_path / "data", extra_args=["--device", "cpu"],
+                            env={"HF_ENDPOINT": file_server.url, "HF_HUB_OFFLINE": "0",
+                                 "HF_HOME": str(tmp_path / "hf-home")})
+    try:
+        client = process.client()
+        assert "amodal3r" not in client.info()["models"]["present"]
+        with pytest.raises(ServerError) as error:
+            client.download_models(["everything"])
+        assert error.value.status == 422 and "amodal3r" in error.value.detail
+        assert client.download_models(["amodal3r"])["state"] == "running"
+        seen = []
+        deadline = time.monotonic() + 120
+        while (status := client.download_status())["state"] == "running" and time.monotonic() < deadline:
+            seen.append(status["progress"])
+            time.sleep(0.02)
+        assert status["state"] == "done", status
+        assert any(p and p["files_total"] > 1 for p in seen)
+        assert "amodal3r" in client.info()["models"]["present"]
+        for name in ("image_encoder.json", "dinov2_vitl14_reg4_pretrain.safetensors"):
+            shutil.copy(tiny_model_dir / name, tmp_path / "model" / name)
+        assert wait_final(client, client.submit([VIEW], JobParams(**FAST)).id).state == DONE
     finally:
         process.stop()
 
