@@ -20,6 +20,9 @@ from .backend import BackendError, get_backend, stop_backend
 from .backend_setup import SetupError, run_setup
 from .server_package import ensure_client_importable, server_install_source
 
+ensure_client_importable()  # before importing amodal3r: a checkout needs its path
+from amodal3r.protocol import SAM_KINDS
+
 SETUP_COMMANDS = 6  # the venv plus plan_install's five commands: progress is commands started / this
 DOWNLOAD_POLL_SECONDS = 1.0
 ONLINE_HINT = "allow Online Access in Preferences > System, then try again"
@@ -137,9 +140,14 @@ class AMODAL3R_OT_setup_backend(bpy.types.Operator):
         return _start(self, _Task("Set up backend", bpy.app.background), _setup_work(venv_dir, package))
 
 
-def _components_missing(client) -> list[str]:
+def wanted_components(sam_kind: str) -> list[str]:
+    """The pipeline, its image encoder and the one SAM the panel uses: not every SAM (4 GB together)."""
+    return ["amodal3r", "dinov2", f"sam_{sam_kind}"]
+
+
+def _components_missing(client, wanted: list[str]) -> list[str]:
     components = client.models()["components"]
-    return [c["name"] for c in components if not c.get("present") and c.get("required", True)]
+    return [c["name"] for c in components if c["name"] in wanted and not c.get("present")]
 
 
 def _download_text(status: dict) -> str:
@@ -152,7 +160,7 @@ def _download_text(status: dict) -> str:
     return f"Downloading {what}".rstrip()
 
 
-def _download_work(settings) -> Callable[[_Task], str]:
+def _download_work(settings, wanted: list[str]) -> Callable[[_Task], str]:
     def work(task: _Task) -> str:
         ensure_client_importable()
         from amodal3r.client import ServerError, ServerUnavailable
@@ -160,15 +168,15 @@ def _download_work(settings) -> Callable[[_Task], str]:
         task.log("starting the server to download through it")
         client = get_backend(settings).client(require_model=False)
         try:
-            return _download(client, task, settings.model_dir)
+            return _download(client, task, settings.model_dir, wanted)
         except (ServerError, ServerUnavailable) as error:
             raise BackendError(f"The model download stopped: {error}. Try Download models again") from None
 
     return work
 
 
-def _download(client, task: _Task, model_dir: str) -> str:
-    missing = _components_missing(client)
+def _download(client, task: _Task, model_dir: str, wanted: list[str]) -> str:
+    missing = _components_missing(client, wanted)
     if not missing:
         return "All models are present"
     task.log(f"downloading {', '.join(missing)}")
@@ -189,7 +197,7 @@ def _download(client, task: _Task, model_dir: str) -> str:
 
 
 class AMODAL3R_OT_download_models(bpy.types.Operator):
-    """Download the Amodal3R and segmentation weights through the reconstruction server"""
+    """Download the Amodal3R pipeline, DINOv2 and the panel's segmentation model through the server"""
 
     bl_idname = "amodal3r.download_models"
     bl_label = "Download Models"
@@ -201,7 +209,9 @@ class AMODAL3R_OT_download_models(bpy.types.Operator):
         if _busy(self):
             return {"CANCELLED"}
         settings = preferences.backend_settings(context)
-        return _start(self, _Task("Download models", bpy.app.background), _download_work(settings))
+        scene_settings = getattr(context.scene, "amodal3r", None)
+        wanted = wanted_components(scene_settings.sam_model if scene_settings is not None else SAM_KINDS[0])
+        return _start(self, _Task("Download models", bpy.app.background), _download_work(settings, wanted))
 
 
 class AMODAL3R_OT_restart_server(bpy.types.Operator):

@@ -252,8 +252,8 @@ class FakeModelServer:
 
     def models(self):
         return {"model_dir": "/models", "components": [
-            {"name": "amodal3r", "present": False}, {"name": "sam_vit_h", "present": True},
-            {"name": "sam_vit_b", "present": False, "required": False}]}
+            {"name": "amodal3r", "present": False}, {"name": "dinov2", "present": True},
+            {"name": "sam_vit_h", "present": False}, {"name": "sam_vit_b", "present": True}]}
 
     def download_models(self, components):
         self.requested = components
@@ -268,6 +268,47 @@ def test_download_follows_the_server(addon, monkeypatch):
     monkeypatch.setattr(ops_backend, "DOWNLOAD_POLL_SECONDS", 0.0)
     task = ops_backend._Task("Download models", echo=False)
     server = FakeModelServer()
-    assert ops_backend._download(server, task, "/models") == "Models downloaded into /models"
+    wanted = ops_backend.wanted_components("vit_b")
+    assert ops_backend._download(server, task, "/models", wanted) == "Models downloaded into /models"
     assert server.requested == ["amodal3r"]
     assert task.progress == 0.5
+
+
+def test_download_through_a_real_server(addon, server_env, monkeypatch, tiny_model_dir, tmp_path):
+    """The add-on's download against the real server and a loopback stand-in for the Hub: only the
+    missing components the panel needs are asked for, and the real progress replies are understood."""
+    import dataclasses
+    import shutil
+
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    from loopback_files import serve_files
+
+    ops_backend = _addon_module(addon, "ops_backend")
+    backend_module = _addon_module(addon, "backend")
+    preferences = _addon_module(addon, "preferences")
+    model = tmp_path / "model"
+    (model / "sam").mkdir(parents=True)
+    for name in ("image_encoder.json", "dinov2_vitl14_reg4_pretrain.safetensors"):
+        shutil.copy(tiny_model_dir / name, model / name)
+    (model / "sam" / "sam_vit_b_01ec64.pth").write_bytes(b"already here")
+    monkeypatch.setenv("AMODAL3R_MODEL", str(model))
+    monkeypatch.setattr(ops_backend, "DOWNLOAD_POLL_SECONDS", 0.02)
+    with serve_files() as hub:
+        for file in tiny_model_dir.rglob("*"):
+            if file.is_file():
+                hub.files[f"/Sm0kyWu/Amodal3R/resolve/main/{file.relative_to(tiny_model_dir)}"] = file.read_bytes()
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        settings = dataclasses.replace(preferences.backend_settings(bpy.context), data_dir=str(tmp_path / "data"))
+        backend = backend_module.Backend(settings)
+        try:
+            client = backend.client(require_model=False)
+            task = ops_backend._Task("Download models", echo=False)
+            wanted = ops_backend.wanted_components("vit_b")
+            assert ops_backend._download(client, task, str(model), wanted) == f"Models downloaded into {model}"
+            present = {c["name"] for c in client.models()["components"] if c["present"]}
+            assert {"amodal3r", "dinov2", "sam_vit_b"} <= present and "sam_vit_h" not in present
+            assert any(path.startswith("/Sm0kyWu/Amodal3R/") for path, _ in hub.requests)
+            assert not any("sam" in path or "dinov2" in path for path, _ in hub.requests)
+        finally:
+            backend.stop()
