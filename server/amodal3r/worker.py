@@ -165,10 +165,7 @@ class Worker:
             results, notices = self._reconstruct(job_id, JobParams(**status.params), progress)
         except Cancelled:
             self._finish(job_id, started, CANCELLED, stage=CANCELLED)
-        except torch.OutOfMemoryError:
-            self.runtime.unload()
-            self._finish(job_id, started, FAILED, error=OUT_OF_MEMORY)
-        except MemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             self.runtime.unload()
             self._finish(job_id, started, FAILED, error=OUT_OF_MEMORY)
         except Exception as error:  # noqa: BLE001 - a failed job must never stop the worker

@@ -1,0 +1,59 @@
+"""The job worker in-process: running out of memory fails one job and not the next; idle models unload."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from amodal3r import worker
+from amodal3r.job_store import JobStore
+from amodal3r.protocol import DONE, FAILED, JobParams
+from amodal3r.worker import OUT_OF_MEMORY, ModelRuntime, Worker
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
+FAST = JobParams(structure_steps=2, slat_steps=2, texture_size=256, faces=5000, preview=False)
+
+
+def example_view() -> dict[str, tuple[str, bytes]]:
+    return {kind: (f"{kind}.png", (EXAMPLE / f"{kind}.png").read_bytes())
+            for kind in ("image", "target_mask", "occluder_mask")}
+
+
+def wait_final(store: JobStore, job_id: str, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = store.get(job_id)
+        if status.final:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def test_out_of_memory_fails_the_job_with_advice_and_the_next_one_runs(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_reconstruct, calls = worker.reconstruct, []
+
+    def first_call_runs_out(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_reconstruct(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "reconstruct", first_call_runs_out)
+    store = JobStore(tmp_path / "data")
+    runtime = ModelRuntime(tiny_model_dir, "cpu", idle_unload=0.3)
+    jobs = Worker(store, runtime)
+    first, second = (store.create(FAST, [example_view()]) for _ in range(2))
+    jobs.start([first.id, second.id])
+    try:
+        failed, done = wait_final(store, first.id), wait_final(store, second.id)
+        assert failed.state == FAILED and failed.error == OUT_OF_MEMORY
+        assert done.state == DONE and done.results == ["variant0.glb"]
+        deadline = time.monotonic() + 10
+        while runtime.loaded_models and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not runtime.loaded_models, "idle models were not unloaded"
+    finally:
+        jobs.stop()
