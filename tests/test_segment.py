@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from amodal3r.segment import Segmenter, SegmentError, load_sam, write_random_sam
+from amodal3r.segment import Segmenter, SegmentError, attention_with_folded_bias, load_sam, write_random_sam
 from segment_anything import SamPredictor
 
 HEIGHT, WIDTH = 48, 64
@@ -59,8 +59,28 @@ def test_bad_checkpoints_are_named(tmp_path: Path, checkpoint: Path) -> None:
         Segmenter("vit_x", checkpoint)
 
 
+@pytest.mark.parametrize("size", [(64, 64), (14, 14), (9, 12)])
+def test_folded_bias_attention_matches_segment_anything(size: tuple[int, int]) -> None:
+    """Global (64x64) and windowed (14x14) blocks, and a non-square grid, with a non-zero bias."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(0)
+    height, width = size
+    module = Attention(96, num_heads=3, use_rel_pos=True, input_size=size).eval()
+    with torch.no_grad():
+        module.rel_pos_h.normal_(0, 0.5)
+        module.rel_pos_w.normal_(0, 0.5)
+        x = torch.randn(2, height, width, 96)
+        expected = Attention.forward(module, x)
+        torch.testing.assert_close(attention_with_folded_bias(module, x), expected, rtol=1e-5, atol=1e-5)
+        module.use_rel_pos = False
+        torch.testing.assert_close(attention_with_folded_bias(module, x), Attention.forward(module, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_cached_embedding_gives_the_same_mask_as_a_fresh_model(segmenter: Segmenter, reference: SamPredictor) -> None:
-    """The decoder-only path must answer exactly as encoding the image again would."""
+    """The decoder-only path, with our SDPA attention in the encoder, answers as segment-anything's own
+    predictor does."""
     image = picture(0)
     clicks, labels = [(20.0, 30.0), (50.0, 10.0)], [1, 0]
     first = segmenter.segment(image, clicks[:1], labels[:1], image_key="a")

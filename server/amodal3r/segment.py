@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .pipeline import pick_device
 from .protocol import SAM_KINDS
@@ -66,6 +68,46 @@ def load_sam(kind: str, checkpoint: Path, device: str = "auto"):
         raise SegmentError(f"{checkpoint.name} does not fit the SAM {kind} architecture: "
                            f"is it the checkpoint of another kind ({', '.join(SAM_KINDS)})?") from None
     return model.to(pick_device(device)).eval()
+
+
+def attention_with_folded_bias(self, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's image-encoder attention through SDPA, for any ``Attention`` module as ``self``.
+
+    The original adds a decomposed relative-position bias to the full attention matrix: 4096 x 4096
+    per head in the global blocks, about 0.8 GB for ViT-B. The bias of query q and key (row r,
+    column c) is ``rel_h[q, r] + rel_w[q, c]``, which is the dot product of ``[rel_h[q] | rel_w[q]]``
+    with the one-hot code of (r, c). Appending those channels to q and k gives the same scores, so
+    SDPA never materialises the matrix.
+    """
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    batch, height, width, _ = x.shape
+    heads, tokens = self.num_heads, height * width
+    q, k, v = self.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    scale = None
+    if self.use_rel_pos:
+        grid = q.reshape(batch, heads, height, width, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, get_rel_pos(height, height, self.rel_pos_h))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, get_rel_pos(width, width, self.rel_pos_w))
+        index = torch.arange(tokens, device=x.device)
+        codes = torch.cat([F.one_hot(index // width, height), F.one_hot(index % width, width)], -1).to(q.dtype)
+        q = torch.cat([q * self.scale, rel_h.reshape(batch, heads, tokens, height),
+                       rel_w.reshape(batch, heads, tokens, width)], -1)
+        k = torch.cat([k, codes.expand(batch, heads, tokens, height + width)], -1)
+        scale = 1.0
+    # Equal head sizes keep SDPA on its fused kernels (on the CPU, unequal ones fall back to the matrix).
+    channels = v.shape[-1]
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - channels)), scale=scale)[..., :channels]
+    return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
+
+
+def fold_attention_bias(model) -> None:
+    """Route every attention of the SAM image encoder through ``attention_with_folded_bias``."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    for module in model.image_encoder.modules():
+        if isinstance(module, Attention):
+            module.forward = types.MethodType(attention_with_folded_bias, module)
 
 
 def write_random_sam(path: Path, kind: str = "vit_b", seed: int = 0) -> Path:
@@ -123,7 +165,9 @@ class Segmenter:
         if self._predictor is None:
             from segment_anything import SamPredictor
 
-            self._predictor = SamPredictor(load_sam(self.kind, self.checkpoint, self.device))
+            model = load_sam(self.kind, self.checkpoint, self.device)
+            fold_attention_bias(model)
+            self._predictor = SamPredictor(model)
         return self._predictor
 
     def _set_image(self, predictor, rgb: np.ndarray, image_key: str | None) -> bool:
