@@ -242,7 +242,7 @@ def _progress_printer(prefix: str):
         key = (status.state, status.stage, status.step)
         if key != last[0]:
             last[0] = key
-            steps = f" {status.step}/{status.total}" if status.total else ""
+            steps = f" {status.step}/{status.total}" if status.total and not status.final else ""
             print(f"{prefix} {status.stage or status.state}{steps} ({status.progress:.0%})", flush=True)
 
     return progress
