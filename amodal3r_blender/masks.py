@@ -18,15 +18,14 @@ from .server_package import ensure_client_importable
 ensure_client_importable()  # before importing amodal3r: a checkout needs its path
 from amodal3r.protocol import (
     GREY_BACKGROUND,
+    GREY_BACKGROUND_ABOVE,
     GREY_OCCLUDER,
+    GREY_OCCLUDER_BELOW,
     GREY_TARGET,
     LABEL_OCCLUDER,
     LABEL_TARGET,
 )
 
-# The reference implementation's thresholds for reading grey masks back (as the server does).
-GREY_OCCLUDER_BELOW = 127
-GREY_BACKGROUND_ABOVE = 230
 GREEN, RED = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)
 
 

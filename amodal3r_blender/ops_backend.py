@@ -152,11 +152,9 @@ def _components_missing(client, wanted: list[str]) -> list[str]:
 
 def _download_text(status: dict) -> str:
     progress = status.get("progress") or {}
-    done = progress.get("bytes_done", progress.get("done"))
-    total = progress.get("bytes_total", progress.get("total"))
     what = progress.get("file") or progress.get("component") or ""
-    if done is not None and total:
-        return f"Downloading {what} {done / 2**20:.0f} / {total / 2**20:.0f} MB"
+    if progress.get("bytes_total"):
+        return f"Downloading {what} {progress['bytes_done'] / 2**20:.0f} / {progress['bytes_total'] / 2**20:.0f} MB"
     return f"Downloading {what}".rstrip()
 
 

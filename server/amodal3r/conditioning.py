@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .protocol import GREY_BACKGROUND, GREY_BACKGROUND_ABOVE, GREY_OCCLUDER, GREY_OCCLUDER_BELOW, GREY_TARGET
+
 __all__ = [
     "IMAGE_SIZE",
     "PATCH_SIZE",
@@ -56,8 +58,6 @@ __all__ = [
     "GREY_BACKGROUND",
     "GREY_TARGET",
     "GREY_OCCLUDER",
-    "OCCLUDER_THRESHOLD",
-    "BACKGROUND_THRESHOLD",
     "PreprocessedView",
     "SquareCrop",
     "masks_to_grey",
@@ -81,14 +81,6 @@ NUM_REGISTER_TOKENS = 4
 NUM_PREFIX_TOKENS = 1 + NUM_REGISTER_TOKENS  #: class token + registers
 NUM_IMAGE_TOKENS = NUM_PREFIX_TOKENS + NUM_PATCHES  #: 1374
 NUM_COND_TOKENS = NUM_IMAGE_TOKENS + 2 * NUM_PATCHES  #: 4112
-
-GREY_BACKGROUND = 255
-GREY_TARGET = 188
-GREY_OCCLUDER = 0
-#: grey values strictly below this are occluder
-OCCLUDER_THRESHOLD = 127
-#: grey values strictly above this are background
-BACKGROUND_THRESHOLD = 230
 
 
 # --------------------------------------------------------------------------- results
@@ -183,8 +175,8 @@ def grey_to_masks(grey) -> tuple[np.ndarray, np.ndarray]:
     Accepts a ``[H, W]`` array or a PIL image (converted with ``convert('L')``).
     """
     arr = _grey_array(grey)
-    occluder = arr < OCCLUDER_THRESHOLD
-    background = arr > BACKGROUND_THRESHOLD
+    occluder = arr < GREY_OCCLUDER_BELOW
+    background = arr > GREY_BACKGROUND_ABOVE
     target = ~(occluder | background)
     return target, occluder
 
@@ -257,15 +249,15 @@ def preprocess_grey(image, grey, *, dilate: bool = True) -> PreprocessedView:
             "nearest-neighbour sampling (or crop both the same way) before preprocessing"
         )
 
-    occluder = g < OCCLUDER_THRESHOLD
+    occluder = g < GREY_OCCLUDER_BELOW
     if dilate:
         occluder = dilate_cross(occluder)
-    background = g > BACKGROUND_THRESHOLD
+    background = g > GREY_BACKGROUND_ABOVE
     combined = occluder | background
     if combined.all():
         raise ValueError(
             "target mask is empty: no pixel is marked as the visible target object "
-            f"(grey values {OCCLUDER_THRESHOLD}..{BACKGROUND_THRESHOLD}, or left after growing "
+            f"(grey values {GREY_OCCLUDER_BELOW}..{GREY_BACKGROUND_ABOVE}, or left after growing "
             "the occluders by one pixel); mark the visible part of the object in the mask"
         )
 

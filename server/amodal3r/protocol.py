@@ -54,6 +54,7 @@ FINAL_STATES = (DONE, FAILED, CANCELLED)
 
 # Mask files: two binary images (white = inside), or one of these single-image encodings.
 GREY_BACKGROUND, GREY_TARGET, GREY_OCCLUDER = 255, 188, 0  # the reference implementation's format
+GREY_OCCLUDER_BELOW, GREY_BACKGROUND_ABOVE = 127, 230  # its thresholds reading grey back; target in between
 LABEL_BACKGROUND, LABEL_TARGET, LABEL_OCCLUDER = 0, 1, 2
 MASK_FORMATS = ("binary", "grey", "labels")
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
