@@ -33,8 +33,8 @@ import torch
 
 from amodal3r.models.structured_latent_gaussian_decoder import SLatGaussianDecoder
 from amodal3r.models.structured_latent_mesh_decoder import SLatMeshDecoder
-from amodal3r.sparse import SparseTensor
-from amodal3r.tiny_weights import randomize
+from amodal3r.modules.sparse import SparseTensor
+from amodal3r.weights.tiny import randomize
 
 RESOLUTION, LATENT_CHANNELS = 64, 8
 COMMON = dict(resolution=RESOLUTION, latent_channels=LATENT_CHANNELS, mlp_ratio=4, attn_mode="swin",

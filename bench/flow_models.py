@@ -16,7 +16,7 @@ import torch
 
 from amodal3r.models.sparse_structure_flow import SparseStructureFlowModelMaskAsCondWeighted
 from amodal3r.models.structured_latent_flow import SLatFlowModelMaskAsCondWeighted
-from amodal3r.sparse import SparseTensor
+from amodal3r.modules.sparse import SparseTensor
 
 COND_CHANNELS = 1024
 CONFIGS = {

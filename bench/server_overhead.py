@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from amodal3r.client import Client, launch_server
-from amodal3r.export import export_glb, preview_png
-from amodal3r.inputs import load_view
-from amodal3r.pipeline import Amodal3RPipeline
-from amodal3r.protocol import JobParams, SegmentParams
-from amodal3r.reconstruct import RunSettings, reconstruct
-from amodal3r.segment import write_random_sam
-from amodal3r.tiny_weights import write_tiny_weights
+from amodal3r.api.client import Client, launch_server
+from amodal3r.io.export import export_glb, preview_png
+from amodal3r.io.inputs import load_view
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+from amodal3r.api.protocol import JobParams, SegmentParams
+from amodal3r.pipelines.reconstruct import RunSettings, reconstruct
+from amodal3r.pipelines.segment import write_random_sam
+from amodal3r.weights.tiny import write_tiny_weights
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
 VIEW = {"image": EXAMPLE / "image.png", "target_mask": EXAMPLE / "target_mask.png",

@@ -53,7 +53,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from amodal3r.tiny_weights import write_tiny_weights
+    from amodal3r.weights.tiny import write_tiny_weights
 
     return write_tiny_weights(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 

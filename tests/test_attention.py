@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from amodal3r.attention import MultiHeadAttention, visibility_bias
-from amodal3r.blocks import NUM_PREFIX_TOKENS, split_condition
-from amodal3r.sparse import SparseTensor
+from amodal3r.modules.attention import MultiHeadAttention, visibility_bias
+from amodal3r.modules.blocks import NUM_PREFIX_TOKENS, split_condition
+from amodal3r.modules.sparse import SparseTensor
 
 
 def test_visibility_weighted_attention_is_the_papers_softmax() -> None:

@@ -11,8 +11,8 @@ import torch
 from conftest import golden_case
 from safetensors.torch import load_file, save_file
 
-from amodal3r.checkpoints import CheckpointError, load_model
-from amodal3r.pipeline import Amodal3RPipeline
+from amodal3r.models._checkpoints import CheckpointError, load_model
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 
 
 @pytest.fixture

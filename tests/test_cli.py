@@ -10,7 +10,7 @@ from PIL import Image
 from test_export import gltf_issues, load_glb
 
 from amodal3r.cli import main
-from amodal3r.conditioning import masks_to_grey
+from amodal3r.pipelines.conditioning import masks_to_grey
 
 
 @pytest.fixture(scope="module")

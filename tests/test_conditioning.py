@@ -1,4 +1,4 @@
-"""Tests for amodal3r.conditioning: grey mask format, preprocessing, patch ratios, cond."""
+"""Tests for amodal3r.pipelines.conditioning: grey mask format, preprocessing, patch ratios, cond."""
 
 from __future__ import annotations
 

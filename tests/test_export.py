@@ -18,7 +18,7 @@ import trimesh
 from conftest import REPO_ROOT
 from PIL import Image
 
-from amodal3r.export import SH_C0, export_glb
+from amodal3r.io.export import SH_C0, export_glb
 from amodal3r.representations.gaussians import Gaussians
 from amodal3r.representations.mesh import Mesh
 
@@ -214,7 +214,7 @@ def test_interrupted_write_leaves_nothing_and_keeps_the_old_file(tmp_path: Path,
 
 
 def test_preview_draws_the_nearest_surface(tmp_path: Path) -> None:
-    from amodal3r.export import preview_png
+    from amodal3r.io.export import preview_png
 
     sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.3)
     box = trimesh.creation.box(extents=[0.3, 0.3, 0.3])

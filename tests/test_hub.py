@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from amodal3r.checkpoints import CheckpointError
-from amodal3r.hub import resolve_model
+from amodal3r.models._checkpoints import CheckpointError
+from amodal3r.weights.hub import resolve_model
 
 
 def test_local_folder(tiny_model_dir: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import golden_dir
 
-from amodal3r.checkpoints import build_model
+from amodal3r.models._checkpoints import build_model
 
 CORE_MANIFESTS = ["ss_flow", "ss_dec", "slat_flow"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from amodal3r import models_store
-from amodal3r.models_store import (
+from amodal3r.weights.downloads import (
     CATALOG,
     Component,
     DownloadCancelled,
@@ -112,7 +112,7 @@ def test_inventory_of_an_empty_folder(tmp_path: Path, tiny_model_dir: Path) -> N
 
 
 def test_catalog_agrees_with_the_pipeline_and_the_server() -> None:
-    from amodal3r.pipeline import IMAGE_ENCODER_FILES, IMAGE_ENCODER_URL
+    from amodal3r.pipelines.amodal3r import IMAGE_ENCODER_FILES, IMAGE_ENCODER_URL
 
     dinov2 = CATALOG["dinov2"]
     assert models_store.source_url(dinov2, dinov2.files[0]) == IMAGE_ENCODER_URL
@@ -206,7 +206,7 @@ def test_cancel_keeps_the_part_for_later(served: Served, monkeypatch: pytest.Mon
 
 def test_the_pipeline_finds_downloaded_dinov2(served: Served, tmp_path: Path) -> None:
     import torch
-    from amodal3r.pipeline import Amodal3RPipeline
+    from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 
     served.files[DINOV2_SOURCE] = random_bytes(20_000)
     download(tmp_path, ["dinov2"], lambda _: None)

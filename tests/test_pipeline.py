@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from amodal3r.cli import main
-from amodal3r.pipeline import Amodal3RPipeline
-from amodal3r.samplers import Cancelled
-from amodal3r.tiny_weights import TINY_COND_CHANNELS
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+from amodal3r.pipelines.samplers import Cancelled
+from amodal3r.weights.tiny import TINY_COND_CHANNELS
 
 FAST = {"steps": 2}
 

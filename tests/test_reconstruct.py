@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amodal3r.inputs import View, validate_view
-from amodal3r.pipeline import Amodal3RPipeline
-from amodal3r.reconstruct import RunSettings, order_views, reconstruct
+from amodal3r.io.inputs import View, validate_view
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+from amodal3r.pipelines.reconstruct import RunSettings, order_views, reconstruct
 
 FAST = RunSettings(structure={"steps": 2}, slat={"steps": 1})
 

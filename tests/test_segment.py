@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from amodal3r.segment import Segmenter, SegmentError, attention_with_folded_bias, load_sam, write_random_sam
+from amodal3r.pipelines.segment import Segmenter, SegmentError, attention_with_folded_bias, load_sam, write_random_sam
 from segment_anything import SamPredictor
 
 HEIGHT, WIDTH = 48, 64

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from amodal3r.client import (
+from amodal3r.api.client import (
     Client,
     LocalServer,
     ServerError,
@@ -22,8 +22,8 @@ from amodal3r.client import (
     launch_server,
     view_uploads,
 )
-from amodal3r.job_store import INTERRUPTED
-from amodal3r.protocol import (
+from amodal3r.service.job_store import INTERRUPTED
+from amodal3r.api.protocol import (
     CANCELLED,
     DONE,
     FAILED,
@@ -42,7 +42,7 @@ UPLOAD_LIMIT_MB = 4
 
 @pytest.fixture(scope="module")
 def sam_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from amodal3r.segment import write_random_sam
+    from amodal3r.pipelines.segment import write_random_sam
 
     return write_random_sam(tmp_path_factory.mktemp("sam") / "sam_vit_b_random.pth", kind="vit_b", seed=0)
 

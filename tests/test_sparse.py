@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amodal3r.sparse import SparseConv3d, SparseDownsample, SparseTensor, SparseUpsample
+from amodal3r.modules.sparse import SparseConv3d, SparseDownsample, SparseTensor, SparseUpsample
 
 
 def random_voxels(batch: int = 2, res: int = 12, fill: float = 0.3, channels: int = 5, seed: int = 0) -> SparseTensor:
@@ -53,7 +53,7 @@ def test_neighbour_index_built_once_per_coordinate_set() -> None:
 
 
 def test_neighbour_pairs_agree_with_the_index() -> None:
-    from amodal3r.sparse.conv import neighbour_index, neighbour_map
+    from amodal3r.modules.sparse.conv import neighbour_index, neighbour_map
 
     x = random_voxels()
     index = neighbour_index(x, 3)
@@ -81,7 +81,7 @@ def test_spconv_backend_agrees_on_one_thread(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_spconv_never_serves_cpu_tensors_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    from amodal3r.sparse.conv import use_spconv
+    from amodal3r.modules.sparse.conv import use_spconv
 
     monkeypatch.setenv("AMODAL3R_SPARSE_CONV", "spconv")
     monkeypatch.setenv("AMODAL3R_SPCONV_ON_CPU", "1")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from amodal3r import worker
-from amodal3r.job_store import JobStore
-from amodal3r.protocol import DONE, FAILED, JobParams
-from amodal3r.worker import OUT_OF_MEMORY, ModelRuntime, Worker
+from amodal3r.service.job_store import JobStore
+from amodal3r.api.protocol import DONE, FAILED, JobParams
+from amodal3r.service.worker import OUT_OF_MEMORY, ModelRuntime, Worker
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
 FAST = JobParams(structure_steps=2, slat_steps=2, texture_size=256, faces=5000, preview=False)

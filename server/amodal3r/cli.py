@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from .protocol import MAX_UPLOAD_BYTES
+from .api.protocol import MAX_UPLOAD_BYTES
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MODEL = "Sm0kyWu/Amodal3R"
 
 
 def _tiny_weights(args: argparse.Namespace) -> int:
-    from .tiny_weights import write_tiny_weights
+    from .weights.tiny import write_tiny_weights
 
     out = write_tiny_weights(args.out_dir, seed=args.seed, size=args.size)
     print(f"wrote {args.size} RANDOM weights (for tests, demos and benchmarks, not a real model) to {out}")
@@ -42,7 +42,7 @@ def _slat(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from .pipeline import Amodal3RPipeline
+    from .pipelines.amodal3r import Amodal3RPipeline
 
     pipeline = Amodal3RPipeline.from_pretrained(args.model, device=args.device,
                                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -84,11 +84,11 @@ class ViewArgument(argparse.Action):
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_glb, preview_png
-    from .hub import resolve_model
-    from .inputs import load_view
-    from .pipeline import Amodal3RPipeline
-    from .reconstruct import RunSettings, reconstruct
+    from .io.export import export_glb, preview_png
+    from .weights.hub import resolve_model
+    from .io.inputs import load_view
+    from .pipelines.amodal3r import Amodal3RPipeline
+    from .pipelines.reconstruct import RunSettings, reconstruct
 
     views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in args.views]
     for view in views:
@@ -160,7 +160,7 @@ def _sam_checkpoint(text: str) -> tuple[str, Path]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServerConfig, serve
+    from .service.app import ServerConfig, serve
 
     return serve(ServerConfig(model_dir=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
                               device=args.device, dtype=args.dtype, idle_unload=args.idle_unload,
@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except Exception as e:
-        from .checkpoints import CheckpointError
-        from .pipeline import PipelineError
-        from .samplers import Cancelled
+        from .models._checkpoints import CheckpointError
+        from .pipelines.amodal3r import PipelineError
+        from .pipelines.samplers import Cancelled
 
         if isinstance(e, (CheckpointError, PipelineError, Cancelled, ValueError, OSError)):
             print(f"amodal3r: error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ from amodal3r_blender.backend_setup import (
 from amodal3r_blender.server_package import ensure_client_importable
 
 ensure_client_importable()
-from amodal3r.protocol import JobParams
+from amodal3r.api.protocol import JobParams
 
 TINY_JOB = JobParams(structure_steps=2, slat_steps=2, texture_size=256, faces=5000)
 

@@ -80,7 +80,7 @@ def test_wheel_installs_with_pip(extension_zip, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
-    probe = "import amodal3r.client, amodal3r.protocol; print(amodal3r.client.__file__)"
+    probe = "import amodal3r.api.client, amodal3r.api.protocol; print(amodal3r.api.client.__file__)"
     found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(target)},
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(found).is_relative_to(target)
@@ -115,7 +115,7 @@ enabled = module in bpy.context.preferences.addons
 addon = sys.modules[module]
 classes = [c for name in addon.MODULES for c in vars(sys.modules[f"{module}.{name}"]).values()
            if isinstance(c, type) and issubclass(c, bpy.types.bpy_struct) and c.__module__.startswith(module)]
-import amodal3r.client
+import amodal3r.api.client
 report = {
     "enabled": enabled,
     "ops": sorted(ops() - before_ops),
@@ -123,7 +123,7 @@ report = {
     "props_added": {t: sorted(v - before_props[t]) for t, v in props().items()},
     "unregistered_classes": [c.__name__ for c in classes if not c.is_registered],
     "class_count": len(classes),
-    "client_from": amodal3r.client.__file__,
+    "client_from": amodal3r.api.client.__file__,
     "bundled_wheel": str(sys.modules[f"{module}.server_package"].server_wheel()),
 }
 bpy.ops.preferences.addon_disable(module=module)

@@ -241,7 +241,7 @@ def test_draw_without_a_source(settings):
     drawn = _draw_all(_addon_of(settings))
     for space in ("VIEW_3D", "IMAGE_EDITOR"):
         main = drawn[(space, "Reconstruct occluded object")]
-        assert [c["operator"] for c in main.calls("operator")] == ["amodal3r.reconstruct"]
+        assert [c["operator"] for c in main.calls("operator")] == ["amodal3r.pipelines.reconstruct"]
         assert "Choose a source image" in main.texts()
         assert "Choose a source image first" in drawn[(space, "Masks")].texts()
         assert not main.calls("progress")
@@ -290,7 +290,7 @@ def test_operator_polls(with_masks, settings):
     import bpy
 
     addon = _addon_of(settings)
-    assert bpy.ops.amodal3r.reconstruct.poll()
+    assert bpy.ops.amodal3r.pipelines.reconstruct.poll()
     assert not bpy.ops.amodal3r.cancel.poll()
     assert not bpy.ops.amodal3r.click_mask.poll()  # needs an Image Editor
     with _override("IMAGE_EDITOR"):
@@ -531,8 +531,8 @@ class FakeClient:
         self.forget = False
 
     def segment(self, params, image=None):
-        from amodal3r.client import ServerError
-        from amodal3r.protocol import SegmentReply
+        from amodal3r.api.client import ServerError
+        from amodal3r.api.protocol import SegmentReply
 
         self.calls.append((params, image is not None))
         if image is None and self.forget:
@@ -579,7 +579,7 @@ def test_segment_session_adds_subtracts_and_resets(with_masks, settings):
 
 def test_segment_errors_are_plain(clean_scene):
     segment = _module(clean_scene, "ops_segment")
-    from amodal3r.client import ServerError, ServerUnavailable
+    from amodal3r.api.client import ServerError, ServerUnavailable
 
     def failing():
         raise ServerUnavailable("no reconstruction server answers at http://127.0.0.1:9")

@@ -272,7 +272,7 @@ class DinoV2Encoder(nn.Module):
     ) -> None:
         """Strictly load a timm-layout state dict; a :class:`CheckpointError` (a ``ValueError``)
         names ``source`` and the missing / unexpected / mis-shaped keys."""
-        from ..checkpoints import check_state_dict
+        from ._checkpoints import check_state_dict
 
         check_state_dict(self.vit, state_dict, Path(source))
         self.vit.load_state_dict(state_dict, strict=True, assign=assign)
@@ -319,7 +319,7 @@ class DinoV2Encoder(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(
                 f"images must be [B, 3, {s}, {s}], got {tuple(images.shape)}; "
-                "preprocess with amodal3r.conditioning.preprocess_view first"
+                "preprocess with amodal3r.pipelines.conditioning.preprocess_view first"
             )
 
     def forward_prenorm(self, normalized: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import (ModulatedTransformerCrossBlock, TimestepEmbedder, absolute_position_embedding,
+from amodal3r.modules.blocks import (ModulatedTransformerCrossBlock, TimestepEmbedder, absolute_position_embedding,
                       convert_linear_and_conv, split_condition)
 
 

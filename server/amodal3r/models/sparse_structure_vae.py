@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import convert_linear_and_conv
+from amodal3r.modules.blocks import convert_linear_and_conv
 
 
 class ChannelLayerNorm32(nn.LayerNorm):

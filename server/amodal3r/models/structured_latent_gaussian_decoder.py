@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..representations.gaussians import Gaussians
-from ..sparse import SparseLinear, SparseTensor
+from amodal3r.representations.gaussians import Gaussians
+from amodal3r.modules.sparse import SparseLinear, SparseTensor
 from .structured_latent_vae import SparseTransformerBase
 
 # Parameter groups of the output layer in channel order, with their per-Gaussian shape.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import flexicubes_tables as tables
+from amodal3r.representations import flexicubes_tables as tables
 
 WEIGHT_SCALE = 0.99
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import flexicubes_tables as tables
+from amodal3r.representations import flexicubes_tables as tables
 from .flexicubes import flexicubes, sorted_lookup
 
 SDF_CHANNELS = slice(0, 8)

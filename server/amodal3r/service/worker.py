@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .export import export_glb, preview_png
-from .inputs import InputError, View, load_view
+from amodal3r.io.export import export_glb, preview_png
+from amodal3r.io.inputs import InputError, View, load_view
 from .job_store import JobStore
-from .pipeline import Amodal3RPipeline
-from .protocol import CANCELLED, DONE, FAILED, RUNNING, JobParams, result_name
-from .reconstruct import RunSettings, reconstruct
-from .samplers import Cancelled
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+from amodal3r.api.protocol import CANCELLED, DONE, FAILED, RUNNING, JobParams, result_name
+from amodal3r.pipelines.reconstruct import RunSettings, reconstruct
+from amodal3r.pipelines.samplers import Cancelled
 
 # Share of the whole job each stage takes, in order: drives the progress fraction and the ETA.
 STAGE_WEIGHTS = {"loading": 0.05, "encoding": 0.05, "structure": 0.35, "slat": 0.35, "decoding": 0.1,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pipeline import pick_device
-from .protocol import SAM_KINDS
+from .amodal3r import pick_device
+from amodal3r.api.protocol import SAM_KINDS
 
 CACHED_IMAGES = 4
 

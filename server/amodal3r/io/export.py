@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .representations.mesh import Mesh
+from amodal3r.representations.mesh import Mesh
 from .unwrap import UnwrapFailed, unwrap
 
 if TYPE_CHECKING:
-    from .representations.gaussians import Gaussians
+    from amodal3r.representations.gaussians import Gaussians
 
 Z_UP_TO_Y_UP = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=np.float32)  # row vectors: v @ Z_UP_TO_Y_UP
 SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: colour = SH_C0 * f_dc + 0.5

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .models import model_class
+from amodal3r.models import model_class
 
 MAX_LISTED_KEYS = 8
 

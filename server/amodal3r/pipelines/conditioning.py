@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .protocol import GREY_BACKGROUND, GREY_BACKGROUND_ABOVE, GREY_OCCLUDER, GREY_OCCLUDER_BELOW, GREY_TARGET
+from amodal3r.api.protocol import GREY_BACKGROUND, GREY_BACKGROUND_ABOVE, GREY_OCCLUDER, GREY_OCCLUDER_BELOW, GREY_TARGET
 
 __all__ = [
     "IMAGE_SIZE",

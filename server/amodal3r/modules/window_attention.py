@@ -8,7 +8,7 @@ attention with the padded keys masked out. Masked keys get exactly zero weight a
 has at least one real key, so the result is exact: padding changes nothing but the work done.
 
 The partition depends only on the coordinates, so it is computed once per coordinate set and
-kept in the :class:`~amodal3r.sparse.SparseTensor` cache for every block and call that shares it.
+kept in the :class:`~amodal3r.modules.sparse.SparseTensor` cache for every block and call that shares it.
 """
 
 from __future__ import annotations

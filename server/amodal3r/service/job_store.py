@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from .protocol import (
+from amodal3r.api.protocol import (
     FAILED,
     FINAL_STATES,
     QUEUED,

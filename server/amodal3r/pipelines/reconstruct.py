@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 
 from .conditioning import assemble_cond, crop_square, image_to_tensor, preprocess_view
-from .inputs import View
-from .pipeline import Amodal3RPipeline
+from amodal3r.io.inputs import View
+from .amodal3r import Amodal3RPipeline
 from .samplers import MultiViewMode, ProgressFn
 
 

@@ -28,7 +28,7 @@ GET      /v1/models/download            state, component, file, bytes done/total
 =======  =============================  ==========================================================
 
 Errors are JSON ``{"detail": "<what went wrong and what to do>"}`` with a 4xx/5xx status.
-Masks travel as PNGs in the formats ``MASK_FORMATS`` names.
+Masks travel as PNGs in the formats of ``api/masks.py``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .environment import TOKEN as TOKEN_ENV
+from .errors import ProtocolError
+
 PROTOCOL_VERSION = 1
 API_PREFIX = "/v1"
-TOKEN_ENV = "AMODAL3R_TOKEN"
 LISTENING_PREFIX = "listening on "  # the stdout line a parent process waits for
 STATE_FILE = "server.json"  # in the data folder: url, pid, protocol of the running server
 
@@ -49,21 +51,11 @@ MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # one request body
 MAX_IMAGE_PIXELS = 100_000_000
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
 
-# Mask files: two binary images (white = inside), or one of these single-image encodings.
-GREY_BACKGROUND, GREY_TARGET, GREY_OCCLUDER = 255, 188, 0  # the reference implementation's format
-GREY_OCCLUDER_BELOW, GREY_BACKGROUND_ABOVE = 127, 230  # its thresholds reading grey back; target in between
-LABEL_BACKGROUND, LABEL_TARGET, LABEL_OCCLUDER = 0, 1, 2
-MASK_FORMATS = ("binary", "grey", "labels")
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
 MULTIVIEW_MODES = ("stochastic", "multidiffusion")
 SAM_KINDS = ("vit_h", "vit_l", "vit_b")
-
-
-class ProtocolError(ValueError):
-    """A request that does not follow this protocol; the message says what to change."""
 
 
 def view_field(index: int, kind: str) -> str:
@@ -254,5 +246,3 @@ def result_name(variant: int, suffix: str) -> str:
     """Result files of one job: ``variant0.glb``, ``variant0.ply``, ``variant0.png``."""
     return f"variant{variant}{suffix}"
 
-
-RESULT_SUFFIXES = (".glb", ".ply", ".png")

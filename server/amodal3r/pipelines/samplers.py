@@ -10,7 +10,7 @@ from typing import Callable, Literal
 
 import torch
 
-from .sparse import SparseTensor
+from amodal3r.modules.sparse import SparseTensor
 
 Latent = torch.Tensor | SparseTensor
 ProgressFn = Callable[[str, int, int], None]

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, load_model
+from amodal3r.models._checkpoints import CheckpointError, load_model
 from .samplers import MultiViewMode, ProgressFn, SamplerSettings, sample
-from .sparse import SparseTensor
+from amodal3r.modules.sparse import SparseTensor
 
 REQUIRED_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
 DECODERS = {"mesh": "slat_decoder_mesh", "gaussian": "slat_decoder_gs"}
@@ -112,7 +112,7 @@ class Amodal3RPipeline:
 
     def image_encoder(self) -> nn.Module:
         if IMAGE_ENCODER not in self._models:
-            from .models.image_encoder import DinoV2Config, DinoV2Encoder
+            from amodal3r.models.image_encoder import DinoV2Config, DinoV2Encoder
 
             config_path = self.folder / IMAGE_ENCODER_CONFIG
             config = DinoV2Config.from_dict(json.loads(config_path.read_text())["args"]) \

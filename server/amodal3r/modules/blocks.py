@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention, Tokens, visibility_bias
-from .conditioning import NUM_PATCHES, NUM_PREFIX_TOKENS
+from amodal3r.pipelines.conditioning import NUM_PATCHES, NUM_PREFIX_TOKENS
 from .sparse import SparseTensor
 
 

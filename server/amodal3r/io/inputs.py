@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .conditioning import grey_to_masks
-from .protocol import LABEL_OCCLUDER, LABEL_TARGET
+from amodal3r.pipelines.conditioning import grey_to_masks
+from amodal3r.api.protocol import LABEL_OCCLUDER, LABEL_TARGET
 
 MAX_SIDE = 4096  # larger images are downscaled first: the model sees 518 pixels anyway
 REFUSED_PIXELS = 20_000 * 20_000  # beyond this, decoding alone would exhaust memory

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoints import CheckpointError
+from amodal3r.models._checkpoints import CheckpointError
 
 PIPELINE_FILES = ["pipeline.json", "Amodal3R_ckpts/*.json", "Amodal3R_ckpts/*.safetensors"]
 

@@ -26,10 +26,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from . import __version__
-from .inputs import InputError
+from amodal3r import __version__
+from amodal3r.io.inputs import InputError
 from .job_store import JobStore, is_job_id, write_atomically
-from .protocol import (
+from amodal3r.api.protocol import (
     API_PREFIX,
     LISTENING_PREFIX,
     MAX_IMAGE_PIXELS,
@@ -94,7 +94,7 @@ class Server:
         return found[0]
 
     def segmenter(self, kind: str):
-        from .segment import Segmenter
+        from amodal3r.pipelines.segment import Segmenter
 
         with self._segment_lock:
             if kind not in self._segmenters:
@@ -127,14 +127,14 @@ class Downloads:
         self._lock = threading.Lock()
 
     def present(self) -> list[str]:
-        from .models_store import inventory
+        from amodal3r.weights.downloads import inventory
 
         return [c.name for c in inventory(self.model_dir) if c.present]
 
     def components(self) -> list[dict]:
         from dataclasses import asdict
 
-        from .models_store import inventory
+        from amodal3r.weights.downloads import inventory
 
         return [asdict(c) for c in inventory(self.model_dir)]
 
@@ -150,7 +150,7 @@ class Downloads:
     def _run(self, components: list[str]) -> None:
         from dataclasses import asdict
 
-        from .models_store import download
+        from amodal3r.weights.downloads import download
 
         def progress(update) -> None:
             self.status["progress"] = asdict(update)
@@ -415,7 +415,7 @@ def _store_image(server: Server, data: bytes) -> str:
 
 
 def _segment(server: Server, params: SegmentParams) -> dict:
-    from .segment import SegmentError
+    from amodal3r.pipelines.segment import SegmentError
 
     path = server.images / f"{params.image_id}.bin"
     if not path.is_file():

@@ -2,7 +2,7 @@
 
 xatlas can crash the whole process on some meshes (a segmentation fault, seen here on a regular
 82k-face icosphere; upstream jpcy/xatlas#151 is open). A crash must never take the server or
-Blender with it, so the unwrap runs as ``python -m amodal3r.unwrap IN.npz OUT.npz``.
+Blender with it, so the unwrap runs as ``python -m amodal3r.io.unwrap IN.npz OUT.npz``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndar
     with tempfile.TemporaryDirectory(prefix="amodal3r-unwrap-") as folder:
         source, result = Path(folder) / "in.npz", Path(folder) / "out.npz"
         np.savez(source, vertices=vertices.astype(np.float32), faces=faces.astype(np.uint32))
-        done = subprocess.run([sys.executable, "-m", "amodal3r.unwrap", str(source), str(result)],
+        done = subprocess.run([sys.executable, "-m", "amodal3r.io.unwrap", str(source), str(result)],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise UnwrapFailed(f"xatlas failed with exit code {done.returncode}: {done.stderr.strip()[-300:]}")

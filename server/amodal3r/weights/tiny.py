@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoints import build_model
-from .models.image_encoder import DinoV2Config, DinoV2Encoder
+from amodal3r.models._checkpoints import build_model
+from amodal3r.models.image_encoder import DinoV2Config, DinoV2Encoder
 
 CKPTS = "Amodal3R_ckpts"
 OCCUPANCY = 0.03
@@ -99,7 +99,7 @@ def calibrate_occupancy(decoder: nn.Module, latent_shape: tuple[int, ...], gener
 def calibrate_surface(decoder: nn.Module, generator: torch.Generator) -> None:
     """Shift the corner-sdf biases so that about :data:`INSIDE` of the corners are inside: random
     weights otherwise put a surface through nearly every cube, a mesh of pure noise."""
-    from .sparse import SparseTensor
+    from amodal3r.modules.sparse import SparseTensor
 
     coords = torch.argwhere(torch.rand(1, 24, 24, 24, generator=generator) < 0.3).int()
     latent = SparseTensor(torch.randn(coords.shape[0], 8, generator=generator), coords + torch.tensor([0, 20, 20, 20]))
@@ -159,7 +159,7 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
 
 def write_random_image_encoder(out_dir: Path, generator: torch.Generator, config: DinoV2Config) -> None:
     """A random DINOv2 (hub layout, like ``dinov2_vitl14_reg4_pretrain.pth``) with its architecture."""
-    from .pipeline import IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_FILES
+    from amodal3r.pipelines.amodal3r import IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_FILES
 
     encoder = DinoV2Encoder(config)
     randomize(encoder, generator)

@@ -1,0 +1,1 @@
+"""What the decoders produce: triangle meshes (FlexiCubes) and 3D Gaussians."""

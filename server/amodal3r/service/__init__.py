@@ -1,0 +1,1 @@
+"""The HTTP reconstruction server: FastAPI app, request guard, job worker and job store."""

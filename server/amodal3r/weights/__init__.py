@@ -1,0 +1,1 @@
+"""Model folders: their layout, Hugging Face resolution, downloads and tiny random weights."""
