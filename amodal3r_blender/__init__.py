@@ -2,7 +2,7 @@
 """Amodal3R for Blender: reconstruct a partly hidden object from an image as a textured mesh.
 
 The add-on never imports torch: a reconstruction server (the bundled ``amodal3r`` package, run
-with its own Python) does the work, reached through ``amodal3r.client`` over loopback HTTP.
+with its own Python) does the work, reached through ``amodal3r.api.client`` over loopback HTTP.
 Modules without bpy (masks, backend, jobs) hold the logic; the others are thin Blender layers.
 """
 

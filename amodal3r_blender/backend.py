@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .server_package import ensure_client_importable
 
 if TYPE_CHECKING:
-    from amodal3r.client import Client, LocalServer
+    from amodal3r.api.client import Client, LocalServer
 
 LOCAL, REMOTE = "local", "remote"
 STARTUP_TIMEOUT = 180.0  # importing torch on a cold disk can take a minute
@@ -152,7 +152,7 @@ class Backend:
 
     def _launch(self) -> LocalServer:
         ensure_client_importable()
-        from amodal3r.client import ServerUnavailable, launch_server
+        from amodal3r.api.client import ServerUnavailable, launch_server
 
         settings = self.settings
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ class Backend:
         if self._remote is not None:
             return self._remote
         ensure_client_importable()
-        from amodal3r.client import Client, ServerError, ServerUnavailable
+        from amodal3r.api.client import Client, ServerError, ServerUnavailable
 
         url = self.settings.url.strip()
         if not url:

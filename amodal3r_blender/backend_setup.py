@@ -136,7 +136,7 @@ def plan_install(info: PlatformInfo, python: str | Path, package: str | Path) ->
     ]
 
 
-CHECK_SCRIPT = ("import torch, amodal3r, amodal3r.server; "
+CHECK_SCRIPT = ("import torch, amodal3r, amodal3r.service.app; "
                 "gpu = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'none'; "
                 "print(f'amodal3r {amodal3r.__version__}, torch {torch.__version__}, GPU: {gpu}')")
 

@@ -222,7 +222,7 @@ def backend_settings(args: argparse.Namespace):
 def job_params(args: argparse.Namespace, name: str):
     """The run settings; out-of-range values raise InputError."""
     _module("server_package").ensure_client_importable()
-    from amodal3r.protocol import JobParams, ProtocolError
+    from amodal3r.api.protocol import JobParams, ProtocolError
 
     params = JobParams(seed=args.seed, structure_steps=args.steps, slat_steps=args.steps,
                        texture_size=args.texture_size, faces=args.faces, preview=False, name=name[:200])

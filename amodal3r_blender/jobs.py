@@ -20,8 +20,8 @@ from .backend import Backend, BackendError
 from .server_package import ensure_client_importable
 
 if TYPE_CHECKING:
-    from amodal3r.client import Client
-    from amodal3r.protocol import JobParams, JobStatus
+    from amodal3r.api.client import Client
+    from amodal3r.api.protocol import JobParams, JobStatus
 
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
@@ -38,7 +38,7 @@ class JobCancelled(JobError):
 
 def _server_errors() -> tuple[type[Exception], type[Exception]]:
     ensure_client_importable()
-    from amodal3r.client import ServerError, ServerUnavailable
+    from amodal3r.api.client import ServerError, ServerUnavailable
 
     return ServerError, ServerUnavailable
 

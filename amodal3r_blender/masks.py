@@ -16,7 +16,7 @@ from . import png
 from .server_package import ensure_client_importable
 
 ensure_client_importable()  # before importing amodal3r: a checkout needs its path
-from amodal3r.protocol import (
+from amodal3r.api.protocol import (
     GREY_BACKGROUND,
     GREY_BACKGROUND_ABOVE,
     GREY_OCCLUDER,

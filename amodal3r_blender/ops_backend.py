@@ -21,7 +21,7 @@ from .backend_setup import SetupError, run_setup
 from .server_package import ensure_client_importable, server_install_source
 
 ensure_client_importable()  # before importing amodal3r: a checkout needs its path
-from amodal3r.protocol import SAM_KINDS
+from amodal3r.api.protocol import SAM_KINDS
 
 SETUP_COMMANDS = 6  # the venv plus plan_install's five commands: progress is commands started / this
 DOWNLOAD_POLL_SECONDS = 1.0
@@ -161,7 +161,7 @@ def _download_text(status: dict) -> str:
 def _download_work(settings, wanted: list[str]) -> Callable[[_Task], str]:
     def work(task: _Task) -> str:
         ensure_client_importable()
-        from amodal3r.client import ServerError, ServerUnavailable
+        from amodal3r.api.client import ServerError, ServerUnavailable
 
         task.log("starting the server to download through it")
         client = get_backend(settings).client(require_model=False)

@@ -23,7 +23,7 @@ from .properties import LAYERS, AMODAL3R_PG_view, active_view, get_settings, mai
 from .server_package import ensure_client_importable
 
 ensure_client_importable()  # before importing amodal3r: a checkout needs its path
-from amodal3r.protocol import MAX_VIEWS
+from amodal3r.api.protocol import MAX_VIEWS
 
 LAYER_ATTRIBUTES = {"TARGET": "target_mask", "OCCLUDER": "occluder_mask"}
 LAYER_SUFFIXES = {"TARGET": "target", "OCCLUDER": "occluder"}

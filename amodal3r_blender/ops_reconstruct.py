@@ -32,7 +32,7 @@ from .scene_import import ResultImportError, import_result, push_undo
 from .server_package import ensure_client_importable
 
 if TYPE_CHECKING:
-    from amodal3r.protocol import JobParams, JobStatus
+    from amodal3r.api.protocol import JobParams, JobStatus
 
 TICK_SECONDS = 0.25
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff", ".webp", ".bmp", ".tga", ".hdr")
@@ -119,7 +119,7 @@ def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, 
 def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
     """The server's settings; zero step and guidance fields leave the pipeline's defaults."""
     ensure_client_importable()
-    from amodal3r.protocol import JobParams, ProtocolError
+    from amodal3r.api.protocol import JobParams, ProtocolError
 
     params = JobParams(
         seed=settings.seed, variants=settings.variants, multiview=settings.multiview_mode,
@@ -273,7 +273,7 @@ def tick() -> float | None:
 class AMODAL3R_OT_reconstruct(bpy.types.Operator):
     """Reconstruct the hidden object from the source image and its masks, and import it at the 3D cursor"""
 
-    bl_idname = "amodal3r.reconstruct"
+    bl_idname = "amodal3r.pipelines.reconstruct"
     bl_label = "Reconstruct"
     bl_options: ClassVar[set[str]] = {"REGISTER"}
 

@@ -38,7 +38,7 @@ from .properties import active_view, get_settings
 from .server_package import ensure_client_importable
 
 if TYPE_CHECKING:
-    from amodal3r.protocol import SegmentParams, SegmentReply
+    from amodal3r.api.protocol import SegmentParams, SegmentReply
 
 TIMER_SECONDS = 0.1
 PASS_THROUGH = {"MIDDLEMOUSE", "WHEELUPMOUSE", "WHEELDOWNMOUSE", "TRACKPADPAN", "TRACKPADZOOM", "MOUSEMOVE",
@@ -79,7 +79,7 @@ class SegmentSession:
 
     def params(self) -> SegmentParams:
         ensure_client_importable()
-        from amodal3r.protocol import SegmentParams
+        from amodal3r.api.protocol import SegmentParams
 
         return SegmentParams(points=[list(p) for p in self.points], labels=list(self.labels),
                              image_id=self.image_id, model=self.model).validate()
@@ -131,7 +131,7 @@ class SegmentRequest:
 def segment(backend: Backend, params: SegmentParams, image_png: bytes) -> tuple[bytes, SegmentReply]:
     """Ask the server for a mask; a server that forgot the image (it restarted) gets it again."""
     ensure_client_importable()
-    from amodal3r.client import ServerError
+    from amodal3r.api.client import ServerError
 
     client = backend.client()
     if params.image_id is None:
@@ -147,7 +147,7 @@ def segment(backend: Backend, params: SegmentParams, image_png: bytes) -> tuple[
 
 def segment_error_text(error: Exception) -> str:
     ensure_client_importable()
-    from amodal3r.client import ServerError, ServerUnavailable
+    from amodal3r.api.client import ServerError, ServerUnavailable
 
     if isinstance(error, ServerError):
         return f"Click-to-mask failed: {error.detail}"

@@ -22,7 +22,7 @@ from bpy.props import (
 from .server_package import ensure_client_importable
 
 ensure_client_importable()  # before importing amodal3r: a checkout needs its path
-from amodal3r.protocol import MAX_VIEWS, MULTIVIEW_MODES, SAM_KINDS
+from amodal3r.api.protocol import MAX_VIEWS, MULTIVIEW_MODES, SAM_KINDS
 
 SOURCE_KINDS = [
     ("IMAGE", "Image", "An image already in Blender (open or paste it in the Image Editor)"),

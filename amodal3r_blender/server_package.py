@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Where the ``amodal3r`` server package comes from: the wheel the extension bundles, or a checkout.
 
-Blender installs the bundled wheel onto ``sys.path``, so ``import amodal3r.client`` just works in
+Blender installs the bundled wheel onto ``sys.path``, so ``import amodal3r.api.client`` just works in
 the built extension. Running from a source checkout (tests, batch.py, a dev repository pointing at
 the repo), the package is ``<repo>/server/amodal3r``; ``ensure_client_importable`` adds that folder.
 """
@@ -34,9 +34,9 @@ def server_install_source() -> Path | None:
 
 
 def ensure_client_importable() -> None:
-    """Make ``import amodal3r.client`` work, falling back to the checkout's server folder."""
+    """Make ``import amodal3r.api.client`` work, falling back to the checkout's server folder."""
     try:
-        importlib.import_module("amodal3r.client")
+        importlib.import_module("amodal3r.api.client")
         return
     except ImportError:
         source = server_source_dir()
@@ -46,4 +46,4 @@ def ensure_client_importable() -> None:
     if str(source) not in sys.path:
         sys.path.insert(0, str(source))
     sys.modules.pop("amodal3r", None)  # a failed import may have left a half-made entry
-    importlib.import_module("amodal3r.client")
+    importlib.import_module("amodal3r.api.client")
