@@ -273,7 +273,7 @@ def tick() -> float | None:
 class AMODAL3R_OT_reconstruct(bpy.types.Operator):
     """Reconstruct the hidden object from the source image and its masks, and import it at the 3D cursor"""
 
-    bl_idname = "amodal3r.pipelines.reconstruct"
+    bl_idname = "amodal3r.reconstruct"
     bl_label = "Reconstruct"
     bl_options: ClassVar[set[str]] = {"REGISTER"}
 

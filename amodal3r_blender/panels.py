@@ -78,7 +78,7 @@ def draw_run(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
         column = layout.column()
         column.scale_y = 1.5
         column.enabled = settings.source_image is not None
-        column.operator("amodal3r.pipelines.reconstruct", icon="MESH_ICOSPHERE")
+        column.operator("amodal3r.reconstruct", icon="MESH_ICOSPHERE")
         if settings.source_image is None:
             layout.label(text="Choose a source image below", icon="INFO")
         elif settings.message:

@@ -91,7 +91,7 @@ def test_reconstruct_imports_a_textured_object_at_the_cursor(scene, clean_scene)
     ops = _ops(clean_scene)
     photo = scene.source_image
     photo_before, photo_path = _pixels(photo), photo.filepath
-    assert bpy.ops.amodal3r.pipelines.reconstruct(mode="TIMER") == {"FINISHED"}
+    assert bpy.ops.amodal3r.reconstruct(mode="TIMER") == {"FINISHED"}
     assert scene.running and ops.active_job() is not None
     folder = ops.active_job().folder
     progress = []
@@ -103,7 +103,7 @@ def test_reconstruct_imports_a_textured_object_at_the_cursor(scene, clean_scene)
     _assert_result(bpy.data.objects["mug"])
     assert not folder.exists()  # the uploads and downloads were temporary
     assert photo.filepath == photo_path and np.array_equal(_pixels(photo), photo_before)
-    assert ops.active_job() is None and bpy.ops.amodal3r.pipelines.reconstruct.poll()
+    assert ops.active_job() is None and bpy.ops.amodal3r.reconstruct.poll()
 
 
 def test_background_mode_waits_and_imports_each_variant(scene, clean_scene):
@@ -111,7 +111,7 @@ def test_background_mode_waits_and_imports_each_variant(scene, clean_scene):
 
     scene.variants = 2
     start = time.monotonic()
-    assert bpy.ops.amodal3r.pipelines.reconstruct() == {"FINISHED"}  # bpy.app.background: runs to the end
+    assert bpy.ops.amodal3r.reconstruct() == {"FINISHED"}  # bpy.app.background: runs to the end
     print(f"blocking reconstruction of 2 variants: {time.monotonic() - start:.1f} s")
     for name in ("mug 1", "mug 2"):
         obj = bpy.data.objects[name]
@@ -125,7 +125,7 @@ def test_missing_target_is_reported_before_anything_starts(scene, clean_scene):
 
     scene.views[0].target_mask.pixels.foreach_set(masks.pixels_from_layer(np.zeros((512, 512), bool)))
     with pytest.raises(RuntimeError, match="target mask of 'mug.png' is empty"):
-        bpy.ops.amodal3r.pipelines.reconstruct(mode="TIMER")
+        bpy.ops.amodal3r.reconstruct(mode="TIMER")
     assert _ops(clean_scene).active_job() is None and not scene.running
 
 
@@ -135,7 +135,7 @@ def test_cancel_during_sampling_changes_nothing(scene, clean_scene):
     ops = _ops(clean_scene)
     scene.structure_steps = scene.slat_steps = 200  # a window long enough to cancel in
     objects_before = set(bpy.data.objects.keys())
-    assert bpy.ops.amodal3r.pipelines.reconstruct(mode="TIMER") == {"FINISHED"}
+    assert bpy.ops.amodal3r.reconstruct(mode="TIMER") == {"FINISHED"}
     _follow(ops, until=lambda: scene.stage in ("structure", "slat"))
     assert bpy.ops.amodal3r.cancel.poll()
     assert bpy.ops.amodal3r.cancel() == {"FINISHED"}
@@ -151,7 +151,7 @@ def test_server_killed_mid_job_is_reported_then_restarted(scene, clean_scene):
     ops = _ops(clean_scene)
     scene.structure_steps = 200
     objects_before = set(bpy.data.objects.keys())
-    assert bpy.ops.amodal3r.pipelines.reconstruct(mode="TIMER") == {"FINISHED"}
+    assert bpy.ops.amodal3r.reconstruct(mode="TIMER") == {"FINISHED"}
     backend = ops.active_job().backend
     _follow(ops, until=lambda: scene.stage == "structure")
     state = json.loads((Path(backend.settings.data_dir) / "server.json").read_text())
@@ -161,7 +161,7 @@ def test_server_killed_mid_job_is_reported_then_restarted(scene, clean_scene):
     assert scene.server_dead and not scene.running and scene.message == "The server stopped"
     assert set(bpy.data.objects.keys()) == objects_before
     scene.structure_steps = 2
-    assert bpy.ops.amodal3r.pipelines.reconstruct(mode="TIMER") == {"FINISHED"}
+    assert bpy.ops.amodal3r.reconstruct(mode="TIMER") == {"FINISHED"}
     assert not scene.server_dead and not scene.last_error
     _follow(ops)
     assert not scene.last_error, scene.last_error

@@ -241,7 +241,7 @@ def test_draw_without_a_source(settings):
     drawn = _draw_all(_addon_of(settings))
     for space in ("VIEW_3D", "IMAGE_EDITOR"):
         main = drawn[(space, "Reconstruct occluded object")]
-        assert [c["operator"] for c in main.calls("operator")] == ["amodal3r.pipelines.reconstruct"]
+        assert [c["operator"] for c in main.calls("operator")] == ["amodal3r.reconstruct"]
         assert "Choose a source image" in main.texts()
         assert "Choose a source image first" in drawn[(space, "Masks")].texts()
         assert not main.calls("progress")
@@ -290,7 +290,7 @@ def test_operator_polls(with_masks, settings):
     import bpy
 
     addon = _addon_of(settings)
-    assert bpy.ops.amodal3r.pipelines.reconstruct.poll()
+    assert bpy.ops.amodal3r.reconstruct.poll()
     assert not bpy.ops.amodal3r.cancel.poll()
     assert not bpy.ops.amodal3r.click_mask.poll()  # needs an Image Editor
     with _override("IMAGE_EDITOR"):
