@@ -3,21 +3,25 @@
 
 The add-on never imports torch: a reconstruction server (the bundled ``amodal3r`` package, run
 with its own Python) does the work, reached through ``amodal3r.api.client`` over loopback HTTP.
-Modules without bpy (masks, backend, jobs) hold the logic; the others are thin Blender layers.
+Three layers: ``core`` (no bpy: the server, background tasks, masks, PNGs), ``operators`` (what
+the person runs) and ``ui`` (properties, preferences, panels, menus); ``batch.py`` runs
+reconstructions without the UI.
 """
 
 import importlib
 
+from . import core  # noqa: F401 - first: it makes the server's ``amodal3r.api`` importable for every module
+
 # Registration order: preferences and properties first, the UI that shows them last.
 MODULES = (
-    "preferences",
-    "properties",
-    "ops_backend",
-    "ops_masks",
-    "ops_segment",
-    "ops_reconstruct",
-    "panels",
-    "menus",
+    "ui.preferences",
+    "ui.properties",
+    "operators.backend",
+    "operators.masks",
+    "operators.segment",
+    "operators.reconstruct",
+    "ui.panels",
+    "ui.menus",
 )
 
 

@@ -18,25 +18,56 @@ import argparse
 import csv
 import dataclasses
 import importlib
-import importlib.util
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = "amodal3r_blender"  # the name this folder is loaded under when run as a script
+
+
+def _installed_package_name() -> str | None:
+    """``bl_ext.<repo>.<id>`` when this script lies in an installed extension and bpy is there."""
+    try:
+        import bpy
+    except ImportError:
+        return None
+    for repo in bpy.context.preferences.extensions.repos:
+        if repo.directory and Path(repo.directory).resolve() == HERE.parent:
+            return f"bl_ext.{repo.module}.{HERE.name}"
+    return None
+
+
+def _import_addon() -> str:
+    """Import the add-on this script belongs to and return its package name: the installed extension's
+    (its folder is named like the server package, so it is never put on ``sys.path`` itself), else
+    the checkout's folder, with the repository put on ``sys.path``."""
+    package = _installed_package_name()
+    if package is None:
+        if str(HERE.parent) not in sys.path:
+            sys.path.insert(0, str(HERE.parent))
+        package = HERE.name
+    importlib.import_module(package)  # its core makes amodal3r.api importable
+    return package
+
+
+# ruff: noqa: E402 - the add-on's imports follow the package naming below, which a script run needs
+if not __package__:  # run as a script: name its package, so the imports below work as in the add-on (PEP 366)
+    __package__ = _import_addon()
+
+from amodal3r.api.environment import MODEL, SERVER_PYTHON
+from amodal3r.api.errors import InputError
+from amodal3r.api.protocol import JobParams, JobStatus
+
+from .core import backend, jobs
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = ("_target", "_occluder", "_mask")
 OUTPUT_SUFFIXES = (".glb", ".blend")
 CSV_COLUMNS = ("image", "target_mask", "occluder_mask", "mask")
-
-
-class InputError(ValueError):
-    """A bad argument or a missing file, found before any work starts."""
 
 
 @dataclass
@@ -44,23 +75,6 @@ class Item:
     name: str
     view: dict[str, str]  # kind -> path, as the client uploads it
     out: Path
-
-
-def _package() -> ModuleType:
-    """This folder as a package, whatever the folder is called (``amodal3r`` when installed)."""
-    if __package__:
-        return importlib.import_module(__package__)
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACKAGE, HERE / "__init__.py",
-                                                      submodule_search_locations=[str(HERE)])
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[PACKAGE] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[PACKAGE]
-
-
-def _module(name: str) -> ModuleType:
-    return importlib.import_module(f"{_package().__name__}.{name}")
 
 
 # --- arguments and inputs ---------------------------------------------------------------------
@@ -181,64 +195,44 @@ def collect_items(args: argparse.Namespace) -> list[Item]:
 # --- the server ------------------------------------------------------------------------------
 
 
-def _installed_package_name() -> str | None:
-    """``bl_ext.<repo>.<id>`` when this script lies in an installed extension and bpy is there."""
-    try:
-        import bpy
-    except ImportError:
-        return None
-    for repo in bpy.context.preferences.extensions.repos:
-        if repo.directory and Path(repo.directory).resolve() == HERE.parent:
-            return f"bl_ext.{repo.module}.{HERE.name}"
-    return None
-
-
 def _defaults() -> tuple[str | None, str | None]:
     """The server Python and model folder the add-on would use, where they can be found."""
-    package = _installed_package_name()
-    if package is not None:
-        prefs = _module("preferences")
-        python, model = prefs.default_python(package), prefs.default_model_dir(package)
+    if __package__.startswith("bl_ext."):  # the installed extension: what its preferences default to
+        from .ui.preferences import default_model_dir, default_python
+
+        python, model = default_python(), default_model_dir()
         return (python if Path(python).is_file() else None), model
     checkout = HERE.parent / ".venv" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
     return (str(checkout) if checkout.is_file() else None), None
 
 
-def backend_settings(args: argparse.Namespace):
+def backend_settings(args: argparse.Namespace) -> backend.BackendSettings:
     """The local server's settings (its data folder is set per run); checked, so it can start."""
     default_python, default_model = _defaults()
-    python = args.server_python or os.environ.get("AMODAL3R_SERVER_PYTHON") or default_python
-    model = args.model or os.environ.get("AMODAL3R_MODEL") or default_model
+    python = args.server_python or os.environ.get(SERVER_PYTHON) or default_python
+    model = args.model or os.environ.get(MODEL) or default_model
     if not python:
-        raise InputError("no server Python: pass --server-python, set AMODAL3R_SERVER_PYTHON, or run Set up "
+        raise InputError(f"no server Python: pass --server-python, set {SERVER_PYTHON}, or run Set up "
                          "backend in the add-on preferences")
     if not model or not (Path(model) / "pipeline.json").is_file():
         raise InputError(f"no model folder with pipeline.json ({model or 'none given'}): pass --model or set "
-                         "AMODAL3R_MODEL, or use Download models in the add-on preferences")
-    backend = _module("backend")
+                         f"{MODEL}, or use Download models in the add-on preferences")
     return backend.BackendSettings(mode=backend.LOCAL, python=python, model_dir=model, device=args.device)
 
 
-def job_params(args: argparse.Namespace, name: str):
-    """The run settings; out-of-range values raise InputError."""
-    _module("server_package").ensure_client_importable()
-    from amodal3r.api.protocol import JobParams, ProtocolError
-
-    params = JobParams(seed=args.seed, structure_steps=args.steps, slat_steps=args.steps,
-                       texture_size=args.texture_size, faces=args.faces, preview=False, name=name[:200])
-    try:
-        return params.validate()
-    except ProtocolError as error:
-        raise InputError(str(error)) from None
+def job_params(args: argparse.Namespace, name: str) -> JobParams:
+    """The run settings; out-of-range values raise InputError (a ProtocolError)."""
+    return JobParams(seed=args.seed, structure_steps=args.steps, slat_steps=args.steps,
+                     texture_size=args.texture_size, faces=args.faces, preview=False, name=name[:200]).validate()
 
 
 # --- running -----------------------------------------------------------------------------------
 
 
-def _progress_printer(prefix: str):
+def _progress_printer(prefix: str) -> Callable[[JobStatus], None]:
     last: list[tuple] = [()]
 
-    def progress(status) -> None:
+    def progress(status: JobStatus) -> None:
         key = (status.state, status.stage, status.step)
         if key != last[0]:
             last[0] = key
@@ -252,9 +246,10 @@ def save_blend(glb: Path, out: Path, name: str) -> None:
     """An empty scene with the result imported, saved as out (a .blend)."""
     import bpy
 
-    scene_import = _module("scene_import")
+    from .operators.scene_import import import_result
+
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene_import.import_result(bpy.context, glb, name)
+    import_result(bpy.context, glb, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), check_existing=False)
 
@@ -267,30 +262,29 @@ def deliver(result: Path, item: Item) -> None:
         shutil.copyfile(result, item.out)
 
 
-def run_items(items: list[Item], args: argparse.Namespace, settings, work_dir: Path) -> int:
+def run_items(items: list[Item], args: argparse.Namespace, settings: backend.BackendSettings, work_dir: Path) -> int:
     """Reconstruct each item; failures are reported and the rest still run. Returns the failure count."""
-    backend_module, jobs = _module("backend"), _module("jobs")
-    backend = backend_module.Backend(dataclasses.replace(settings, data_dir=str(work_dir / "server")))
+    server = backend.Backend(dataclasses.replace(settings, data_dir=str(work_dir / "server")))
     failures = 0
     try:
         for index, item in enumerate(items, start=1):
             prefix = f"[{index}/{len(items)}] {item.name}:"
             try:
-                paths = jobs.run_blocking(backend, [item.view], job_params(args, item.name),
+                paths = jobs.run_blocking(server, [item.view], job_params(args, item.name),
                                           work_dir / f"job{index}", _progress_printer(prefix))
-                glbs = [p for p in paths if p.suffix == ".glb"]
+                glbs = jobs.glb_paths(paths)
                 if not glbs:
                     raise jobs.JobError("the server gave no .glb result")
                 deliver(glbs[0], item)
                 print(f"{prefix} wrote {item.out}", flush=True)
-            except backend_module.BackendError as error:  # no server: the other items would fail alike
+            except backend.BackendError as error:  # no server: the other items would fail alike
                 print(f"{prefix} FAILED: {error}", file=sys.stderr, flush=True)
                 return failures + len(items) - index + 1
             except (jobs.JobError, OSError, RuntimeError) as error:
                 failures += 1
                 print(f"{prefix} FAILED: {error}", file=sys.stderr, flush=True)
     finally:
-        backend.stop()
+        server.stop()
     return failures
 
 

@@ -14,12 +14,9 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .server_package import ensure_client_importable
-
-if TYPE_CHECKING:
-    from amodal3r.api.client import Client, LocalServer
+from amodal3r.api.client import Client, LocalServer, ServerError, ServerUnavailable, launch_server
+from amodal3r.api.environment import TOKEN
 
 LOCAL, REMOTE = "local", "remote"
 STARTUP_TIMEOUT = 180.0  # importing torch on a cold disk can take a minute
@@ -151,9 +148,6 @@ class Backend:
         return self._server.client()
 
     def _launch(self) -> LocalServer:
-        ensure_client_importable()
-        from amodal3r.api.client import ServerUnavailable, launch_server
-
         settings = self.settings
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
@@ -180,9 +174,6 @@ class Backend:
     def _remote_client(self) -> Client:
         if self._remote is not None:
             return self._remote
-        ensure_client_importable()
-        from amodal3r.api.client import Client, ServerError, ServerUnavailable
-
         url = self.settings.url.strip()
         if not url:
             raise BackendError("No remote server URL is set: enter it in the Amodal3R add-on preferences")
@@ -197,7 +188,7 @@ class Backend:
         except ServerError as error:
             if error.status in (401, 403):
                 raise BackendError(f"The server at {url} refused the token: copy the token the server prints "
-                                   "(or AMODAL3R_TOKEN) into the add-on preferences") from None
+                                   f"(or {TOKEN}) into the add-on preferences") from None
             raise BackendError(f"The server at {url} answered: {error.detail}") from None
         self._remote = client
         return client

@@ -2,10 +2,11 @@
 """Reconstruct and Cancel: send the views to the server, follow the job, import the result.
 
 The photos and masks are written as PNGs into a fresh temporary folder (the user's files are
-never touched) and a ``jobs.JobRunner`` works in a thread. In the UI a ``bpy.app.timers`` function,
-``tick``, copies its progress into ``scene.amodal3r`` for the panel and, once the job ends, imports
-every variant at the 3D cursor or records the error. In background mode (``blender -b``, the bpy
-module) timers never fire, so the job runs to the end inside the operator instead.
+never touched) and ``jobs.start_job`` runs the job as a ``Task`` in a thread. In the UI a
+``bpy.app.timers`` function, ``tick``, copies its progress into ``scene.amodal3r`` for the panel
+and, once the job ends, imports every variant at the 3D cursor or records the error. In
+background mode (``blender -b``, the bpy module) timers never fire, so the job runs to the end
+inside the operator instead.
 """
 
 from __future__ import annotations
@@ -16,23 +17,23 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import bpy
 from bpy.app.handlers import persistent
 from bpy.props import EnumProperty
 
-from . import masks
-from .backend import LOCAL, Backend, BackendError, get_backend
-from .jobs import JobError, JobRunner, run_blocking
-from .ops_masks import UserError, encode_source, image_size, read_layer, view_image
-from .preferences import backend_settings
-from .properties import AMODAL3R_PG_settings, AMODAL3R_PG_view, get_settings
-from .scene_import import ResultImportError, import_result, push_undo
-from .server_package import ensure_client_importable
+from amodal3r.api.errors import InputError
+from amodal3r.api.protocol import JobParams, JobStatus
 
-if TYPE_CHECKING:
-    from amodal3r.api.protocol import JobParams, JobStatus
+from ..core import masks
+from ..core.backend import LOCAL, Backend, BackendError, get_backend
+from ..core.jobs import JobError, glb_paths, run_blocking, start_job
+from ..core.tasks import Task
+from ..ui.preferences import backend_settings
+from ..ui.properties import AMODAL3R_PG_settings, AMODAL3R_PG_view, get_settings
+from .images import UserError, encode_source, image_size, read_layer, view_image
+from .scene_import import ResultImportError, import_result, push_undo
 
 TICK_SECONDS = 0.25
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff", ".webp", ".bmp", ".tga", ".hdr")
@@ -56,7 +57,7 @@ MODES = [
 class ActiveJob:
     """The one reconstruction in flight, and where its result goes."""
 
-    runner: JobRunner
+    task: Task[list[Path]]  # its result: the downloaded files
     backend: Backend
     scene_name: str
     name: str
@@ -116,20 +117,22 @@ def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, 
     return views
 
 
-def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
-    """The server's settings; zero step and guidance fields leave the pipeline's defaults."""
-    ensure_client_importable()
-    from amodal3r.api.protocol import JobParams, ProtocolError
+def _chosen(settings: AMODAL3R_PG_settings, name: str) -> int | float | None:
+    """A setting's value when its ``use_`` switch is on, else None: the pipeline's own value."""
+    return getattr(settings, name) if getattr(settings, f"use_{name}") else None
 
+
+def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
+    """The server's settings; a value whose switch is off is left to the pipeline."""
     params = JobParams(
         seed=settings.seed, variants=settings.variants, multiview=settings.multiview_mode,
-        structure_steps=settings.structure_steps or None, structure_cfg=settings.structure_guidance or None,
-        slat_steps=settings.slat_steps or None, slat_cfg=settings.slat_guidance or None,
-        texture_size=int(settings.texture_size), faces=settings.faces or None, gaussians=settings.gaussians,
+        structure_steps=_chosen(settings, "structure_steps"), structure_cfg=_chosen(settings, "structure_guidance"),
+        slat_steps=_chosen(settings, "slat_steps"), slat_cfg=_chosen(settings, "slat_guidance"),
+        texture_size=int(settings.texture_size), faces=_chosen(settings, "faces"), gaussians=settings.gaussians,
         preview=False, name=name[:200])
     try:
         return params.validate()
-    except ProtocolError as error:
+    except InputError as error:
         raise UserError(f"Check the Settings panel: {error}") from None
 
 
@@ -173,7 +176,7 @@ def import_variants(context: bpy.types.Context, glb_paths: list[Path], name: str
     if not paths:
         raise ResultImportError("The server finished without a mesh: run the reconstruction again")
     names = [name] if len(paths) == 1 else [f"{name} {index + 1}" for index in range(len(paths))]
-    return [import_result(context, path, object_name, location) for path, object_name in zip(paths, names)]
+    return [import_result(context, path, object_name, location) for path, object_name in zip(paths, names, strict=True)]
 
 
 def _window_for(scene: bpy.types.Scene) -> bpy.types.Window | None:
@@ -184,10 +187,11 @@ def _window_for(scene: bpy.types.Scene) -> bpy.types.Window | None:
 def _import_in_scene(scene: bpy.types.Scene, job: ActiveJob) -> list[bpy.types.Object]:
     """Import with a context of a window showing the job's scene (a timer has no window of its own)."""
     window = _window_for(scene)
+    paths = glb_paths(job.task.result or [])
     if window is None:
-        return import_variants(bpy.context, job.runner.glb_paths, job.name, job.location)
+        return import_variants(bpy.context, paths, job.name, job.location)
     with bpy.context.temp_override(window=window, scene=scene):
-        return import_variants(bpy.context, job.runner.glb_paths, job.name, job.location)
+        return import_variants(bpy.context, paths, job.name, job.location)
 
 
 def _report_later(message: str) -> None:
@@ -213,13 +217,13 @@ def _fail(settings: AMODAL3R_PG_settings, message: str, backend: Backend) -> Non
 def _finish(job: ActiveJob, scene: bpy.types.Scene) -> None:
     """Record how the job ended and import its results."""
     settings = scene.amodal3r
-    runner = job.runner
+    task = job.task
     settings.running = False
-    if runner.cancelled:
+    if task.cancelled:
         settings.message = "Cancelled"
-    elif runner.error:
-        _fail(settings, runner.error, job.backend)
-        _report_later(runner.error)
+    elif task.error:
+        _fail(settings, task.error, job.backend)
+        _report_later(task.error)
     else:
         try:
             objects = _import_in_scene(scene, job)
@@ -250,12 +254,12 @@ def tick() -> float | None:
         return None
     scene = bpy.data.scenes.get(job.scene_name)
     if scene is None or not hasattr(scene, "amodal3r"):  # the scene was deleted: nowhere to put a result
-        job.runner.cancel()
+        job.task.cancel()
         _end_job()
         return None
     try:
-        if not job.runner.finished:
-            show_progress(scene.amodal3r, job.runner.status)
+        if not job.task.done:
+            show_progress(scene.amodal3r, job.task.latest)
             return TICK_SECONDS
         _finish(job, scene)
     except Exception:  # noqa: BLE001 - a failing timer would leave the panel stuck on "running"
@@ -291,34 +295,32 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
             name = object_name(settings.views[0].image)
             params = job_params(settings, name)
             backend = get_backend(backend_settings(context))
-        except (UserError, masks.MaskError, BackendError) as error:
+        except (UserError, InputError, BackendError) as error:
             shutil.rmtree(folder, ignore_errors=True)
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         settings.last_error = ""
         settings.server_dead = False
-        location = tuple(context.scene.cursor.location)
-        job = ActiveJob(JobRunner(), backend, context.scene.name, name, location, folder)
         blocking = self.mode == "BLOCKING" or (self.mode == "AUTO" and bpy.app.background)
         if blocking:
-            return self._run_blocking(context, job, views, params)
-        self._start(context, job, views, params)
+            return self._run_blocking(context, backend, views, params, name, folder)
+        self._start(context, backend, views, params, name, folder)
         return {"FINISHED"}
 
-    def _start(self, context: bpy.types.Context, job: ActiveJob, views: list[dict[str, str]],
-               params: JobParams) -> None:
+    def _start(self, context: bpy.types.Context, backend: Backend, views: list[dict[str, str]],
+               params: JobParams, name: str, folder: Path) -> None:
         global _job
-        _job = job
         settings = get_settings(context)
         settings.running = True
         show_progress(settings, None)
-        job.runner.start(job.backend, views, params, job.folder / "results")
+        task = start_job(backend, views, params, folder / "results")
+        _job = ActiveJob(task, backend, context.scene.name, name, tuple(context.scene.cursor.location), folder)
         if not bpy.app.timers.is_registered(tick):
             bpy.app.timers.register(tick, first_interval=TICK_SECONDS)
         self.report({"INFO"}, "Reconstruction started: the Amodal3R panel shows its progress")
 
-    def _run_blocking(self, context: bpy.types.Context, job: ActiveJob, views: list[dict[str, str]],
-                      params: JobParams) -> set[str]:
+    def _run_blocking(self, context: bpy.types.Context, backend: Backend, views: list[dict[str, str]],
+                      params: JobParams, name: str, folder: Path) -> set[str]:
         settings = get_settings(context)
         last_stage = [""]
 
@@ -328,14 +330,14 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
                 print(f"amodal3r: {progress_text(status)}", flush=True)
 
         try:
-            job.runner.result_paths = run_blocking(job.backend, views, params, job.folder / "results", progress)
-            objects = import_variants(context, job.runner.glb_paths, job.name, job.location)
+            paths = run_blocking(backend, views, params, folder / "results", progress)
+            objects = import_variants(context, glb_paths(paths), name, tuple(context.scene.cursor.location))
         except (JobError, BackendError, ResultImportError) as error:
-            _fail(settings, str(error), job.backend)
+            _fail(settings, str(error), backend)
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         finally:
-            shutil.rmtree(job.folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
         settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
         self.report({"INFO"}, settings.message)
         return {"FINISHED"}
@@ -350,10 +352,10 @@ class AMODAL3R_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        return _job is not None and not _job.runner.finished
+        return _job is not None and not _job.task.done
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        _job.runner.cancel()  # type: ignore[union-attr]
+        _job.task.cancel()  # type: ignore[union-attr]
         get_settings(context).message = "Cancelling"
         return {"FINISHED"}
 
@@ -363,7 +365,7 @@ def _forget_stale_jobs(_file: str) -> None:
     """A newly loaded file gets no result of a job started in another one, and no stale "running"."""
     job = _end_job()
     if job is not None:
-        job.runner.cancel()
+        job.task.cancel()
     for scene in bpy.data.scenes:
         settings = getattr(scene, "amodal3r", None)
         if settings is not None and settings.running:
@@ -387,5 +389,5 @@ def unregister() -> None:
         bpy.app.timers.unregister(tick)
     job = _end_job()
     if job is not None:
-        job.runner.cancel()
+        job.task.cancel()
     _unregister()

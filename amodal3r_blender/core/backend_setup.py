@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from amodal3r.api.environment import TORCH_INDEX_URL
+
 TORCH_INDEX = "https://download.pytorch.org/whl"
-INDEX_ENV = "AMODAL3R_TORCH_INDEX_URL"  # overrides the choice, e.g. for a mirror or a newer CUDA
 # PyTorch's CUDA builds, newest first, with the lowest driver CUDA version each runs on (CUDA's minor
 # version compatibility lets a 12.x build run on any 12.x driver; Blackwell GPUs need cu128).
 CUDA_BUILDS = (((13, 0), "cu130"), ((12, 8), "cu128"), ((12, 0), "cu126"))
@@ -94,9 +95,10 @@ def _newest_fitting(version: tuple[int, int], builds) -> str | None:
 
 
 def choose_torch(info: PlatformInfo) -> TorchChoice:
-    """The PyTorch build for this machine; raises SetupError where none exists."""
-    if os.environ.get(INDEX_ENV):
-        return TorchChoice(os.environ[INDEX_ENV], f"from {INDEX_ENV}")
+    """The PyTorch build for this machine (the environment's index URL overrides it, e.g. for a mirror
+    or a newer CUDA); raises SetupError where none exists."""
+    if os.environ.get(TORCH_INDEX_URL):
+        return TorchChoice(os.environ[TORCH_INDEX_URL], f"from {TORCH_INDEX_URL}")
     if info.system == "Darwin":
         if info.machine != "arm64":
             raise SetupError("PyTorch no longer publishes builds for Intel Macs: run the server on another "
@@ -137,7 +139,8 @@ def plan_install(info: PlatformInfo, python: str | Path, package: str | Path) ->
 
 
 CHECK_SCRIPT = ("import torch, amodal3r, amodal3r.service.app; "
-                "gpu = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'none'; "
+                "gpu = 'cuda' if torch.cuda.is_available() "
+                "else 'mps' if torch.backends.mps.is_available() else 'none'; "
                 "print(f'amodal3r {amodal3r.__version__}, torch {torch.__version__}, GPU: {gpu}')")
 
 

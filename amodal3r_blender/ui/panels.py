@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import bpy
 
-from .backend import current_backend
+from ..core.backend import current_backend
 from .properties import AMODAL3R_PG_settings, AMODAL3R_PG_view
 
 CATEGORY = "Amodal3R"
@@ -235,16 +235,24 @@ def draw_settings(layout: bpy.types.UILayout, context: bpy.types.Context) -> Non
     column.prop(settings, "seed")
     column.prop(settings, "variants")
     column = layout.column(heading="Shape", align=True)
-    column.prop(settings, "structure_steps", text="Steps")
-    column.prop(settings, "structure_guidance", text="Guidance")
+    draw_optional(column, settings, "structure_steps", "Steps")
+    draw_optional(column, settings, "structure_guidance", "Guidance")
     column = layout.column(heading="Details", align=True)
-    column.prop(settings, "slat_steps", text="Steps")
-    column.prop(settings, "slat_guidance", text="Guidance")
+    draw_optional(column, settings, "slat_steps", "Steps")
+    draw_optional(column, settings, "slat_guidance", "Guidance")
     column = layout.column()
     column.prop(settings, "texture_size")
-    column.prop(settings, "faces")
+    draw_optional(column, settings, "faces", "Simplify to")
     column.prop(settings, "gaussians")
-    layout.label(text="0 uses the model's default", icon="INFO")
+
+
+def draw_optional(layout: bpy.types.UILayout, settings: AMODAL3R_PG_settings, name: str, text: str) -> None:
+    """A value with its ``use_`` switch in front; greyed out while the model's own value applies."""
+    row = layout.row(align=True, heading=text)
+    row.prop(settings, f"use_{name}", text="")
+    value = row.row(align=True)
+    value.active = getattr(settings, f"use_{name}")
+    value.prop(settings, name, text="")
 
 
 class _SettingsBody(_Amodal3RPanel):

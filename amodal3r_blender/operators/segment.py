@@ -2,25 +2,31 @@
 """Click-to-mask in the Image Editor: clicks on the photo become SAM prompts on the server.
 
 Click adds a positive point, Ctrl+click a negative one, Backspace drops the last point. Each
-request runs in a worker thread (the first sends the photo, later ones its ``image_id`` so the
-server reuses the cached embedding); the mask layer changes on the main thread only. Enter keeps
-the result, Esc puts the layer back as it was. The editor shows the green/red overlay meanwhile.
-The pieces (coordinates, the session, the request) are plain classes so tests can drive them:
-Blender never runs ``modal()`` without a user interface.
+request is a ``Task`` in a worker thread (the first sends the photo, later ones its ``image_id`` so
+the server reuses the cached embedding); the mask layer changes on the main thread only. Enter
+keeps the result, Esc puts the layer back as it was. The editor shows the green/red overlay
+meanwhile. The pieces (coordinates, the session, the request) are plain functions and classes so
+tests can drive them: Blender never runs ``modal()`` without a user interface.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import bpy
 import numpy as np
 from bpy.props import BoolProperty
 
-from . import masks
-from .backend import Backend, BackendError, get_backend
-from .ops_masks import (
+from amodal3r.api.client import ServerError, ServerUnavailable
+from amodal3r.api.errors import InputError
+from amodal3r.api.protocol import SegmentParams, SegmentReply
+
+from ..core import masks
+from ..core.backend import Backend, BackendError, get_backend
+from ..core.tasks import Task
+from ..ui.preferences import backend_settings
+from ..ui.properties import active_view, get_settings
+from .images import (
     LAYER_SUFFIXES,
     UserError,
     encode_source,
@@ -33,12 +39,6 @@ from .ops_masks import (
     write_layer,
     write_pixels,
 )
-from .preferences import backend_settings
-from .properties import active_view, get_settings
-from .server_package import ensure_client_importable
-
-if TYPE_CHECKING:
-    from amodal3r.api.protocol import SegmentParams, SegmentReply
 
 TIMER_SECONDS = 0.1
 PASS_THROUGH = {"MIDDLEMOUSE", "WHEELUPMOUSE", "WHEELDOWNMOUSE", "TRACKPADPAN", "TRACKPADZOOM", "MOUSEMOVE",
@@ -78,9 +78,6 @@ class SegmentSession:
             self.revision += 1
 
     def params(self) -> SegmentParams:
-        ensure_client_importable()
-        from amodal3r.api.protocol import SegmentParams
-
         return SegmentParams(points=[list(p) for p in self.points], labels=list(self.labels),
                              image_id=self.image_id, model=self.model).validate()
 
@@ -98,41 +95,14 @@ class SegmentSession:
         return self.layer
 
 
-class SegmentRequest:
-    """One segment call in a worker thread; the main thread polls ``done`` and reads the outcome."""
-
-    def __init__(self, backend: Backend, params: SegmentParams, image_png: bytes, revision: int):
-        self.revision = revision  # the session's clicks this answer is for
-        self.result: tuple[bytes, SegmentReply] | None = None
-        self.error = ""
-        self.done = False
-        self._thread = threading.Thread(target=self._run, args=(backend, params, image_png),
-                                        name="amodal3r-segment", daemon=True)
-
-    def start(self) -> SegmentRequest:
-        self._thread.start()
-        return self
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return self.done
-
-    def _run(self, backend: Backend, params: SegmentParams, image_png: bytes) -> None:
-        try:
-            self.result = segment(backend, params, image_png)
-        except BackendError as error:
-            self.error = str(error)
-        except Exception as error:  # noqa: BLE001 - the worker reports instead of dying silently
-            self.error = segment_error_text(error)
-        finally:
-            self.done = True
+def request_mask(backend: Backend, params: SegmentParams, image_png: bytes) -> Task[tuple[bytes, SegmentReply]]:
+    """One segment call in a worker thread; the modal operator's timer polls the task."""
+    return Task("Click-to-mask", lambda task: segment(backend, params, image_png), expected=(BackendError,),
+                explain=segment_error_text).start()
 
 
 def segment(backend: Backend, params: SegmentParams, image_png: bytes) -> tuple[bytes, SegmentReply]:
     """Ask the server for a mask; a server that forgot the image (it restarted) gets it again."""
-    ensure_client_importable()
-    from amodal3r.api.client import ServerError
-
     client = backend.client()
     if params.image_id is None:
         return client.segment(params, image_png)
@@ -146,14 +116,12 @@ def segment(backend: Backend, params: SegmentParams, image_png: bytes) -> tuple[
 
 
 def segment_error_text(error: Exception) -> str:
-    ensure_client_importable()
-    from amodal3r.api.client import ServerError, ServerUnavailable
-
+    """What went wrong with a click, in words, whatever the error."""
     if isinstance(error, ServerError):
         return f"Click-to-mask failed: {error.detail}"
     if isinstance(error, ServerUnavailable):
         return f"Click-to-mask could not reach the server ({error}): restart it in the Amodal3R panel"
-    if isinstance(error, masks.MaskError):
+    if isinstance(error, InputError):
         return f"Click-to-mask got an unusable mask: {error}"
     return f"Click-to-mask failed unexpectedly: {error!r}"
 
@@ -186,7 +154,7 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
         try:
             self._begin(context)
-        except (UserError, masks.MaskError, BackendError) as error:
+        except (UserError, InputError, BackendError) as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         self._timer = context.window_manager.event_timer_add(TIMER_SECONDS, window=context.window)
@@ -210,7 +178,8 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
         self._backend = get_backend(backend_settings(context))
         self._pixels_before = read_pixels(self._target)  # Esc puts these back exactly
         self._session = SegmentSession(read_layer(self._target), settings.sam_model, self.subtract)
-        self._request: SegmentRequest | None = None
+        self._request: Task[tuple[bytes, SegmentReply]] | None = None
+        self._request_revision = 0  # the session's clicks the request is for
         self._space = context.space_data
         self._shown_before = self._space.image
         self._preview = overlay_image(self._source)
@@ -266,8 +235,8 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
             self._refresh()
             self._status(context, "click the object")
             return
-        self._request = SegmentRequest(self._backend, self._session.params(), self._image_png,
-                                       self._session.revision).start()
+        self._request = request_mask(self._backend, self._session.params(), self._image_png)
+        self._request_revision = self._session.revision
         self._status(context, "waiting for the server")
 
     def _poll(self, context: bpy.types.Context) -> None:
@@ -281,11 +250,11 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
             return
         try:
             write_layer(self._target, self._session.apply(*request.result))
-        except masks.MaskError as error:
+        except InputError as error:
             self.report({"ERROR"}, segment_error_text(error))
             return
         self._refresh()
-        if request.revision != self._session.revision:
+        if self._request_revision != self._session.revision:
             self._send(context)
         else:
             self._status(context, f"mask score {request.result[1].score:.2f}")

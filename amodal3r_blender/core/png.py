@@ -15,14 +15,16 @@ import zlib
 
 import numpy as np
 
+from amodal3r.api.errors import InputError
+from amodal3r.api.protocol import MAX_IMAGE_PIXELS
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GREY, RGB, PALETTE, GREY_ALPHA, RGBA = 0, 2, 3, 4, 6
 CHANNELS = {GREY: 1, RGB: 3, PALETTE: 1, GREY_ALPHA: 2, RGBA: 4}
 COLOUR_TYPE_OF_CHANNELS = {1: GREY, 2: GREY_ALPHA, 3: RGB, 4: RGBA}
-MAX_PIXELS = 100_000_000  # the server's limit too; guards against decompression bombs
 
 
-class PNGError(ValueError):
+class PNGError(InputError):
     """Not a PNG this module reads; the message says what is wrong and what to do."""
 
 
@@ -81,7 +83,7 @@ def _header(body: bytes) -> tuple[int, int, int, int]:
         raise PNGError(f"a {depth}-bit PNG of colour type {colour} breaks the PNG rules: the file is damaged")
     if interlace:
         raise PNGError("interlaced PNGs are not supported: save the image without interlacing")
-    if width == 0 or height == 0 or width * height > MAX_PIXELS:
+    if width == 0 or height == 0 or width * height > MAX_IMAGE_PIXELS:  # guards against decompression bombs
         raise PNGError(f"the PNG is {width}x{height}: empty or too large")
     return width, height, depth, colour
 

@@ -2,47 +2,48 @@
 """Add-on preferences: which server to use (local or remote), its Python, models and device.
 
 Empty paths mean the defaults inside the extension's user folder, where Set up backend and
-Download models put things. ``AMODAL3R_SERVER_PYTHON`` and ``AMODAL3R_MODEL`` override the server
-Python and the model folder (tests, render farms, pipelines).
+Download models put things. The environment variables ``amodal3r.api.environment`` names
+(``AMODAL3R_SERVER_PYTHON``, ``AMODAL3R_MODEL``) override the server Python and the model folder
+(tests, render farms, pipelines).
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from pathlib import Path
 
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from .backend import LOCAL, REMOTE, BackendSettings, current_backend
-from .backend_setup import venv_python
+from amodal3r.api.environment import MODEL, SERVER_PYTHON
 
-PYTHON_ENV = "AMODAL3R_SERVER_PYTHON"
-MODEL_ENV = "AMODAL3R_MODEL"
+from ..core.backend import LOCAL, REMOTE, BackendSettings, current_backend
+from ..core.backend_setup import venv_python
+from ..core.tasks import Task
+
+ADDON = __package__.rpartition(".")[0]  # the add-on's package: Blender keys its preferences and user folders by it
 LOG_LINES_SHOWN = 8
 
-# The last lines of Set up backend / Download models and the task itself (ops_backend._Task: title,
-# done, progress, status, error, message), written by ops_backend, drawn here. Plain Python, so a
-# task cut short by quitting Blender is not saved as still running.
-setup_log: deque[str] = deque(maxlen=400)
-current_task = None
+# The backend task (Set up backend, Download models, Restart server) running or last run, started
+# by operators.backend, drawn here with its log. Plain Python, so a task cut short by quitting
+# Blender is not saved as still running.
+current_task: Task[str] | None = None
 
 
-def user_dir(name: str, package: str = __package__, create: bool = False) -> Path:
+def user_dir(name: str, package: str = ADDON, create: bool = False) -> Path:
     """A folder of this extension's user data (kept across extension updates)."""
     return Path(bpy.utils.extension_path_user(package, path=name, create=create))
 
 
-def default_venv_dir(package: str = __package__) -> Path:
+def default_venv_dir(package: str = ADDON) -> Path:
     return user_dir("backend", package)
 
 
-def default_python(package: str = __package__) -> str:
+def default_python(package: str = ADDON) -> str:
     return str(venv_python(default_venv_dir(package)))
 
 
-def default_model_dir(package: str = __package__) -> str:
+def default_model_dir(package: str = ADDON) -> str:
     return str(user_dir("models", package))
 
 
@@ -51,7 +52,7 @@ def _path(text: str) -> str:
 
 
 class AMODAL3R_AddonPreferences(bpy.types.AddonPreferences):
-    bl_idname = __package__
+    bl_idname = ADDON
 
     backend_mode: EnumProperty(  # type: ignore[valid-type]
         name="Server",
@@ -128,17 +129,17 @@ def _draw_task(layout: bpy.types.UILayout) -> None:
         row.progress(factor=task.progress, text=task.status[:120] or task.title)
         row.operator("amodal3r.cancel_task", text="", icon="X")
     elif task is not None:
-        layout.label(text=f"{task.title}: {task.error or task.message}"[:200],
-                     icon="ERROR" if task.error else "CHECKMARK")
-    if setup_log:
+        outcome = task.error or task.result or ""
+        layout.label(text=f"{task.title}: {outcome}"[:200], icon="ERROR" if task.error else "CHECKMARK")
+    if task is not None and task.lines:
         box = layout.box().column(align=True)
-        for line in list(setup_log)[-LOG_LINES_SHOWN:]:
+        for line in list(task.lines)[-LOG_LINES_SHOWN:]:
             box.label(text=line[:200])
 
 
 def get_preferences(context: bpy.types.Context | None = None) -> AMODAL3R_AddonPreferences:
     """This add-on's preferences (the add-on must be enabled)."""
-    return (context or bpy.context).preferences.addons[__package__].preferences
+    return (context or bpy.context).preferences.addons[ADDON].preferences
 
 
 def backend_settings(context: bpy.types.Context | None = None) -> BackendSettings:
@@ -146,8 +147,8 @@ def backend_settings(context: bpy.types.Context | None = None) -> BackendSetting
     prefs = get_preferences(context)
     return BackendSettings(
         mode=LOCAL if prefs.backend_mode == "LOCAL" else REMOTE,
-        python=os.environ.get(PYTHON_ENV) or _path(prefs.server_python) or default_python(),
-        model_dir=os.environ.get(MODEL_ENV) or _path(prefs.model_dir) or default_model_dir(),
+        python=os.environ.get(SERVER_PYTHON) or _path(prefs.server_python) or default_python(),
+        model_dir=os.environ.get(MODEL) or _path(prefs.model_dir) or default_model_dir(),
         data_dir=str(user_dir("server-data", create=True)),
         url=prefs.remote_url.strip(),
         token=prefs.remote_token.strip(),

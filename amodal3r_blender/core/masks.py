@@ -4,40 +4,27 @@
 Blender gives an image as a flat float32 RGBA buffer whose FIRST ROW IS THE BOTTOM of the picture;
 PNG files and the server count rows from the top. A mask "layer" here is a boolean ``(H, W)`` array
 in Blender's order (white = inside); ``flip_rows`` converts at the file boundary, and the encode /
-decode helpers do it for you. The combined grey format is the reference implementation's:
-255 background, 188 target, 0 occluder.
+decode helpers do it for you. The mask formats themselves (the combined grey and label images)
+and the checks every view must pass are the server's, from ``amodal3r.api.masks``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import png
-from .server_package import ensure_client_importable
+from amodal3r.api.errors import InputError
+from amodal3r.api.masks import check_same_size, combined_to_masks, masks_to_grey, visible_target
 
-ensure_client_importable()  # before importing amodal3r: a checkout needs its path
-from amodal3r.api.protocol import (
-    GREY_BACKGROUND,
-    GREY_BACKGROUND_ABOVE,
-    GREY_OCCLUDER,
-    GREY_OCCLUDER_BELOW,
-    GREY_TARGET,
-    LABEL_OCCLUDER,
-    LABEL_TARGET,
-)
+from . import png
 
 GREEN, RED = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)
-
-
-class MaskError(ValueError):
-    """Masks that cannot be used as they are; the message says what to do."""
 
 
 def rgba(buffer: np.ndarray, width: int, height: int) -> np.ndarray:
     """The ``(H, W, 4)`` view of a flat RGBA buffer, after checking its length."""
     flat = np.asarray(buffer, np.float32).reshape(-1)
     if flat.size != width * height * 4:
-        raise MaskError(f"the pixel buffer holds {flat.size} values, not {width}x{height} RGBA pixels")
+        raise InputError(f"the pixel buffer holds {flat.size} values, not {width}x{height} RGBA pixels")
     return flat.reshape(height, width, 4)
 
 
@@ -58,10 +45,10 @@ def alpha_layer(buffer: np.ndarray, width: int, height: int) -> np.ndarray:
     """The opaque part of an image (alpha above one half) as a layer, for cut-out images."""
     layer = rgba(buffer, width, height)[:, :, 3] > 0.5
     if layer.all():
-        raise MaskError("the image has no transparent pixels, so its alpha cannot tell the object apart: "
-                        "paint the mask or use click-to-mask instead")
+        raise InputError("the image has no transparent pixels, so its alpha cannot tell the object apart: "
+                         "paint the mask or use click-to-mask instead")
     if not layer.any():
-        raise MaskError("the image is fully transparent: there is nothing to fill the mask from")
+        raise InputError("the image is fully transparent: there is nothing to fill the mask from")
     return layer
 
 
@@ -85,43 +72,12 @@ def flip_rows(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array)[::-1])
 
 
-def size_text(array: np.ndarray) -> str:
-    return f"{array.shape[1]}x{array.shape[0]}"
-
-
-def check_same_size(first: np.ndarray, second: np.ndarray, first_name: str, second_name: str) -> None:
-    if first.shape[:2] != second.shape[:2]:
-        raise MaskError(f"{first_name} is {size_text(first)} but {second_name} is {size_text(second)}: "
-                        "masks must be the size of their image (create the masks again)")
-
-
 # --- the grey format ----------------------------------------------------------------------------
-
-
-def grey_from_layers(target: np.ndarray, occluder: np.ndarray) -> np.ndarray:
-    """The combined uint8 mask; where both layers are set the occluder wins, as it is in front."""
-    check_same_size(target, occluder, "the target mask", "the occluder mask")
-    grey = np.full(target.shape, GREY_BACKGROUND, np.uint8)
-    grey[np.asarray(target, bool)] = GREY_TARGET
-    grey[np.asarray(occluder, bool)] = GREY_OCCLUDER
-    return grey
-
-
-def layers_from_grey(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(target, occluder)`` from a grey mask (255/188/0) or a label image (0/1/2)."""
-    values = np.asarray(values)
-    if values.ndim == 3:
-        values = values[:, :, 0]
-    if values.max(initial=0) <= LABEL_OCCLUDER:
-        return values == LABEL_TARGET, values == LABEL_OCCLUDER
-    occluder = values < GREY_OCCLUDER_BELOW
-    background = values > GREY_BACKGROUND_ABOVE
-    return ~(occluder | background), occluder
 
 
 def encode_grey(target: np.ndarray, occluder: np.ndarray) -> bytes:
     """A grey-format PNG file of two Blender-order layers."""
-    return png.encode_png(flip_rows(grey_from_layers(target, occluder)))
+    return png.encode_png(flip_rows(masks_to_grey(target, occluder)))
 
 
 def decode_grey(data: bytes, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +86,7 @@ def decode_grey(data: bytes, width: int, height: int) -> tuple[np.ndarray, np.nd
     if pixels.shape[2] in (2, 4):  # a grey PNG with alpha: the alpha is the mask, as on the server
         pixels = pixels[:, :, -1:]
     check_size(pixels, width, height, "the mask file")
-    target, occluder = layers_from_grey(pixels[:, :, 0])
+    target, occluder = combined_to_masks(pixels[:, :, 0])
     return flip_rows(target), flip_rows(occluder)
 
 
@@ -149,10 +105,9 @@ def decode_layer(data: bytes, width: int, height: int) -> np.ndarray:
     return flip_rows(pixels[:, :, 0] > 127)
 
 
-def check_size(pixels: np.ndarray, width: int, height: int, what: str) -> None:
-    if pixels.shape[:2] != (height, width):
-        raise MaskError(f"{what} is {size_text(pixels)} but the image is {width}x{height}: "
-                        "use a mask made for this image")
+def check_size(array: np.ndarray, width: int, height: int, what: str) -> None:
+    """An InputError unless ``array`` is ``height`` rows of ``width`` pixels, as the image is."""
+    check_same_size(array, np.broadcast_to(False, (height, width)), what, "the image")
 
 
 def srgb_from_linear(values: np.ndarray) -> np.ndarray:
@@ -191,18 +146,9 @@ def overlay(buffer: np.ndarray, width: int, height: int, target: np.ndarray, occ
 
 
 def validate_view(target: np.ndarray, occluder: np.ndarray | None, width: int, height: int,
-                  name: str = "the image") -> None:
-    """Raise MaskError unless the masks fit the image and some of the target is visible."""
-    shape = (height, width)
-    if target.shape != shape:
-        raise MaskError(f"The target mask of {name} is {size_text(target)} but the image is {width}x{height}: "
-                        "create the masks again for this image")
-    if occluder is not None and occluder.shape != shape:
-        raise MaskError(f"The occluder mask of {name} is {size_text(occluder)} but the image is "
-                        f"{width}x{height}: create the masks again for this image")
-    if not target.any():
-        raise MaskError(f"The target mask of {name} is empty: paint the visible part of the object white "
-                        "(or use click-to-mask)")
-    if occluder is not None and not (target & ~occluder).any():
-        raise MaskError(f"The occluder mask of {name} covers the whole target: mark only what is in front "
-                        "of the object as occluder")
+                  where: str = "the image") -> None:
+    """Raise InputError unless the masks fit the image and some of the target is visible."""
+    check_size(target, width, height, f"The target mask of {where}")
+    if occluder is not None:
+        check_size(occluder, width, height, f"The occluder mask of {where}")
+    visible_target(target, occluder, where)

@@ -1,27 +1,24 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""One reconstruction on the server, run off Blender's main thread.
+"""One reconstruction on the server: submit the views, follow the job, download its results.
 
-No bpy here. ``JobRunner`` submits the views, polls the job and downloads its results in a worker
-thread; the main thread (a timer in the UI) only reads ``status``, ``error``, ``finished`` and
-``result_paths``. ``run_blocking`` does the same synchronously, for background mode and batch.py,
-where timers never fire.
+No bpy here. ``start_job`` runs it as a ``Task`` in a worker thread: the task publishes each
+``JobStatus`` for the panel's timer and ends with the downloaded paths as its result.
+``run_blocking`` does the same synchronously, for background mode and batch.py, where timers
+never fire.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .backend import Backend, BackendError
-from .server_package import ensure_client_importable
+from amodal3r.api.client import Client, ServerError, ServerUnavailable
+from amodal3r.api.errors import Cancelled
+from amodal3r.api.protocol import CANCELLED, DONE, JobParams, JobStatus
 
-if TYPE_CHECKING:
-    from amodal3r.api.client import Client
-    from amodal3r.api.protocol import JobParams, JobStatus
+from .backend import LOCAL, Backend, BackendError
+from .tasks import Task
 
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
@@ -32,15 +29,8 @@ class JobError(RuntimeError):
     """The reconstruction did not produce a result; the message says why and what to do."""
 
 
-class JobCancelled(JobError):
-    """The job was cancelled on request."""
-
-
-def _server_errors() -> tuple[type[Exception], type[Exception]]:
-    ensure_client_importable()
-    from amodal3r.api.client import ServerError, ServerUnavailable
-
-    return ServerError, ServerUnavailable
+class JobCancelled(JobError, Cancelled):
+    """The job was cancelled on request (a ``Task`` running it ends cancelled)."""
 
 
 def _death_error(backend: Backend) -> JobError:
@@ -53,20 +43,19 @@ def _death_error(backend: Backend) -> JobError:
 
 def _poll(backend: Backend, client: Client, job_id: str) -> JobStatus:
     """The job's status, retrying brief hiccups of a live server."""
-    server_error, unavailable = _server_errors()
     failures = 0
     while True:
         try:
             return client.job(job_id)
-        except unavailable:
-            if backend.settings.mode == "local" and not backend.alive():
+        except ServerUnavailable:
+            if backend.settings.mode == LOCAL and not backend.alive():
                 raise _death_error(backend) from None
             failures += 1
             if failures >= POLL_FAILURES:
                 raise JobError(f"The reconstruction server stopped answering: {backend.status_text()}. "
                                "Restart the server in the add-on preferences and try again") from None
             time.sleep(POLL_SECONDS)
-        except server_error as error:
+        except ServerError as error:
             raise JobError(f"The server lost the job: {error.detail}") from None
 
 
@@ -80,13 +69,12 @@ def _download(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
 def execute(backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path,
             on_status: Callable[[JobStatus], None], cancelled: Callable[[], bool]) -> list[Path]:
     """Submit, follow and download one job; raises JobError (JobCancelled) or BackendError."""
-    server_error, unavailable = _server_errors()
     client = backend.client()
     try:
         status = client.submit(views, params)
-    except server_error as error:
+    except ServerError as error:
         raise JobError(f"The server refused the job: {error.detail}") from None
-    except unavailable:
+    except ServerUnavailable:
         raise _death_error(backend) if not backend.alive() else JobError(
             f"The reconstruction server did not take the job: {backend.status_text()}") from None
     except OSError as error:
@@ -104,87 +92,38 @@ def execute(backend: Backend, views: list[dict[str, str]], params: JobParams, ou
 
 
 def _ask_cancel(client: Client, job_id: str) -> None:
-    server_error, unavailable = _server_errors()
     try:
         client.cancel(job_id)
-    except (server_error, unavailable):
+    except (ServerError, ServerUnavailable):
         pass  # the next poll tells what happened to the job
 
 
 def _finish(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
-    server_error, unavailable = _server_errors()
-    if status.state == "cancelled":
+    if status.state == CANCELLED:
         raise JobCancelled("The reconstruction was cancelled")
-    if status.state != "done":
+    if status.state != DONE:
         raise JobError(f"The reconstruction failed: {status.error or 'no reason given'}")
     try:
         return _download(client, status, out_dir)
-    except (server_error, unavailable) as error:
+    except (ServerError, ServerUnavailable) as error:
         raise JobError(f"The result could not be downloaded: {error}. Try the job again") from None
     except OSError as error:
         raise JobError(f"Cannot write the result into {out_dir} ({error.strerror}): free disk space or "
                        "choose another output folder") from None
 
 
-class JobRunner:
-    """Runs one reconstruction in a worker thread; the main thread reads its fields."""
+def start_job(backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path) -> Task[list[Path]]:
+    """One job in a worker thread: the task publishes each ``JobStatus``; its result is the downloads."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._status: JobStatus | None = None
-        self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error = ""  # plain words and what to do, when the job did not give a result
-        self.cancelled = False  # the job ended because cancel() was asked
-        self.result_paths: list[Path] = []
-        self.finished = False
+    def work(task: Task[list[Path]]) -> list[Path]:
+        return execute(backend, views, params, Path(out_dir), task.publish, lambda: task.cancel_requested)
 
-    @property
-    def status(self) -> JobStatus | None:
-        """A snapshot of the job's last known status (None until the server took it)."""
-        with self._lock:
-            return copy.deepcopy(self._status)
+    return Task("Reconstruction", work, expected=(JobError, BackendError)).start()
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and not self.finished
 
-    @property
-    def glb_paths(self) -> list[Path]:
-        return [p for p in self.result_paths if p.suffix == ".glb"]
-
-    def start(self, backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path) -> None:
-        if self._thread is not None:
-            raise RuntimeError("a JobRunner runs one job; make a new one for the next")
-        self._thread = threading.Thread(target=self._run, args=(backend, views, params, Path(out_dir)),
-                                        name="amodal3r-job", daemon=True)
-        self._thread.start()
-
-    def cancel(self) -> None:
-        """Ask the server to stop the job; it then ends cancelled, with no results."""
-        self._cancel.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job ended (tests, background mode); True when it did."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.finished
-
-    def _set_status(self, status: JobStatus) -> None:
-        with self._lock:
-            self._status = status
-
-    def _run(self, backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path) -> None:
-        try:
-            self.result_paths = execute(backend, views, params, out_dir, self._set_status, self._cancel.is_set)
-        except JobCancelled:
-            self.cancelled = True
-        except (JobError, BackendError) as error:
-            self.error = str(error)
-        except Exception as error:  # noqa: BLE001 - a worker must report, never die silently
-            self.error = f"Unexpected error in the reconstruction job: {error!r}"
-        finally:
-            self.finished = True
+def glb_paths(paths: list[Path]) -> list[Path]:
+    """The meshes among a job's downloads, one per variant."""
+    return [p for p in paths if p.suffix == ".glb"]
 
 
 def run_blocking(backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path,

@@ -2,8 +2,9 @@
 """``scene.amodal3r``: what to reconstruct (source, views, masks), how (settings), and the job's state.
 
 View 0 is the main view: its image is the source image, kept in step by ``source_image``'s update
-callback. Extra views (other photos of the same object) have their own images and masks. Zero in a
-step or guidance field means "the pipeline's default".
+callback. Extra views (other photos of the same object) have their own images and masks. Each
+sampler setting and the face count has a ``use_*`` switch: off, the model's own value (its
+``pipeline.json``) applies; editing the value turns its switch on.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from bpy.props import (
     StringProperty,
 )
 
-from .server_package import ensure_client_importable
-
-ensure_client_importable()  # before importing amodal3r: a checkout needs its path
 from amodal3r.api.protocol import MAX_VIEWS, MULTIVIEW_MODES, SAM_KINDS
 
 SOURCE_KINDS = [
@@ -58,6 +56,16 @@ class AMODAL3R_PG_view(bpy.types.PropertyGroup):
                                    description="White where something in front hides the object")
 
 
+def _switch_on(switch: str):
+    """An update callback that turns ``switch`` on: whoever edits a value means to use it."""
+
+    def update(settings: AMODAL3R_PG_settings, context: bpy.types.Context) -> None:
+        if not getattr(settings, switch):
+            setattr(settings, switch, True)
+
+    return update
+
+
 def _source_changed(settings: AMODAL3R_PG_settings, context: bpy.types.Context) -> None:
     main_view(settings).image = settings.source_image
 
@@ -91,30 +99,48 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     # --- how
     seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=0,  # type: ignore[valid-type]
                       description="Random seed: another seed gives another plausible shape")
-    structure_steps: IntProperty(name="Structure Steps", min=0, max=500, default=0,  # type: ignore[valid-type]
-                                 description="Sampling steps of the coarse shape (0: the pipeline's default)")
+    use_structure_steps: BoolProperty(  # type: ignore[valid-type]
+        name="Custom Structure Steps", default=False,
+        description="Set the sampling steps of the coarse shape (off: the model's own)")
+    structure_steps: IntProperty(  # type: ignore[valid-type]
+        name="Structure Steps", min=1, max=500, default=25, update=_switch_on("use_structure_steps"),
+        description="Sampling steps of the coarse shape")
+    use_structure_guidance: BoolProperty(  # type: ignore[valid-type]
+        name="Custom Structure Guidance", default=False,
+        description="Set how strongly the shape follows the image (off: the model's own)")
     structure_guidance: FloatProperty(  # type: ignore[valid-type]
-        name="Structure Guidance", min=0.0, max=100.0, default=0.0,
-        description="How strongly the shape follows the image (0: the pipeline's default)")
-    slat_steps: IntProperty(name="Detail Steps", min=0, max=500, default=0,  # type: ignore[valid-type]
-                            description="Sampling steps of the detail and texture (0: the pipeline's default)")
+        name="Structure Guidance", min=0.0, max=100.0, default=7.5, update=_switch_on("use_structure_guidance"),
+        description="How strongly the shape follows the image")
+    use_slat_steps: BoolProperty(  # type: ignore[valid-type]
+        name="Custom Detail Steps", default=False,
+        description="Set the sampling steps of the detail and texture (off: the model's own)")
+    slat_steps: IntProperty(  # type: ignore[valid-type]
+        name="Detail Steps", min=1, max=500, default=25, update=_switch_on("use_slat_steps"),
+        description="Sampling steps of the detail and texture")
+    use_slat_guidance: BoolProperty(  # type: ignore[valid-type]
+        name="Custom Detail Guidance", default=False,
+        description="Set how strongly details follow the image (off: the model's own)")
     slat_guidance: FloatProperty(  # type: ignore[valid-type]
-        name="Detail Guidance", min=0.0, max=100.0, default=0.0,
-        description="How strongly details follow the image (0: the pipeline's default)")
+        name="Detail Guidance", min=0.0, max=100.0, default=3.0, update=_switch_on("use_slat_guidance"),
+        description="How strongly details follow the image")
     variants: IntProperty(name="Variants", min=1, max=8, default=1,  # type: ignore[valid-type]
                           description="How many different reconstructions to make (each becomes an object)")
     multiview_mode: EnumProperty(  # type: ignore[valid-type]
         name="Multi-view", default="stochastic", items=MULTIVIEW_ITEMS,
         description="How several views steer the sampling")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="1024")  # type: ignore[valid-type]
-    faces: IntProperty(name="Faces", min=0, max=10_000_000, default=0,  # type: ignore[valid-type]
-                       description="Simplify the mesh to about this many faces (0: the pipeline's default)")
+    use_faces: BoolProperty(  # type: ignore[valid-type]
+        name="Simplify", default=False,
+        description="Simplify the mesh to about a given number of faces (off: keep every face)")
+    faces: IntProperty(  # type: ignore[valid-type]
+        name="Faces", min=100, max=10_000_000, default=100_000, update=_switch_on("use_faces"),
+        description="Simplify the mesh to about this many faces")
     gaussians: BoolProperty(name="Export Gaussians", default=False,  # type: ignore[valid-type]
                             description="Also download the 3D Gaussians as a PLY file")
     sam_model: EnumProperty(  # type: ignore[valid-type]
         name="Segmentation Model", default=SAM_KINDS[0], items=SAM_ITEMS)
 
-    # --- the job, written by ops_reconstruct's timer and drawn by the panel
+    # --- the job, written by operators.reconstruct's timer and drawn by the panel
     running: BoolProperty(name="Running", default=False)  # type: ignore[valid-type]
     stage: StringProperty(name="Stage")  # type: ignore[valid-type]
     step: IntProperty(name="Step", min=0)  # type: ignore[valid-type]

@@ -1,65 +1,37 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Operators that manage the server: Set up backend, Download models, Restart/Stop server.
 
-Long work runs in a worker thread; the preferences draw its progress and a timer redraws them. In
-background mode (``blender -b``, the bpy module) timers never fire, so it runs inline and
-prints its log instead.
+Long work runs as a ``Task`` in a worker thread; the preferences draw its progress and log, and a
+timer redraws them. In background mode (``blender -b``, the bpy module) timers never fire, so the
+task runs inline and prints its log instead.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import bpy
 
-from . import preferences
-from .backend import BackendError, get_backend, stop_backend
-from .backend_setup import SetupError, run_setup
-from .server_package import ensure_client_importable, server_install_source
-
-ensure_client_importable()  # before importing amodal3r: a checkout needs its path
+from amodal3r.api.client import Client, ServerError, ServerUnavailable
 from amodal3r.api.protocol import SAM_KINDS
+
+from ..core.backend import BackendError, BackendSettings, get_backend, stop_backend
+from ..core.backend_setup import SetupError, run_setup
+from ..core.server_package import server_install_source
+from ..core.tasks import Task
+from ..ui import preferences
 
 SETUP_COMMANDS = 6  # the venv plus plan_install's five commands: progress is commands started / this
 DOWNLOAD_POLL_SECONDS = 1.0
 ONLINE_HINT = "allow Online Access in Preferences > System, then try again"
+Work = Callable[[Task[str]], str]  # a backend task's work: its result is the line shown when it ends
 
 
-class _Task:
-    """One piece of backend work (setup, download, restart) and its progress, shared with the UI."""
-
-    def __init__(self, title: str, echo: bool):
-        self.title = title
-        self.echo = echo  # print log lines (background mode has no preferences window)
-        self.cancel = threading.Event()
-        self.progress = 0.0
-        self.status = title
-        self.done = False
-        self.error = ""
-        self.message = ""
-
-    def log(self, line: str) -> None:
-        preferences.setup_log.append(line)
-        self.status = line
-        if self.echo:
-            print(f"amodal3r: {line}", flush=True)
-
-    def run(self, work: Callable[[_Task], str]) -> None:
-        try:
-            self.message = work(self)
-        except (SetupError, BackendError) as error:
-            self.error = str(error)
-        except Exception as error:  # noqa: BLE001 - shown to the person instead of a lost traceback
-            self.error = f"{self.title} failed unexpectedly: {error!r}"
-        finally:
-            self.done = True
-
-
-_task: _Task | None = None
-_timer: Callable[[], float | None] | None = None
+def backend_task(title: str, work: Work) -> Task[str]:
+    """A task whose expected failures say what to do; in background mode it prints its log."""
+    return Task(title, work, expected=(SetupError, BackendError), echo=bpy.app.background)
 
 
 def _redraw_preferences() -> None:
@@ -69,48 +41,50 @@ def _redraw_preferences() -> None:
                 area.tag_redraw()
 
 
-def _follow(task: _Task) -> float | None:
+def _follow() -> float | None:
     """Timer: redraw the preferences (which show the task) until the task ends."""
+    task = preferences.current_task
     _redraw_preferences()
+    if task is None:
+        return None
     if task.done and task.error:
         print(f"amodal3r: {task.title}: {task.error}")
     return None if task.done else 0.3
 
 
-def _start(operator: bpy.types.Operator, task: _Task, work: Callable[[_Task], str]) -> set[str]:
-    """Run work inline in background mode (reporting the result), else in a thread a timer follows."""
-    global _task, _timer
-    _task = preferences.current_task = task
-    preferences.setup_log.clear()
+def _start(operator: bpy.types.Operator, task: Task[str]) -> set[str]:
+    """Run the task inline in background mode (reporting the result), else in a thread a timer follows."""
+    preferences.current_task = task
     if bpy.app.background:
-        task.run(work)
+        task.run()
         if task.error:
             operator.report({"ERROR"}, task.error)
             return {"CANCELLED"}
-        operator.report({"INFO"}, task.message)
+        operator.report({"INFO"}, task.result)
         return {"FINISHED"}
-    threading.Thread(target=task.run, args=(work,), name=f"amodal3r-{task.title}", daemon=True).start()
-    _timer = functools.partial(_follow, task)
-    bpy.app.timers.register(_timer, first_interval=0.2)
+    task.start()
+    if not bpy.app.timers.is_registered(_follow):
+        bpy.app.timers.register(_follow, first_interval=0.2)
     operator.report({"INFO"}, f"{task.title} started: the add-on preferences show its progress")
     return {"FINISHED"}
 
 
 def _busy(operator: bpy.types.Operator) -> bool:
-    if _task is not None and not _task.done:
-        operator.report({"WARNING"}, f"{_task.title} is still running: wait for it or cancel it")
+    task = preferences.current_task
+    if task is not None and not task.done:
+        operator.report({"WARNING"}, f"{task.title} is still running: wait for it or cancel it")
         return True
     return False
 
 
-def _setup_work(venv_dir, package) -> Callable[[_Task], str]:
-    def work(task: _Task) -> str:
+def _setup_work(venv_dir: Path, package: Path) -> Work:
+    def work(task: Task[str]) -> str:
         def log(line: str) -> None:
             if line.startswith("$ "):
                 task.progress = min(1.0, task.progress + 1.0 / SETUP_COMMANDS)
             task.log(line)
 
-        python = run_setup(venv_dir, package, log, task.cancel.is_set)
+        python = run_setup(venv_dir, package, log, lambda: task.cancel_requested)
         return f"Backend ready: {python}"
 
     return work
@@ -137,7 +111,7 @@ class AMODAL3R_OT_setup_backend(bpy.types.Operator):
             self.report({"WARNING"}, "Server Python is set, so the new environment is not used until you clear it")
         stop_backend()  # the running server uses the environment about to change
         venv_dir = preferences.default_venv_dir()
-        return _start(self, _Task("Set up backend", bpy.app.background), _setup_work(venv_dir, package))
+        return _start(self, backend_task("Set up backend", _setup_work(venv_dir, package)))
 
 
 def wanted_components(sam_kind: str) -> list[str]:
@@ -145,7 +119,7 @@ def wanted_components(sam_kind: str) -> list[str]:
     return ["amodal3r", "dinov2", f"sam_{sam_kind}"]
 
 
-def _components_missing(client, wanted: list[str]) -> list[str]:
+def _components_missing(client: Client, wanted: list[str]) -> list[str]:
     components = client.models()["components"]
     return [c["name"] for c in components if c["name"] in wanted and not c.get("present")]
 
@@ -158,11 +132,8 @@ def _download_text(status: dict) -> str:
     return f"Downloading {what}".rstrip()
 
 
-def _download_work(settings, wanted: list[str]) -> Callable[[_Task], str]:
-    def work(task: _Task) -> str:
-        ensure_client_importable()
-        from amodal3r.api.client import ServerError, ServerUnavailable
-
+def _download_work(settings: BackendSettings, wanted: list[str]) -> Work:
+    def work(task: Task[str]) -> str:
         task.log("starting the server to download through it")
         client = get_backend(settings).client(require_model=False)
         try:
@@ -173,20 +144,20 @@ def _download_work(settings, wanted: list[str]) -> Callable[[_Task], str]:
     return work
 
 
-def _download(client, task: _Task, model_dir: str, wanted: list[str]) -> str:
+def _download(client: Client, task: Task[str], model_dir: str, wanted: list[str]) -> str:
     missing = _components_missing(client, wanted)
     if not missing:
         return "All models are present"
     task.log(f"downloading {', '.join(missing)}")
     status = client.download_models(missing)
-    while status.get("state") == "running" and not task.cancel.is_set():
+    while status.get("state") == "running" and not task.cancel_requested:
         time.sleep(DOWNLOAD_POLL_SECONDS)
         status = client.download_status()
         progress = status.get("progress") or {}
         if progress.get("bytes_total"):
             task.progress = progress.get("bytes_done", 0) / progress["bytes_total"]
         task.status = _download_text(status)
-    if task.cancel.is_set():
+    if task.cancel_requested:
         return "Stopped following the download; the server finishes it in the background"
     if status.get("state") != "done":
         raise BackendError(f"The model download failed: {status.get('error') or status}. "
@@ -209,7 +180,7 @@ class AMODAL3R_OT_download_models(bpy.types.Operator):
         settings = preferences.backend_settings(context)
         scene_settings = getattr(context.scene, "amodal3r", None)
         wanted = wanted_components(scene_settings.sam_model if scene_settings is not None else SAM_KINDS[0])
-        return _start(self, _Task("Download models", bpy.app.background), _download_work(settings, wanted))
+        return _start(self, backend_task("Download models", _download_work(settings, wanted)))
 
 
 class AMODAL3R_OT_restart_server(bpy.types.Operator):
@@ -223,13 +194,13 @@ class AMODAL3R_OT_restart_server(bpy.types.Operator):
             return {"CANCELLED"}
         backend = get_backend(preferences.backend_settings(context))
 
-        def work(task: _Task) -> str:
+        def work(task: Task[str]) -> str:
             backend.stop()
             task.log("starting the server")
             backend.client().health()
             return backend.status_text().splitlines()[0]
 
-        return _start(self, _Task("Restart server", bpy.app.background), work)
+        return _start(self, backend_task("Restart server", work))
 
 
 class AMODAL3R_OT_stop_server(bpy.types.Operator):
@@ -252,10 +223,11 @@ class AMODAL3R_OT_cancel_task(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        return _task is not None and not _task.done
+        task = preferences.current_task
+        return task is not None and not task.done
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        _task.cancel.set()  # type: ignore[union-attr]
+        preferences.current_task.cancel()  # type: ignore[union-attr]
         return {"FINISHED"}
 
 
@@ -274,9 +246,9 @@ def register() -> None:
 
 
 def unregister() -> None:
-    if _task is not None:
-        _task.cancel.set()
-    if _timer is not None and bpy.app.timers.is_registered(_timer):
-        bpy.app.timers.unregister(_timer)
+    if preferences.current_task is not None:
+        preferences.current_task.cancel()
+    if bpy.app.timers.is_registered(_follow):
+        bpy.app.timers.unregister(_follow)
     stop_backend()
     _unregister()

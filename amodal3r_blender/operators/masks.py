@@ -1,10 +1,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Operators that make and edit the two mask layers of a view, and pick the source image.
+"""Operators that make and edit the two mask layers of a view, and pick the source image and views.
 
-The masks are ordinary Blender images ("<image> target", "<image> occluder"): white marks the
-layer, so they can be painted in the Image Editor, cleared, inverted, filled from the photo's alpha,
-imported from and exported to the reference's grey PNG format. The source photo itself is only
-ever read. The pixel helpers here are shared with click-to-mask and Reconstruct.
+The masks are Blender images (see ``images``), so they can be painted in the Image Editor,
+cleared, inverted, filled from the photo's alpha, imported from and exported to the combined
+grey PNG format of ``amodal3r.api.masks``.
 """
 
 from __future__ import annotations
@@ -15,120 +14,30 @@ from pathlib import Path
 from typing import ClassVar
 
 import bpy
-import numpy as np
 from bpy.props import EnumProperty, StringProperty
 
-from . import masks, png
-from .properties import LAYERS, AMODAL3R_PG_view, active_view, get_settings, main_view
-from .server_package import ensure_client_importable
-
-ensure_client_importable()  # before importing amodal3r: a checkout needs its path
+from amodal3r.api.errors import InputError
+from amodal3r.api.files import write_atomically
 from amodal3r.api.protocol import MAX_VIEWS
 
-LAYER_ATTRIBUTES = {"TARGET": "target_mask", "OCCLUDER": "occluder_mask"}
-LAYER_SUFFIXES = {"TARGET": "target", "OCCLUDER": "occluder"}
-
-
-class UserError(Exception):
-    """A problem the person can fix; operators report its message as it is."""
-
-
-# --- pixels of Blender images -------------------------------------------------------------------
-
-
-def image_size(image: bpy.types.Image) -> tuple[int, int]:
-    """``(width, height)`` of an image whose pixels can be read, else a UserError."""
-    width, height = image.size[:]
-    if width == 0 or height == 0:
-        where = f" from {image.filepath}" if image.filepath else ""
-        raise UserError(f"The image {image.name!r} has no pixels (could it be read{where}?): "
-                        "reload it or choose another image")
-    return width, height
-
-
-def read_pixels(image: bpy.types.Image) -> np.ndarray:
-    """The image's flat float32 RGBA buffer, bottom row first."""
-    width, height = image_size(image)
-    buffer = np.empty(width * height * 4, np.float32)
-    image.pixels.foreach_get(buffer)
-    return buffer
-
-
-def write_pixels(image: bpy.types.Image, buffer: np.ndarray) -> None:
-    image.pixels.foreach_set(np.ascontiguousarray(buffer, np.float32).reshape(-1))
-    image.update()
-
-
-def read_layer(image: bpy.types.Image) -> np.ndarray:
-    width, height = image_size(image)
-    return masks.layer_from_pixels(read_pixels(image), width, height)
-
-
-def write_layer(image: bpy.types.Image, layer: np.ndarray) -> None:
-    width, height = image_size(image)
-    masks.check_size(layer, width, height, f"the mask for {image.name!r}")
-    write_pixels(image, masks.pixels_from_layer(layer))
-
-
-def is_linear(image: bpy.types.Image) -> bool:
-    """Whether Blender holds the image's pixels in linear light (float colour images)."""
-    return image.is_float and not image.colorspace_settings.is_data
-
-
-def encode_source(image: bpy.types.Image) -> bytes:
-    """The image as an RGB PNG for the server, whatever its file format, packing or colour space."""
-    width, height = image_size(image)
-    return masks.encode_image(read_pixels(image), width, height, is_linear(image))
-
-
-# --- views and their mask images ----------------------------------------------------------------
-
-
-def view_image(view: AMODAL3R_PG_view) -> bpy.types.Image:
-    if view.image is None:
-        raise UserError("No image to work on: choose the source image in the Source panel (or right-click an "
-                        "image in the Image Editor), or the image of an extra view in the Views panel")
-    return view.image
-
-
-def new_mask_image(source: bpy.types.Image, layer: str) -> bpy.types.Image:
-    """A black, Non-Color mask image the size of ``source``."""
-    width, height = image_size(source)
-    image = bpy.data.images.new(f"{source.name} {LAYER_SUFFIXES[layer]}", width, height, alpha=False,
-                                is_data=True)
-    write_layer(image, masks.empty_layer(width, height))
-    return image
-
-
-def layer_image(view: AMODAL3R_PG_view, layer: str, create: bool = False) -> bpy.types.Image:
-    """The view's mask image of one layer, made on request; a size mismatch is a UserError."""
-    image = getattr(view, LAYER_ATTRIBUTES[layer])
-    source = view_image(view)
-    if image is None:
-        if not create:
-            raise UserError(f"{source.name!r} has no {LAYER_SUFFIXES[layer]} mask yet: click Create Masks")
-        image = new_mask_image(source, layer)
-        setattr(view, LAYER_ATTRIBUTES[layer], image)
-    if tuple(image.size) != tuple(source.size):
-        raise UserError(f"The {LAYER_SUFFIXES[layer]} mask {image.name!r} is {image.size[0]}x{image.size[1]} but "
-                        f"{source.name!r} is {source.size[0]}x{source.size[1]}: click Create Masks to remake it")
-    return image
-
-
-def ensure_masks(view: AMODAL3R_PG_view) -> list[str]:
-    """Make the missing mask images of a view and remake wrongly sized ones; names of new ones."""
-    source = view_image(view)
-    made = []
-    for layer, attribute in LAYER_ATTRIBUTES.items():
-        image = getattr(view, attribute)
-        if image is None or tuple(image.size) != tuple(image_size(source)):
-            setattr(view, attribute, new_mask_image(source, layer))
-            made.append(getattr(view, attribute).name)
-    return made
+from ..core import masks
+from ..ui.properties import LAYERS, active_view, get_settings, main_view
+from .images import (
+    UserError,
+    ensure_masks,
+    image_size,
+    layer_image,
+    overlay_image,
+    read_layer,
+    read_pixels,
+    view_image,
+    write_layer,
+    write_pixels,
+)
 
 
 class _ViewOperator:
-    """Runs ``run`` and reports UserError / MaskError / PNGError instead of raising them."""
+    """Runs ``run`` and reports UserError / InputError (a PNGError too) instead of raising them."""
 
     bl_options: ClassVar[set[str]] = {"REGISTER", "UNDO"}
 
@@ -139,7 +48,7 @@ class _ViewOperator:
     def execute(self, context: bpy.types.Context) -> set[str]:
         try:
             return self.run(context)
-        except (UserError, masks.MaskError, png.PNGError) as error:
+        except (UserError, InputError) as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
 
@@ -263,7 +172,7 @@ class AMODAL3R_OT_export_mask(_ViewOperator, bpy.types.Operator):
         data = masks.encode_grey(read_layer(layer_image(view, "TARGET")), read_layer(layer_image(view, "OCCLUDER")))
         path = Path(bpy.path.abspath(bpy.path.ensure_ext(self.filepath, ".png")))
         try:
-            path.write_bytes(data)
+            write_atomically(path, data)
         except OSError as error:
             raise UserError(f"Cannot write {path}: {error.strerror}") from None
         self.report({"INFO"}, f"Saved {path}")
@@ -289,20 +198,6 @@ class AMODAL3R_OT_preview_overlay(_ViewOperator, bpy.types.Operator):
             space.image = preview
         self.report({"INFO"}, f"Updated {preview.name!r}")
         return {"FINISHED"}
-
-
-def overlay_image(source: bpy.types.Image) -> bpy.types.Image:
-    """The "<image> overlay" image of a source, remade when its size or kind no longer matches."""
-    name = f"{source.name} overlay"
-    image = bpy.data.images.get(name)
-    if image is not None and (tuple(image.size) != tuple(source.size) or image.is_float != source.is_float):
-        bpy.data.images.remove(image)
-        image = None
-    if image is None:
-        width, height = image_size(source)
-        image = bpy.data.images.new(name, width, height, alpha=True, float_buffer=source.is_float)
-        image.colorspace_settings.name = source.colorspace_settings.name
-    return image
 
 
 # --- painting -----------------------------------------------------------------------------------
