@@ -20,6 +20,7 @@ VARIANTS = ("segment-anything", "folded bias (ours)")
 def measure(kind: str, variant: str, threads: int, runs: int) -> dict:
     """Runs in the child process: build, encode ``runs`` times, report the best time and peak RSS."""
     import torch
+
     from amodal3r.pipelines.segment import build_sam, fold_attention_bias
 
     torch.set_num_threads(threads)

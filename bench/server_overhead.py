@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+
 from amodal3r.api.client import Client, launch_server
+from amodal3r.api.protocol import JobParams, SegmentParams
 from amodal3r.io.export import export_glb, preview_png
 from amodal3r.io.inputs import load_view
-from amodal3r.pipelines.amodal3r import Amodal3RPipeline
-from amodal3r.api.protocol import JobParams, SegmentParams
-from amodal3r.pipelines.reconstruct import RunSettings, reconstruct
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings
 from amodal3r.pipelines.segment import write_random_sam
 from amodal3r.weights.tiny import write_tiny_weights
 
@@ -40,13 +40,13 @@ POLL = 0.3  # afterwards, as the Blender add-on polls: each status request takes
 def in_process_seconds(model_dir: Path, out: Path) -> float:
     """The same job without a server, on a pipeline already warm (one untimed run first)."""
     pipeline = Amodal3RPipeline.from_pretrained(model_dir, "cpu")
-    settings = RunSettings(seed=PARAMS.seed, structure={"steps": PARAMS.structure_steps},
-                           slat={"steps": PARAMS.slat_steps}, formats=("mesh",))
+    settings = RunSettings(seed=PARAMS.seed, structure=StageSettings(steps=PARAMS.structure_steps),
+                           slat=StageSettings(steps=PARAMS.slat_steps), formats=("mesh",))
 
     def run() -> float:
         start = time.perf_counter()
         view = load_view(VIEW["image"], VIEW["target_mask"], VIEW["occluder_mask"])
-        mesh = reconstruct(pipeline, [view], settings).meshes[0]
+        mesh = pipeline([view], settings).meshes[0]
         export_glb(mesh, out / "direct.glb", texture_size=PARAMS.texture_size, target_faces=PARAMS.faces)
         preview_png(mesh, out / "direct.png")
         return time.perf_counter() - start

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gltf_checks import gltf_issues, load_glb
 from PIL import Image
-from test_export import gltf_issues, load_glb
 
 from amodal3r.cli import main
 from amodal3r.pipelines.conditioning import masks_to_grey

@@ -8,14 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from .api.protocol import MAX_UPLOAD_BYTES
+from amodal3r.api.errors import Amodal3RError
+from amodal3r.api.protocol import MAX_UPLOAD_BYTES, MULTIVIEW_MODES, SAM_KINDS
+from amodal3r.weights.layout import HF_REPO
 
 DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_MODEL = "Sm0kyWu/Amodal3R"
 
 
 def _tiny_weights(args: argparse.Namespace) -> int:
-    from .weights.tiny import write_tiny_weights
+    from amodal3r.weights.tiny import write_tiny_weights
 
     out = write_tiny_weights(args.out_dir, seed=args.seed, size=args.size)
     print(f"wrote {args.size} RANDOM weights (for tests, demos and benchmarks, not a real model) to {out}")
@@ -42,7 +43,7 @@ def _slat(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from .pipelines.amodal3r import Amodal3RPipeline
+    from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 
     pipeline = Amodal3RPipeline.from_pretrained(args.model, device=args.device,
                                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -52,9 +53,7 @@ def _slat(args: argparse.Namespace) -> int:
     progress = _progress_printer()
     started = progress.started
     t0 = time.perf_counter()
-    params = {"steps": args.steps, "cfg_strength": args.cfg}
-    slat = pipeline.run(cond, seed=args.seed, variants=args.variants, multiview=args.multiview,
-                        structure_params=params, slat_params=params, progress=progress)
+    slat = pipeline.sample_latent(cond, _run_settings(args, formats=()), progress=progress)
     total = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"coords": slat.coords.cpu(), "feats": slat.feats.float().cpu().contiguous()}, str(args.out))
@@ -81,14 +80,22 @@ class ViewArgument(argparse.Action):
         namespace.views = views
 
 
+def _run_settings(args: argparse.Namespace, formats: tuple[str, ...]):
+    """``--steps`` and ``--cfg`` set both stages; unset, each keeps pipeline.json's value."""
+    from amodal3r.pipelines.amodal3r import RunSettings, StageSettings
+
+    stage = StageSettings(steps=args.steps, cfg_strength=args.cfg)
+    return RunSettings(seed=args.seed, variants=args.variants, multiview=args.multiview, structure=stage,
+                       slat=stage, formats=formats)
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from .io.export import export_glb, preview_png
-    from .weights.hub import resolve_model
-    from .io.inputs import load_view
-    from .pipelines.amodal3r import Amodal3RPipeline
-    from .pipelines.reconstruct import RunSettings, reconstruct
+    from amodal3r.io.inputs import load_view
+    from amodal3r.io.results import OutputSettings, write_results
+    from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+    from amodal3r.weights.hub import resolve_model
 
     views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in args.views]
     for view in views:
@@ -100,23 +107,19 @@ def _reconstruct(args: argparse.Namespace) -> int:
     if pipeline.config.tiny_random_weights:
         print(f"NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, "
               "not a reconstruction. Pass --model with the Amodal3R weights for real results")
-    sampler = {"steps": args.steps, "cfg_strength": args.cfg}
-    settings = RunSettings(seed=args.seed, variants=args.variants, multiview=args.multiview,
-                           structure=sampler, slat=sampler)
-    result = reconstruct(pipeline, views, settings, progress=_progress_printer())
-    outputs = _variant_paths(args.out, len(result.meshes))
-    for mesh, gaussians, out in zip(result.meshes, result.gaussians, outputs):
-        report = export_glb(mesh, out, texture_size=args.texture_size, target_faces=args.faces)
-        for notice in report.notices:
+    formats = ("mesh", "gaussian") if args.gaussians else ("mesh",)
+    result = pipeline(views, _run_settings(args, formats), progress=_progress_printer())
+    outputs = OutputSettings(texture_size=args.texture_size, faces=args.faces, gaussians=args.gaussians,
+                             preview=args.preview)
+    for written in write_results(result.meshes, result.gaussians, _variant_paths(args.out, len(result.meshes)),
+                                 outputs):
+        for notice in written.report.notices:
             print(f"notice: {notice}")
-        print(f"wrote {out} ({report.faces_out} faces, {report.texture_size}px texture, "
+        report = written.report
+        print(f"wrote {written.glb} ({report.faces_out} faces, {report.texture_size}px texture, "
               f"{report.seconds_total:.1f} s to export)")
-        if args.gaussians:
-            gaussians.save_ply(out.with_suffix(".ply"))
-            print(f"wrote {out.with_suffix('.ply')}")
-        if args.preview:
-            preview_png(mesh, out.with_suffix(".png"))
-            print(f"wrote {out.with_suffix('.png')}")
+        for extra in written.extras:
+            print(f"wrote {extra}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
     return 0
@@ -154,13 +157,13 @@ def default_data_dir() -> Path:
 
 def _sam_checkpoint(text: str) -> tuple[str, Path]:
     kind, sep, path = text.partition("=")
-    if not sep or kind not in ("vit_h", "vit_l", "vit_b"):
-        raise argparse.ArgumentTypeError(f"expected KIND=PATH with KIND vit_h, vit_l or vit_b, got {text!r}")
+    if not sep or kind not in SAM_KINDS:
+        raise argparse.ArgumentTypeError(f"expected KIND=PATH with KIND one of {', '.join(SAM_KINDS)}, got {text!r}")
     return kind, Path(path)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .service.app import ServerConfig, serve
+    from amodal3r.service.app import ServerConfig, serve
 
     return serve(ServerConfig(model_dir=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
                               device=args.device, dtype=args.dtype, idle_unload=args.idle_unload,
@@ -189,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     slat.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json)")
     slat.add_argument("--cfg", type=float, help="guidance strength of both stages (default: pipeline.json)")
     slat.add_argument("--variants", type=int, default=1)
-    slat.add_argument("--multiview", choices=("stochastic", "multidiffusion"), default="stochastic")
+    slat.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
     slat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     slat.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
     slat.set_defaults(run=_slat)
@@ -201,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--occluder-mask", action=ViewArgument, type=Path, help="occluders in front of it (white)")
     rec.add_argument("--mask", action=ViewArgument, type=Path,
                      help="one mask: grey format (255 background, 188 target, 0 occluder) or labels 0/1/2")
-    rec.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hugging Face id (default: %(default)s)")
+    rec.add_argument("--model", default=HF_REPO, help="model folder or Hugging Face id (default: %(default)s)")
     rec.add_argument("--out", type=Path, required=True, help="output .glb (variants get _0, _1, ...)")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json)")
     rec.add_argument("--cfg", type=float, help="guidance strength of both stages (default: pipeline.json)")
     rec.add_argument("--variants", type=int, default=1)
-    rec.add_argument("--multiview", choices=("stochastic", "multidiffusion"), default="stochastic")
+    rec.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
     rec.add_argument("--texture-size", type=int, default=1024)
     rec.add_argument("--faces", type=int, help="decimate to about this many faces before unwrapping")
     rec.add_argument("--gaussians", action="store_true", help="also write the 3D Gaussians as .ply")
@@ -237,15 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except Exception as e:
-        from .models._checkpoints import CheckpointError
-        from .pipelines.amodal3r import PipelineError
-        from .pipelines.samplers import Cancelled
-
-        if isinstance(e, (CheckpointError, PipelineError, Cancelled, ValueError, OSError)):
-            print(f"amodal3r: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except (Amodal3RError, ValueError, OSError) as e:
+        print(f"amodal3r: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

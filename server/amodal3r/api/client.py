@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .environment import TOKEN
 from .protocol import (
     API_PREFIX,
     LISTENING_PREFIX,
     PROTOCOL_VERSION,
-    TOKEN_ENV,
     JobParams,
     JobStatus,
     SegmentParams,
@@ -215,7 +215,7 @@ def launch_server(python: str | Path, model_dir: str | Path, data_dir: str | Pat
     token = token or secrets.token_urlsafe(32)
     command = [str(python), "-u", "-m", "amodal3r.cli", "serve", "--model", str(model_dir), "--port", "0",
                "--data-dir", str(data_dir), *(extra_args or [])]
-    child_env = {**os.environ, **(env or {}), TOKEN_ENV: token}
+    child_env = {**os.environ, **(env or {}), TOKEN: token}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env=child_env, text=True, errors="replace")
     output: list[str] = []

@@ -38,7 +38,6 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .environment import TOKEN as TOKEN_ENV
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1

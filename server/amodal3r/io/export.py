@@ -5,9 +5,7 @@ grows with the face count, about 19 s for 100k faces on 2 cores), unwrap with xa
 base-colour texture on the CPU, write a GLB with trimesh.
 
 Colour: the decoder gives every vertex 6 channels in [0, 1]; the first 3 are the base colour (RGB),
-the last 3 an encoded normal that is not used here. Given the object's decoded 3D Gaussians the
-texture is baked from them instead (each surface point takes the opacity- and distance-weighted
-colour of its nearest Gaussians, ``SH_C0 * f_dc + 0.5``).
+the last 3 an encoded normal that is not used here.
 
 Frame: the decoder works in a Z-up cube ``[-0.5, 0.5]^3`` whose front faces -Y (Blender's front
 view). glTF is Y-up with the front facing +Z, so the asset is rotated ``(x, y, z) -> (x, z, -y)``
@@ -18,29 +16,21 @@ decoder's frame. Smooth vertex normals are written (without them viewers shade e
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from amodal3r.api.files import write_atomically
 from amodal3r.representations.mesh import Mesh
+
 from .unwrap import UnwrapFailed, unwrap
 
-if TYPE_CHECKING:
-    from amodal3r.representations.gaussians import Gaussians
-
 Z_UP_TO_Y_UP = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=np.float32)  # row vectors: v @ Z_UP_TO_Y_UP
-SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic: colour = SH_C0 * f_dc + 0.5
 GUTTER_PASSES = 8
 UNWRAP_ATTEMPTS = 3
 UNWRAP_RETRY_KEEP = 0.7
-GAUSSIAN_NEIGHBOURS = 8
-QUERY_CHUNK = 1 << 18
 
 
 @dataclass
@@ -50,7 +40,6 @@ class ExportReport:
     faces_out: int  # written: after decimation and any unwrap retry
     texture_size: int
     bytes: int  # size of the GLB file
-    colour_source: str  # "vertex colours" or "gaussians"
     seconds: dict[str, float] = field(default_factory=dict)  # per step, in order
     notices: list[str] = field(default_factory=list)
 
@@ -125,53 +114,17 @@ def _triangle_samples(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return face, np.stack([1 - u - v, u, v], axis=1)
 
 
-ColourFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (face [N], barycentric [N, 3]) -> rgb [N, 3]
-
-
-def vertex_colour_source(faces: np.ndarray, colours: np.ndarray) -> ColourFn:
-    """Colours interpolated from the corners of each face."""
-    return lambda face, weights: np.einsum("nk,nkc->nc", weights, colours[faces[face]])
-
-
-def gaussian_colour_source(gaussians: Gaussians, vertices: np.ndarray, faces: np.ndarray) -> ColourFn:
-    """Colour of each surface point from its nearest Gaussians, weighted by opacity and by the
-    Gaussian's density there (a small floor keeps far-away neighbours usable)."""
-    from scipy.spatial import cKDTree
-
-    xyz = gaussians.get_xyz.detach().float().cpu().numpy()
-    dc = gaussians.get_features.detach().float().cpu().numpy().reshape(len(xyz), -1)[:, :3]
-    rgb = np.clip(SH_C0 * dc + 0.5, 0, 1)
-    opacity = gaussians.get_opacity.detach().float().cpu().numpy().reshape(-1)
-    scale = gaussians.get_scaling.detach().float().cpu().numpy().mean(axis=1) + 1e-6
-    tree = cKDTree(xyz)
-    k = min(GAUSSIAN_NEIGHBOURS, len(xyz))
-
-    def colour(face: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        points = np.einsum("nk,nkc->nc", weights, vertices[faces[face]].astype(np.float64))
-        out = np.empty((len(points), 3))
-        for start in range(0, len(points), QUERY_CHUNK):
-            dist, idx = tree.query(points[start:start + QUERY_CHUNK], k=k, workers=-1)
-            dist, idx = dist.reshape(len(dist), k), idx.reshape(len(idx), k)
-            w = opacity[idx] * (np.exp(-0.5 * (dist / scale[idx]) ** 2) + 1e-4) + 1e-12
-            out[start:start + QUERY_CHUNK] = np.einsum("nk,nkc->nc", w, rgb[idx]) / w.sum(axis=1, keepdims=True)
-        return out
-
-    return colour
-
-
-def bake_texture(uv: np.ndarray, faces: np.ndarray, colour: ColourFn | np.ndarray, size: int) -> np.ndarray:
+def bake_texture(uv: np.ndarray, faces: np.ndarray, colours: np.ndarray, size: int) -> np.ndarray:
     """``uint8 [size, size, 3]``: each texel averages the colours sampled inside it (about two
     samples per covered texel), then the gutter around the charts is filled from its neighbours so
-    that filtering at the seams does not bleed background in. ``colour`` is a per-vertex ``[V, 3]``
-    array or a ``ColourFn``. Row 0 of the image is the top (glTF ``v = 0``, trimesh ``v = 1``)."""
-    if isinstance(colour, np.ndarray):
-        colour = vertex_colour_source(faces, colour)
+    that filtering at the seams does not bleed background in. ``colours`` is per vertex ``[V, 3]``.
+    Row 0 of the image is the top (glTF ``v = 0``, trimesh ``v = 1``)."""
     corners = uv[faces] * size  # [F, 3, 2] in texels
     a, b = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
     doubled_area = np.abs(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0])
     face, weights = _triangle_samples(np.ceil(doubled_area * 2).astype(np.int64) + 3)
     points = np.einsum("nk,nkc->nc", weights, corners[face])
-    values = colour(face, weights)
+    values = np.einsum("nk,nkc->nc", weights, colours[faces[face]])
     col = np.clip(points[:, 0].astype(np.int64), 0, size - 1)
     row = np.clip((size - points[:, 1]).astype(np.int64), 0, size - 1)  # image rows run down, v runs up
     index = row * size + col
@@ -225,22 +178,8 @@ def preview_png(mesh: Mesh, path: str | Path, size: int = 512) -> None:
     Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write beside ``path``, then rename over it: readers see the old file or the whole new one,
-    and a failure leaves nothing behind. Permissions follow the umask like any new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target_faces: int | None = None,
-               min_component_fraction: float = 0.01, gaussians: Gaussians | None = None) -> ExportReport:
+               min_component_fraction: float = 0.01) -> ExportReport:
     """Write ``mesh`` as a textured GLB (see the module docstring for colours and axes).
 
     Args:
@@ -250,8 +189,6 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
         target_faces: decimate to about this many faces before unwrapping (None: keep all).
         min_component_fraction: drop disconnected pieces with fewer faces than this fraction of
             the largest piece's.
-        gaussians: the same object's 3D Gaussians: bake the texture from them instead of from
-            the vertex colours.
 
     Raises:
         ValueError: nothing to export (empty mesh, no colour source) or a bad setting.
@@ -263,10 +200,8 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
     if not mesh.success:
         raise ValueError("cannot export an empty mesh: the decoder found no surface; try another seed or "
                          "check the masks")
-    if mesh.vertex_attrs is None and gaussians is None:
-        raise ValueError("cannot export a mesh without vertex colours unless Gaussians are given to bake from")
-    if gaussians is not None and len(gaussians) == 0:
-        raise ValueError("cannot bake from an empty set of Gaussians")
+    if mesh.vertex_attrs is None:
+        raise ValueError("cannot export a mesh without vertex colours: decode it with the mesh decoder's colours")
     if int(texture_size) < 8:
         raise ValueError(f"texture_size must be at least 8 pixels, got {texture_size}")
     if target_faces is not None and target_faces < 4:
@@ -286,10 +221,7 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
         raise ValueError("cannot export this mesh: all of its faces have zero area")
     vertices = welded.vertices.float().cpu().numpy()
     faces = largest_components(vertices, welded.faces.cpu().numpy(), min_component_fraction)
-    if welded.vertex_attrs is None:
-        colours = np.full((len(vertices), 3), 0.5, dtype=np.float32)
-    else:
-        colours = welded.vertex_attrs[:, :3].float().clamp(0, 1).cpu().numpy()
+    colours = welded.vertex_attrs[:, :3].float().clamp(0, 1).cpu().numpy()
     used, faces = np.unique(faces, return_inverse=True)
     vertices, colours, faces = vertices[used], colours[used], faces.reshape(-1, 3)
     faces_cleaned = len(faces)
@@ -299,11 +231,7 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
         lap("decimate")
     mapping, unwrapped_faces, uv, vertices, faces, colours = _unwrap_robustly(vertices, faces, colours, notices)
     lap("unwrap")
-    if gaussians is None:
-        source = vertex_colour_source(unwrapped_faces, colours[mapping])
-    else:
-        source = gaussian_colour_source(gaussians, vertices[mapping], unwrapped_faces)
-    texture = bake_texture(uv, unwrapped_faces, source, texture_size)
+    texture = bake_texture(uv, unwrapped_faces, colours[mapping], texture_size)
     lap("bake")
     normals = vertex_normals(vertices, faces)[mapping] @ Z_UP_TO_Y_UP
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(texture), metallicFactor=0.0,
@@ -313,9 +241,8 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
     data = glb.export(file_type="glb", include_normals=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, data)
+    write_atomically(path, data)
     lap("write")
     return ExportReport(faces_in=len(mesh.faces), faces_cleaned=faces_cleaned, faces_out=len(unwrapped_faces),
                         texture_size=texture_size, bytes=len(data),
-                        colour_source="vertex colours" if gaussians is None else "gaussians",
                         seconds=seconds, notices=notices)

@@ -13,15 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from amodal3r.pipelines.conditioning import grey_to_masks
-from amodal3r.api.protocol import LABEL_OCCLUDER, LABEL_TARGET
+from amodal3r.api.errors import InputError
+from amodal3r.api.masks import combined_to_masks, visible_target
 
 MAX_SIDE = 4096  # larger images are downscaled first: the model sees 518 pixels anyway
 REFUSED_PIXELS = 20_000 * 20_000  # beyond this, decoding alone would exhaust memory
-
-
-class InputError(ValueError):
-    """An input the reconstruction cannot use, with the file and the fix."""
 
 
 @dataclass
@@ -90,10 +86,7 @@ def load_binary_mask(path: str | Path) -> np.ndarray:
 
 def load_combined_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``(target, occluder)`` from a label image (values 0/1/2) or the reference's grey format."""
-    values = _mask_array(Path(path))
-    if values.max() <= LABEL_OCCLUDER:
-        return values == LABEL_TARGET, values == LABEL_OCCLUDER
-    return grey_to_masks(values)
+    return combined_to_masks(_mask_array(Path(path)))
 
 
 def _matched(mask: np.ndarray, source: str | Path, image: Image.Image, original: tuple[int, int],
@@ -131,9 +124,5 @@ def load_view(image_path: str | Path, target_mask: str | Path | None = None,
 
 def validate_view(view: View, source: Path | str) -> View:
     """The target must be visible somewhere that no occluder covers."""
-    if not view.target.any():
-        raise InputError(f"{source}: the target mask is empty. Mark the visible part of the object")
-    visible = view.target & ~view.occluder
-    if not visible.any():
-        raise InputError(f"{source}: the occluder mask covers the whole target. Mark only what is in front of it")
+    visible = visible_target(view.target, view.occluder, str(source))
     return View(view.image, visible, view.occluder, view.name, view.notices)

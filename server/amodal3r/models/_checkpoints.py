@@ -6,6 +6,7 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -13,13 +14,30 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from amodal3r.models import model_class
+from amodal3r.api.errors import CheckpointError
 
 MAX_LISTED_KEYS = 8
+# Official class name -> module of this package that defines it.
+MODEL_MODULES: dict[str, str] = {
+    "SparseStructureFlowModel": "sparse_structure_flow",
+    "SparseStructureFlowModelMaskAsCondWeighted": "sparse_structure_flow",
+    "SparseStructureDecoder": "sparse_structure_vae",
+    "SLatFlowModel": "structured_latent_flow",
+    "ElasticSLatFlowModel": "structured_latent_flow",
+    "SLatFlowModelMaskAsCondWeighted": "structured_latent_flow",
+    "SLatMeshDecoder": "structured_latent_mesh_decoder",
+    "ElasticSLatMeshDecoder": "structured_latent_mesh_decoder",
+    "SLatGaussianDecoder": "structured_latent_gaussian_decoder",
+    "ElasticSLatGaussianDecoder": "structured_latent_gaussian_decoder",
+}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is."""
+def model_class(name: str) -> type[nn.Module]:
+    """The class registered under ``name``; ``KeyError`` lists the known names."""
+    if name not in MODEL_MODULES:
+        raise KeyError(f"unknown model class {name!r}; known: {', '.join(sorted(MODEL_MODULES))}")
+    module = importlib.import_module(f"amodal3r.models.{MODEL_MODULES[name]}")
+    return getattr(module, name)
 
 
 def _listed(keys: list[str]) -> str:

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amodal3r.modules.blocks import (ModulatedTransformerCrossBlock, TimestepEmbedder, absolute_position_embedding,
-                      convert_linear_and_conv, split_condition)
+from amodal3r.modules.blocks import (
+    ModulatedTransformerCrossBlock,
+    TimestepEmbedder,
+    absolute_position_embedding,
+    convert_linear_and_conv,
+    split_condition,
+)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -8,9 +8,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amodal3r.modules.blocks import (LayerNorm32, ModulatedTransformerCrossBlock, TimestepEmbedder, absolute_position_embedding,
-                      convert_linear_and_conv, split_condition)
-from amodal3r.modules.sparse import SparseConv3d, SparseDownsample, SparseLinear, SparseTensor, SparseUpsample
+from amodal3r.modules.blocks import (
+    LayerNorm32,
+    ModulatedTransformerCrossBlock,
+    TimestepEmbedder,
+    absolute_position_embedding,
+    convert_linear_and_conv,
+    split_condition,
+)
+from amodal3r.modules.sparse import (
+    SparseConv3d,
+    SparseDownsample,
+    SparseLinear,
+    SparseTensor,
+    SparseUpsample,
+)
 
 
 class SparseResBlock3d(nn.Module):

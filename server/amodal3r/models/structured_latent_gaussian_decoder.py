@@ -14,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from amodal3r.representations.gaussians import Gaussians
 from amodal3r.modules.sparse import SparseLinear, SparseTensor
+from amodal3r.representations.gaussians import Gaussians
+
 from .structured_latent_vae import SparseTransformerBase
 
 # Parameter groups of the output layer in channel order, with their per-Gaussian shape.

@@ -8,13 +8,19 @@ corner colour channels (101 channels in all, 53 without colour).
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from amodal3r.representations.mesh import Mesh, sparse_features_to_mesh
-from amodal3r.modules.sparse import SparseConv3d, SparseGroupNorm32, SparseLinear, SparseSiLU, SparseTensor
+from amodal3r.modules.sparse import (
+    SparseConv3d,
+    SparseGroupNorm32,
+    SparseLinear,
+    SparseSiLU,
+    SparseTensor,
+)
 from amodal3r.modules.sparse.conv import neighbour_map
+from amodal3r.representations.mesh import Mesh, sparse_features_to_mesh
+
 from .structured_latent_vae import SparseTransformerBase
 
 # Child c of a voxel sits at 2 * voxel + CHILD_OFFSETS[c], c = 4*dx + 2*dy + dz.

@@ -14,9 +14,17 @@ import torch
 from torch import nn
 
 from amodal3r.modules.attention import MultiHeadAttention, varlen_self_attention
-from amodal3r.modules.blocks import FeedForwardNet, LayerNorm32, absolute_position_embedding, convert_linear_and_conv
+from amodal3r.modules.blocks import (
+    FeedForwardNet,
+    LayerNorm32,
+    absolute_position_embedding,
+    convert_linear_and_conv,
+)
 from amodal3r.modules.sparse import SparseLinear, SparseTensor
-from amodal3r.modules.window_attention import cached_window_partition, windowed_self_attention
+from amodal3r.modules.window_attention import (
+    cached_window_partition,
+    windowed_self_attention,
+)
 
 AttnMode = Literal["full", "shift_window", "shift_sequence", "shift_order", "swin"]
 

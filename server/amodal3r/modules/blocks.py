@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention, Tokens, visibility_bias
-from amodal3r.pipelines.conditioning import NUM_PATCHES, NUM_PREFIX_TOKENS
+from .condition_tokens import (
+    NUM_COND_TOKENS,
+    NUM_IMAGE_TOKENS,
+    NUM_PATCHES,
+    NUM_PREFIX_TOKENS,
+)
 from .sparse import SparseTensor
 
 
@@ -75,10 +80,10 @@ def split_condition(cond: torch.Tensor, mask_as_cond: bool, dtype: torch.dtype) 
     occlusion ratios (all channels, as ordinary context). Plain TRELLIS models take tokens only."""
     if not mask_as_cond:
         return Condition(cond.type(dtype))
-    expected = NUM_PREFIX_TOKENS + 3 * NUM_PATCHES
-    if cond.dim() != 3 or cond.shape[1] != expected:
-        raise ValueError(f"condition must be [B, {expected}, C] (tokens, visibility, occlusion), got {tuple(cond.shape)}")
-    n_tok = NUM_PREFIX_TOKENS + NUM_PATCHES
+    if cond.dim() != 3 or cond.shape[1] != NUM_COND_TOKENS:
+        raise ValueError(f"condition must be [B, {NUM_COND_TOKENS}, C] (tokens, visibility, occlusion), "
+                         f"got {tuple(cond.shape)}")
+    n_tok = NUM_IMAGE_TOKENS
     visibility = cond[:, n_tok:n_tok + NUM_PATCHES, 0].type(dtype)
     occlusion = cond[:, n_tok + NUM_PATCHES:]
     ratios = occlusion[..., 0]

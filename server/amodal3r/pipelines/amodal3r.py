@@ -1,45 +1,89 @@
 """The Amodal3R pipeline over a ``pipeline.json`` model folder: thin glue over models and sampler.
 
-Conditioning tokens -> structure flow -> occupancy decoder -> voxel coordinates -> structured-latent
-flow on them -> de-normalised structured latent. Models load lazily, the first time a run needs them.
+Views (pictures with masks) -> image tokens with patch visibility and occlusion -> structure flow
+-> occupancy decoder -> voxel coordinates -> structured-latent flow on them -> decoders. Models
+load lazily, the first time a run needs them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from amodal3r.models._checkpoints import CheckpointError, load_model
-from .samplers import MultiViewMode, ProgressFn, SamplerSettings, sample
+from amodal3r.api.errors import CheckpointError, PipelineError
+from amodal3r.api.protocol import MULTIVIEW_MODES
+from amodal3r.io.inputs import View
+from amodal3r.models import load_model
 from amodal3r.modules.sparse import SparseTensor
+from amodal3r.representations.gaussians import Gaussians
+from amodal3r.representations.mesh import Mesh
+from amodal3r.weights.layout import (
+    CHECKPOINT_FOLDER,
+    DECODER_MODELS,
+    DOWNLOAD_BASE,
+    HF_REPO,
+    IMAGE_ENCODER_CONFIG,
+    IMAGE_ENCODER_FILES,
+    IMAGE_ENCODER_SOURCE,
+    PIPELINE_FILE,
+    REQUIRED_MODELS,
+    checkpoint_files,
+    image_encoder_places,
+)
 
-REQUIRED_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
-DECODERS = {"mesh": "slat_decoder_mesh", "gaussian": "slat_decoder_gs"}
+from .conditioning import assemble_cond, crop_square, image_to_tensor, preprocess_view
+from .devices import pick_device
+from .samplers import ProgressFn, SamplerSettings, sample
+
 IMAGE_ENCODER = "image_cond_model"
-# DINOv2 weights are not in the Amodal3R folder: the reference fetches them through torch.hub.
-IMAGE_ENCODER_FILES = ("dinov2_vitl14_reg4_pretrain.safetensors", "dinov2_vitl14_reg4_pretrain.pth")
-IMAGE_ENCODER_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
-IMAGE_ENCODER_CONFIG = "image_encoder.json"  # optional architecture override (tiny test models)
+Cancel = Callable[[], bool]
 
 
-class PipelineError(RuntimeError):
-    """A run that cannot produce a result, with what to do about it."""
+@dataclass(frozen=True)
+class StageSettings:
+    """One flow stage's sampler overrides; None keeps the value of ``pipeline.json``."""
+
+    steps: int | None = None
+    cfg_strength: float | None = None
+
+    def apply(self, defaults: SamplerSettings) -> SamplerSettings:
+        return defaults.override(steps=self.steps, cfg_strength=self.cfg_strength)
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """``auto`` (or None) prefers CUDA, then Apple's MPS, then the CPU."""
-    if name not in (None, "auto"):
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class RunSettings:
+    seed: int = 0
+    variants: int = 1
+    multiview: str = "stochastic"  # one of MULTIVIEW_MODES
+    structure: StageSettings = StageSettings()
+    slat: StageSettings = StageSettings()
+    formats: tuple[str, ...] = ("mesh", "gaussian")  # keys of DECODER_MODELS
+
+    def __post_init__(self) -> None:
+        if self.variants < 1:
+            raise ValueError(f"variants must be at least 1, got {self.variants}")
+        if self.multiview not in MULTIVIEW_MODES:
+            raise ValueError(f"multiview must be one of {', '.join(MULTIVIEW_MODES)}, got {self.multiview!r}")
+        unknown = [f for f in self.formats if f not in DECODER_MODELS]
+        if unknown:
+            raise ValueError(f"unknown output format(s) {unknown}; choose from {sorted(DECODER_MODELS)}")
+
+
+@dataclass
+class Reconstruction:
+    """What a run returns: one mesh and one set of Gaussians per variant (a list stays empty
+    when its format was not asked for)."""
+
+    meshes: list[Mesh]
+    gaussians: list[Gaussians]
+    views: list[str]  # in the order they conditioned the model
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
 
 
 @dataclass
@@ -53,38 +97,48 @@ class PipelineConfig:
     tiny_random_weights: bool = False
 
     @classmethod
-    def read(cls, folder: Path) -> "PipelineConfig":
-        path = folder / "pipeline.json"
+    def read(cls, folder: Path) -> PipelineConfig:
+        path = folder / PIPELINE_FILE
         if not path.is_file():
-            raise CheckpointError(f"{path}: not found. The model folder must hold pipeline.json and its "
-                                  "checkpoints (the layout of Hugging Face Sm0kyWu/Amodal3R)")
+            raise CheckpointError(f"{path}: not found. The model folder must hold {PIPELINE_FILE} and its "
+                                  f"checkpoints (the layout of Hugging Face {HF_REPO})")
         try:
-            args = json.loads(path.read_text())["args"]
-            models = dict(args["models"])
-            config = cls(
-                models=models,
-                structure_sampler=SamplerSettings.from_config(**_sampler_entry(args["sparse_structure_sampler"])),
-                slat_sampler=SamplerSettings.from_config(**_sampler_entry(args["slat_sampler"])),
-                slat_mean=list(args["slat_normalization"]["mean"]),
-                slat_std=list(args["slat_normalization"]["std"]),
-                image_cond_model=str(args.get("image_cond_model", "dinov2_vitl14_reg")),
-                tiny_random_weights=bool(args.get("tiny_random_weights", False)),
-            )
+            config = cls._parse(json.loads(path.read_text())["args"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e}). Replace it with the original file") from e
-        missing = [m for m in REQUIRED_MODELS if m not in models]
+        config._check_files(folder, path)
+        return config
+
+    @classmethod
+    def _parse(cls, args: dict) -> PipelineConfig:
+        return cls(
+            models=dict(args["models"]),
+            structure_sampler=SamplerSettings.from_config(**_sampler_entry(args["sparse_structure_sampler"])),
+            slat_sampler=SamplerSettings.from_config(**_sampler_entry(args["slat_sampler"])),
+            slat_mean=list(args["slat_normalization"]["mean"]),
+            slat_std=list(args["slat_normalization"]["std"]),
+            image_cond_model=str(args.get("image_cond_model", "dinov2_vitl14_reg")),
+            tiny_random_weights=bool(args.get("tiny_random_weights", False)),
+        )
+
+    def _check_files(self, folder: Path, path: Path) -> None:
+        missing = [m for m in REQUIRED_MODELS if m not in self.models]
         if missing:
             raise CheckpointError(f"{path}: the models map lacks {', '.join(missing)}")
-        for key, rel in models.items():
-            for suffix in (".json", ".safetensors"):
-                if not (folder / (rel + suffix)).is_file():
-                    raise CheckpointError(f"{path}: model {key!r} is {rel}, but {folder / (rel + suffix)} is missing. "
-                                          "Download the complete model folder")
-        return config
+        for key, stem in self.models.items():
+            for file in checkpoint_files(folder, stem):
+                if not file.is_file():
+                    raise CheckpointError(f"{path}: model {key!r} is {stem}, but {file} is missing. "
+                                          f"Download the complete model folder ({CHECKPOINT_FOLDER}/ included)")
 
 
 def _sampler_entry(entry: dict) -> dict:
     return {"name": entry["name"], "args": entry.get("args", {}), "params": entry.get("params", {})}
+
+
+def order_views(views: list[View]) -> list[View]:
+    """Most visible target first: the reference's multi-view convention."""
+    return sorted(views, key=lambda v: v.visible_fraction, reverse=True)
 
 
 class Amodal3RPipeline:
@@ -94,21 +148,46 @@ class Amodal3RPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Amodal3RPipeline":
+                        dtype: torch.dtype | None = None) -> Amodal3RPipeline:
         """Read ``pipeline.json`` and check its files exist; the models load on first use."""
         folder = Path(folder)
-        return cls(folder, PipelineConfig.read(folder), pick_device(device) if not isinstance(device, torch.device)
-                   else device, dtype)
+        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype)
+
+    @torch.inference_mode()
+    def __call__(self, views: list[View], settings: RunSettings = RunSettings(),
+                 progress: ProgressFn | None = None, cancelled: Cancel | None = None) -> Reconstruction:
+        """Views (several of one object: paper Sec. 3.4) to a decoded mesh and Gaussians per variant."""
+        if not views:
+            raise ValueError("no views given: pass at least one image with its masks")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            timings[name], clock = time.perf_counter() - clock, time.perf_counter()
+
+        # 1. Most visible view first; crop, preprocess and encode each view once.
+        ordered = order_views(views)
+        cond = self.encode(ordered)
+        lap("encode")
+        # 2. Both flow stages from one seeded generator: structure, then the latent on its voxels.
+        slat = self.sample_latent(cond, settings, progress, cancelled)
+        lap("sample")
+        # 3. Decode each variant into the formats asked for.
+        decoded = self.decode(slat, settings.formats)
+        lap("decode")
+        return Reconstruction(decoded.get("mesh", []), decoded.get("gaussian", []), [v.name for v in ordered],
+                              timings)
 
     def image_encoder_path(self) -> Path:
         """The DINOv2 checkpoint: in the model folder, else in torch.hub's checkpoint cache."""
-        places = [self.folder, Path(torch.hub.get_dir()) / "checkpoints"]
+        places = image_encoder_places(self.folder)
         for place in places:
             for name in IMAGE_ENCODER_FILES:
                 if (place / name).is_file():
                     return place / name
-        raise CheckpointError(f"DINOv2 weights not found: put {IMAGE_ENCODER_FILES[1]} ({IMAGE_ENCODER_URL}) "
-                              f"into {places[0]} or {places[1]}")
+        raise CheckpointError(f"DINOv2 weights not found: put {IMAGE_ENCODER_FILES[1]} "
+                              f"({DOWNLOAD_BASE}/{IMAGE_ENCODER_SOURCE}) into {places[0]} or {places[1]}")
 
     def image_encoder(self) -> nn.Module:
         if IMAGE_ENCODER not in self._models:
@@ -124,7 +203,7 @@ class Amodal3RPipeline:
     def model(self, key: str) -> nn.Module:
         if key not in self._models:
             if key not in self.config.models:
-                raise CheckpointError(f"{self.folder / 'pipeline.json'}: no model {key!r} in its models map")
+                raise CheckpointError(f"{self.folder / PIPELINE_FILE}: no model {key!r} in its models map")
             self._models[key] = load_model(self.folder / self.config.models[key], self.device, self.dtype)
         return self._models[key]
 
@@ -136,19 +215,57 @@ class Amodal3RPipeline:
         self._models.clear()
 
     @torch.inference_mode()
-    def sample_structure(self, cond: torch.Tensor, generator: torch.Generator, variants: int = 1,
-                         multiview: MultiViewMode = "stochastic", progress: ProgressFn | None = None,
-                         cancelled: Callable[[], bool] | None = None, **overrides: object) -> torch.Tensor:
+    def encode(self, views: list[View]) -> torch.Tensor:
+        """Condition rows ``[views, 4112, C]``: image tokens, visibility and occlusion patch ratios.
+
+        Each view is cropped square around its target and occluders (the model expects
+        object-centred images, photos are not) and preprocessed as the reference does.
+        """
+        encoder = self.image_encoder()
+        rows = []
+        for view in views:
+            crop = crop_square(view.image, view.target, view.occluder)
+            pre = preprocess_view(crop.image, crop.target, crop.occluder)
+            tokens = encoder(image_to_tensor(pre.image_518)[None].to(self.device))
+            vis = torch.from_numpy(pre.vis_ratio)[None].to(tokens.device)
+            occ = torch.from_numpy(pre.occ_ratio)[None].to(tokens.device)
+            rows.append(assemble_cond(tokens, vis, occ))
+        return torch.cat(rows)
+
+    @torch.inference_mode()
+    def sample_latent(self, cond: torch.Tensor, settings: RunSettings = RunSettings(),
+                      progress: ProgressFn | None = None, cancelled: Cancel | None = None) -> SparseTensor:
+        """Conditioning ``[views, 4112, C]`` to the structured latent of each variant.
+
+        Noise comes from a CPU generator seeded with ``settings.seed`` (structure noise first, then
+        the latent noise), so a seed gives the same result on every device up to float rounding.
+        """
+        generator = torch.Generator().manual_seed(settings.seed)
+        cond = cond.to(self.device)
+        coords = self.sample_structure(cond, generator, settings, progress, cancelled)
+        return self.sample_slat(cond, coords, generator, settings, progress, cancelled)
+
+    @torch.inference_mode()
+    def decode(self, slat: SparseTensor, formats: tuple[str, ...] = ("mesh", "gaussian")) -> dict[str, list]:
+        """Each variant in each format (keys of ``DECODER_MODELS``); only their decoders load."""
+        unknown = [f for f in formats if f not in DECODER_MODELS]
+        if unknown:
+            raise ValueError(f"unknown output format(s) {unknown}; choose from {sorted(DECODER_MODELS)}")
+        return {f: self.model(DECODER_MODELS[f])(slat) for f in formats}
+
+    @torch.inference_mode()
+    def sample_structure(self, cond: torch.Tensor, generator: torch.Generator, settings: RunSettings,
+                         progress: ProgressFn | None = None, cancelled: Cancel | None = None) -> torch.Tensor:
         """Occupied voxels ``[N, 4]`` (batch = variant, x, y, z) of the 64^3 structure."""
         flow = self.model("sparse_structure_flow_model")
         res = flow.resolution
-        noise = torch.randn(variants, flow.in_channels, res, res, res, generator=generator).to(self.device)
-        settings = self.config.structure_sampler.override(**overrides)
-        latent = sample(flow, noise, cond, torch.zeros_like(cond[:1]), settings, multiview, progress, cancelled,
-                        stage="structure")
+        noise = torch.randn(settings.variants, flow.in_channels, res, res, res, generator=generator).to(self.device)
+        sampler = settings.structure.apply(self.config.structure_sampler)
+        latent = sample(flow, noise, cond, torch.zeros_like(cond[:1]), sampler, settings.multiview, progress,
+                        cancelled, stage="structure")
         logits = self.model("sparse_structure_decoder")(latent)
         coords = torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].int()
-        empty = [v for v in range(variants) if not (coords[:, 0] == v).any()]
+        empty = [v for v in range(settings.variants) if not (coords[:, 0] == v).any()]
         if empty:
             raise PipelineError(f"the structure stage produced no occupied voxels (variant {empty[0]}). "
                                 "Check the masks mark the target, or try another seed or more steps")
@@ -156,39 +273,15 @@ class Amodal3RPipeline:
 
     @torch.inference_mode()
     def sample_slat(self, cond: torch.Tensor, coords: torch.Tensor, generator: torch.Generator,
-                    multiview: MultiViewMode = "stochastic", progress: ProgressFn | None = None,
-                    cancelled: Callable[[], bool] | None = None, **overrides: object) -> SparseTensor:
+                    settings: RunSettings, progress: ProgressFn | None = None,
+                    cancelled: Cancel | None = None) -> SparseTensor:
         """The structured latent on ``coords``, de-normalised with the pipeline's mean and std."""
         flow = self.model("slat_flow_model")
         noise = torch.randn(coords.shape[0], flow.in_channels, generator=generator).to(self.device)
-        settings = self.config.slat_sampler.override(**overrides)
+        sampler = settings.slat.apply(self.config.slat_sampler)
         x = SparseTensor(noise, coords.to(self.device))
-        slat = sample(flow, x, cond, torch.zeros_like(cond[:1]), settings, multiview, progress, cancelled,
+        slat = sample(flow, x, cond, torch.zeros_like(cond[:1]), sampler, settings.multiview, progress, cancelled,
                       stage="slat")
         std = torch.tensor(self.config.slat_std, device=self.device)[None]
         mean = torch.tensor(self.config.slat_mean, device=self.device)[None]
         return slat.replace(slat.feats * std + mean)
-
-    def run(self, cond: torch.Tensor, seed: int = 0, variants: int = 1, multiview: MultiViewMode = "stochastic",
-            structure_params: dict | None = None, slat_params: dict | None = None,
-            progress: ProgressFn | None = None, cancelled: Callable[[], bool] | None = None) -> SparseTensor:
-        """Conditioning ``[views, 4112, C]`` to the structured latent of each variant.
-
-        Noise comes from a CPU generator seeded with ``seed`` (structure noise first, then the
-        latent noise), so a seed gives the same result on every device up to float rounding.
-        """
-        if variants < 1:
-            raise ValueError(f"variants must be at least 1, got {variants}")
-        generator = torch.Generator().manual_seed(seed)
-        cond = cond.to(self.device)
-        coords = self.sample_structure(cond, generator, variants, multiview, progress, cancelled,
-                                       **(structure_params or {}))
-        return self.sample_slat(cond, coords, generator, multiview, progress, cancelled, **(slat_params or {}))
-
-    @torch.inference_mode()
-    def decode(self, slat: SparseTensor, formats: tuple[str, ...] = ("mesh", "gaussian")) -> dict[str, list]:
-        """Decode each variant into the requested formats; only their decoders are loaded."""
-        unknown = [f for f in formats if f not in DECODERS]
-        if unknown:
-            raise ValueError(f"unknown output format(s) {unknown}; choose from {sorted(DECODERS)}")
-        return {f: self.model(DECODERS[f])(slat) for f in formats}

@@ -44,44 +44,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from amodal3r.api.protocol import GREY_BACKGROUND, GREY_BACKGROUND_ABOVE, GREY_OCCLUDER, GREY_OCCLUDER_BELOW, GREY_TARGET
-
-__all__ = [
-    "IMAGE_SIZE",
-    "PATCH_SIZE",
-    "PATCH_GRID",
-    "NUM_PATCHES",
-    "NUM_REGISTER_TOKENS",
-    "NUM_PREFIX_TOKENS",
-    "NUM_IMAGE_TOKENS",
-    "NUM_COND_TOKENS",
-    "GREY_BACKGROUND",
-    "GREY_TARGET",
-    "GREY_OCCLUDER",
-    "PreprocessedView",
-    "SquareCrop",
-    "masks_to_grey",
-    "grey_to_masks",
-    "dilate_cross",
-    "patch_ratios",
-    "preprocess_grey",
-    "preprocess_view",
-    "image_to_tensor",
-    "assemble_cond",
-    "crop_square",
-]
-
-# --------------------------------------------------------------------------- constants
-
-IMAGE_SIZE = 518  #: side of the square image the encoder sees
-PATCH_SIZE = 14  #: ViT patch side in pixels
-PATCH_GRID = IMAGE_SIZE // PATCH_SIZE  #: 37 patches per side
-NUM_PATCHES = PATCH_GRID * PATCH_GRID  #: 1369
-NUM_REGISTER_TOKENS = 4
-NUM_PREFIX_TOKENS = 1 + NUM_REGISTER_TOKENS  #: class token + registers
-NUM_IMAGE_TOKENS = NUM_PREFIX_TOKENS + NUM_PATCHES  #: 1374
-NUM_COND_TOKENS = NUM_IMAGE_TOKENS + 2 * NUM_PATCHES  #: 4112
-
+from amodal3r.api.masks import (
+    GREY_BACKGROUND_ABOVE,
+    GREY_OCCLUDER_BELOW,
+    as_bool_mask,
+    masks_to_grey,
+    visible_target,
+)
+from amodal3r.modules.condition_tokens import (
+    IMAGE_SIZE,
+    NUM_IMAGE_TOKENS,
+    NUM_PATCHES,
+    NUM_REGISTER_TOKENS,
+    PATCH_GRID,
+    PATCH_SIZE,
+)
 
 # --------------------------------------------------------------------------- results
 
@@ -119,66 +96,7 @@ class SquareCrop(NamedTuple):
     box: tuple[int, int, int]
 
 
-# --------------------------------------------------------------------------- mask helpers
-
-
-def _as_bool_mask(mask, name: str) -> np.ndarray:
-    arr = np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(
-            f"{name} mask must be a 2-D array [height, width], got shape {arr.shape}; "
-            "pass one channel (e.g. mask[..., 0]) or a boolean array"
-        )
-    if arr.dtype == bool:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} mask has unsupported dtype {arr.dtype}; pass a boolean array")
-    return arr != 0
-
-
-def masks_to_grey(target, occluder=None) -> np.ndarray:
-    """Encode boolean masks as the reference's grey mask (uint8 ``[H, W]``).
-
-    Background is 255, target 188, occluder 0.  Where a pixel is marked both target and
-    occluder, the occluder wins (it hides that part of the target).
-    """
-    t = _as_bool_mask(target, "target")
-    grey = np.full(t.shape, GREY_BACKGROUND, dtype=np.uint8)
-    grey[t] = GREY_TARGET
-    if occluder is not None:
-        o = _as_bool_mask(occluder, "occluder")
-        if o.shape != t.shape:
-            raise ValueError(
-                f"occluder mask shape {o.shape} differs from target mask shape {t.shape}; "
-                "both masks must cover the same picture at the same resolution"
-            )
-        grey[o] = GREY_OCCLUDER
-    return grey
-
-
-def _grey_array(grey) -> np.ndarray:
-    if isinstance(grey, Image.Image):
-        grey = grey.convert("L")
-    arr = np.asarray(grey)
-    if arr.ndim != 2:
-        raise ValueError(
-            f"grey mask must be single-channel [height, width], got shape {arr.shape}; "
-            "convert a PIL image with .convert('L')"
-        )
-    return arr
-
-
-def grey_to_masks(grey) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a grey mask into ``(target, occluder)`` boolean arrays (no dilation).
-
-    Uses the reference thresholds: occluder ``< 127``, background ``> 230``, target otherwise.
-    Accepts a ``[H, W]`` array or a PIL image (converted with ``convert('L')``).
-    """
-    arr = _grey_array(grey)
-    occluder = arr < GREY_OCCLUDER_BELOW
-    background = arr > GREY_BACKGROUND_ABOVE
-    target = ~(occluder | background)
-    return target, occluder
+# --------------------------------------------------------------------------- masks
 
 
 def dilate_cross(mask: np.ndarray) -> np.ndarray:
@@ -241,7 +159,7 @@ def preprocess_grey(image, grey, *, dilate: bool = True) -> PreprocessedView:
         ValueError: sizes differ, or no target pixel is left visible.
     """
     rgb = _rgb_array(image)
-    g = _grey_array(grey)
+    g = np.asarray(grey.convert("L") if isinstance(grey, Image.Image) else grey)
     if g.shape != rgb.shape[:2]:
         raise ValueError(
             f"mask size {g.shape[1]}x{g.shape[0]} (WxH) does not match image size "
@@ -249,17 +167,11 @@ def preprocess_grey(image, grey, *, dilate: bool = True) -> PreprocessedView:
             "nearest-neighbour sampling (or crop both the same way) before preprocessing"
         )
 
-    occluder = g < GREY_OCCLUDER_BELOW
-    if dilate:
-        occluder = dilate_cross(occluder)
+    raw_occluder = g < GREY_OCCLUDER_BELOW
+    occluder = dilate_cross(raw_occluder) if dilate else raw_occluder
     background = g > GREY_BACKGROUND_ABOVE
+    visible_target(~(raw_occluder | background), occluder, "the grey mask")
     combined = occluder | background
-    if combined.all():
-        raise ValueError(
-            "target mask is empty: no pixel is marked as the visible target object "
-            f"(grey values {GREY_OCCLUDER_BELOW}..{GREY_BACKGROUND_ABOVE}, or left after growing "
-            "the occluders by one pixel); mark the visible part of the object in the mask"
-        )
 
     # The reference goes through float32 (v / 255 * (1 - m) * 255, truncated to uint8);
     # for every uint8 v that round trip is exact, so zeroing masked pixels is identical.
@@ -286,23 +198,24 @@ def preprocess_view(image: Image.Image, target, occluder=None) -> PreprocessedVi
     Raises:
         ValueError: a mask is not ``[H, W]`` of the image size, or the target is empty.
     """
-    t = _as_bool_mask(target, "target")
     width, height = image.size if isinstance(image, Image.Image) else np.asarray(image).shape[1::-1]
-    for name, m in (("target", t), ("occluder", occluder)):
-        if m is None:
-            continue
-        shape = np.asarray(m).shape
-        if shape != (height, width):
+    t, o = _checked_masks(target, occluder, width, height)
+    return preprocess_grey(image, masks_to_grey(t, o))
+
+
+def _checked_masks(target: object, occluder: object | None, width: int,
+                   height: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Boolean masks of the image's size, with some of the target visible."""
+    t = as_bool_mask(target, "target")
+    o = None if occluder is None else as_bool_mask(occluder, "occluder")
+    for name, m in (("target", t), ("occluder", o)):
+        if m is not None and m.shape != (height, width):
             raise ValueError(
-                f"{name} mask has shape {shape} (HxW) but the image is {height}x{width} (HxW); "
+                f"{name} mask has shape {m.shape} (HxW) but the image is {height}x{width} (HxW); "
                 "give masks at the image's resolution (resize with nearest-neighbour sampling)"
             )
-    if not t.any():
-        raise ValueError(
-            "target mask is empty: no pixel is marked as the visible target object; "
-            "select at least part of the object you want to reconstruct"
-        )
-    return preprocess_grey(image, masks_to_grey(t, occluder))
+    visible_target(t, o, "the view")
+    return t, o
 
 
 def image_to_tensor(image_518: np.ndarray) -> torch.Tensor:
@@ -358,20 +271,8 @@ def crop_square(image: Image.Image, target, occluder=None, margin: float = 0.1) 
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    t = _as_bool_mask(target, "target")
-    o = None if occluder is None else _as_bool_mask(occluder, "occluder")
     w, h = image.size
-    for name, m in (("target", t), ("occluder", o)):
-        if m is not None and m.shape != (h, w):
-            raise ValueError(
-                f"{name} mask has shape {m.shape} (HxW) but the image is {h}x{w} (HxW); "
-                "give masks at the image's resolution"
-            )
-    if not t.any():
-        raise ValueError(
-            "target mask is empty: no pixel is marked as the visible target object; "
-            "select at least part of the object you want to reconstruct"
-        )
+    t, o = _checked_masks(target, occluder, w, h)
     union = t if o is None else (t | o)
     rows = np.flatnonzero(union.any(axis=1))
     cols = np.flatnonzero(union.any(axis=0))

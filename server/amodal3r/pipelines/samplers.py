@@ -6,20 +6,18 @@ Conditional, unconditional and multi-view predictions of one step run as one bat
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
+from amodal3r.api.errors import Cancelled
+from amodal3r.api.protocol import MULTIVIEW_MODES
 from amodal3r.modules.sparse import SparseTensor
 
 Latent = torch.Tensor | SparseTensor
 ProgressFn = Callable[[str, int, int], None]
-MultiViewMode = Literal["stochastic", "multidiffusion"]
+MultiViewMode = str  # one of MULTIVIEW_MODES
 SAMPLER_NAMES = ("FlowEulerSampler", "FlowEulerCfgSampler", "FlowEulerGuidanceIntervalSampler")
-
-
-class Cancelled(Exception):
-    """Raised between sampler steps when the caller's cancel check says so."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,8 @@ def sample(model: Callable, noise: Latent, cond: torch.Tensor, neg_cond: torch.T
     ``(1 + s) v_cond - s v_neg`` for ``t`` inside ``cfg_interval``, else ``v_cond``.
     """
     n_views = cond.shape[0]
-    if multiview not in ("stochastic", "multidiffusion"):
-        raise ValueError(f"multi-view mode must be 'stochastic' or 'multidiffusion', got {multiview!r}")
+    if multiview not in MULTIVIEW_MODES:
+        raise ValueError(f"multi-view mode must be one of {', '.join(MULTIVIEW_MODES)}, got {multiview!r}")
     batched = _BatchedModel(model, noise)
     x = noise
     pairs = time_pairs(settings.steps, settings.rescale_t)

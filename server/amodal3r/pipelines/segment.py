@@ -18,14 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .amodal3r import pick_device
+from amodal3r.api.errors import CheckpointError, InputError
 from amodal3r.api.protocol import SAM_KINDS
 
+from .devices import pick_device
+
 CACHED_IMAGES = 4
-
-
-class SegmentError(ValueError):
-    """A request the model cannot answer; the message says what to change."""
 
 
 @dataclass
@@ -48,7 +46,7 @@ def build_sam(kind: str):
     from segment_anything import sam_model_registry
 
     if kind not in SAM_KINDS:
-        raise SegmentError(f"unknown SAM model {kind!r}: use one of {', '.join(SAM_KINDS)}")
+        raise InputError(f"unknown SAM model {kind!r}: use one of {', '.join(SAM_KINDS)}")
     return sam_model_registry[kind](checkpoint=None)
 
 
@@ -56,16 +54,16 @@ def load_sam(kind: str, checkpoint: Path, device: str = "auto"):
     """The official ``sam_vit_*.pth`` files are plain state dicts; load them without running pickled code."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise SegmentError(f"SAM checkpoint {checkpoint} does not exist: download it or fix the path")
+        raise CheckpointError(f"SAM checkpoint {checkpoint} does not exist: download it or fix the path")
     model = build_sam(kind)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise SegmentError(f"{checkpoint} is not a readable SAM checkpoint ({error}): download it again") from None
+        raise CheckpointError(f"{checkpoint} is not a readable SAM checkpoint ({error}): download it again") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
-        raise SegmentError(f"{checkpoint.name} does not fit the SAM {kind} architecture: "
+        raise CheckpointError(f"{checkpoint.name} does not fit the SAM {kind} architecture: "
                            f"is it the checkpoint of another kind ({', '.join(SAM_KINDS)})?") from None
     return model.to(pick_device(device)).eval()
 
@@ -124,7 +122,7 @@ class Segmenter:
 
     def __init__(self, kind: str, checkpoint: Path, device: str = "auto", cached_images: int = CACHED_IMAGES):
         if kind not in SAM_KINDS:
-            raise SegmentError(f"unknown SAM model {kind!r}: use one of {', '.join(SAM_KINDS)}")
+            raise InputError(f"unknown SAM model {kind!r}: use one of {', '.join(SAM_KINDS)}")
         self.kind, self.checkpoint, self.device = kind, Path(checkpoint), device
         self._predictor = None
         self._embeddings: OrderedDict[str, _Embedding] = OrderedDict()
@@ -191,18 +189,18 @@ class Segmenter:
 def _check_prompt(rgb: np.ndarray, points: list[tuple[float, float]], labels: list[int],
                   box: tuple[float, float, float, float] | None) -> None:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise SegmentError(f"the image must be 8-bit RGB, got an array of shape {rgb.shape} and {rgb.dtype}")
+        raise InputError(f"the image must be 8-bit RGB, got an array of shape {rgb.shape} and {rgb.dtype}")
     height, width = rgb.shape[:2]
     if not points and box is None:
-        raise SegmentError("give at least one click or a box")
+        raise InputError("give at least one click or a box")
     if len(points) != len(labels):
-        raise SegmentError(f"{len(points)} clicks but {len(labels)} labels: give one label per click")
+        raise InputError(f"{len(points)} clicks but {len(labels)} labels: give one label per click")
     for x, y in points:
         if not (0 <= x < width and 0 <= y < height):
-            raise SegmentError(f"click ({x:g}, {y:g}) lies outside the {width}x{height} image")
+            raise InputError(f"click ({x:g}, {y:g}) lies outside the {width}x{height} image")
     if box is not None:
         x0, y0, x1, y1 = box
         if not (x0 < x1 and y0 < y1):
-            raise SegmentError(f"box {list(box)} is empty: give x0 < x1 and y0 < y1")
+            raise InputError(f"box {list(box)} is empty: give x0 < x1 and y0 < y1")
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            raise SegmentError(f"box {list(box)} lies outside the {width}x{height} image")
+            raise InputError(f"box {list(box)} lies outside the {width}x{height} image")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from amodal3r.representations import flexicubes_tables as tables
+
 from .flexicubes import flexicubes, sorted_lookup
 
 SDF_CHANNELS = slice(0, 8)

@@ -27,8 +27,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from amodal3r import __version__
-from amodal3r.io.inputs import InputError
-from .job_store import JobStore, is_job_id, write_atomically
+from amodal3r.api.environment import TOKEN
+from amodal3r.api.errors import CheckpointError, InputError
+from amodal3r.api.files import write_atomically
 from amodal3r.api.protocol import (
     API_PREFIX,
     LISTENING_PREFIX,
@@ -37,13 +38,15 @@ from amodal3r.api.protocol import (
     MAX_VIEWS,
     PROTOCOL_VERSION,
     STATE_FILE,
-    TOKEN_ENV,
     JobParams,
     ProtocolError,
     SegmentParams,
     SegmentReply,
     parse_view_field,
 )
+from amodal3r.weights.layout import PIPELINE_FILE, SAM_FOLDER, sam_checkpoints
+
+from .job_store import JobStore, is_job_id
 from .worker import ModelRuntime, Worker, load_job_views
 
 TOKEN_FILE = "token"
@@ -86,11 +89,11 @@ class Server:
     def sam_checkpoint(self, kind: str) -> Path:
         if kind in self.config.sam_checkpoints:
             return self.config.sam_checkpoints[kind]
-        found = sorted((self.config.model_dir / "sam").glob(f"sam_{kind}_*.pth"))
+        found = sam_checkpoints(self.config.model_dir, kind)
         if not found:
             raise HTTPException(409, f"no SAM {kind} checkpoint: download it (POST {API_PREFIX}/models/download "
                                      f"with sam_{kind}) or place sam_{kind}_*.pth in "
-                                     f"{self.config.model_dir / 'sam'}")
+                                     f"{self.config.model_dir / SAM_FOLDER}")
         return found[0]
 
     def segmenter(self, kind: str):
@@ -219,7 +222,7 @@ class Guard:
         auth = headers.get(b"authorization", b"")
         if not auth.startswith(b"Bearer "):
             return JSONResponse({"detail": f"missing token: send 'Authorization: Bearer <token>' (the token is in "
-                                           f"{TOKEN_ENV} or the server's token file)"}, 401,
+                                           f"{TOKEN} or the server's token file)"}, 401,
                                 headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(auth[7:].strip(), self.token):
             return JSONResponse({"detail": "wrong token: use the token this server was started with"}, 403)
@@ -293,12 +296,9 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="Amodal3R reconstruction server", version=__version__,
                   openapi_url=f"{API_PREFIX}/openapi.json", docs_url=None, redoc_url=None)
 
-    @app.exception_handler(ProtocolError)
-    async def protocol_error(_request: Request, error: ProtocolError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, 422)
-
     @app.exception_handler(InputError)
-    async def input_error(_request: Request, error: InputError) -> JSONResponse:
+    @app.exception_handler(CheckpointError)
+    async def input_error(_request: Request, error: InputError | CheckpointError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, 422)
 
     @app.exception_handler(Exception)
@@ -415,19 +415,14 @@ def _store_image(server: Server, data: bytes) -> str:
 
 
 def _segment(server: Server, params: SegmentParams) -> dict:
-    from amodal3r.pipelines.segment import SegmentError
-
     path = server.images / f"{params.image_id}.bin"
     if not path.is_file():
         raise HTTPException(404, f"no image {params.image_id}: upload it again (POST {API_PREFIX}/images)")
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
-    try:
-        result = server.segmenter(params.model).segment(
-            rgb, [tuple(p) for p in params.points], params.labels,
-            tuple(params.box) if params.box is not None else None, image_key=params.image_id)
-    except SegmentError as error:
-        raise ProtocolError(str(error)) from None
+    result = server.segmenter(params.model).segment(
+        rgb, [tuple(p) for p in params.points], params.labels,
+        tuple(params.box) if params.box is not None else None, image_key=params.image_id)
     png = io.BytesIO()
     Image.fromarray(result.mask.astype(np.uint8) * 255).save(png, format="PNG")
     return SegmentReply(base64.b64encode(png.getvalue()).decode(), float(result.score), params.image_id,
@@ -436,8 +431,8 @@ def _segment(server: Server, params: SegmentParams) -> dict:
 
 def load_token(data_dir: Path) -> str:
     """``AMODAL3R_TOKEN`` when the parent gives one, else a token kept in a file only the user reads."""
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV]
+    if os.environ.get(TOKEN):
+        return os.environ[TOKEN]
     path = data_dir / TOKEN_FILE
     if path.is_file():
         return path.read_text().strip()
@@ -483,8 +478,8 @@ def serve(config: ServerConfig) -> int:
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_data_dir(config.data_dir)
-    if not (config.model_dir / "pipeline.json").is_file():
-        print(f"warning: {config.model_dir} has no pipeline.json yet: jobs fail until the models are "
+    if not (config.model_dir / PIPELINE_FILE).is_file():
+        print(f"warning: {config.model_dir} has no {PIPELINE_FILE} yet: jobs fail until the models are "
               f"downloaded (POST {API_PREFIX}/models/download)", file=sys.stderr)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {config.host}, reachable from other machines; every request still needs "

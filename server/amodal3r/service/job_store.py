@@ -8,12 +8,12 @@ written aside and renamed into place, so a crash leaves the old version or the n
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import threading
 import time
 from pathlib import Path
 
+from amodal3r.api.files import write_atomically
 from amodal3r.api.protocol import (
     FAILED,
     FINAL_STATES,
@@ -27,17 +27,6 @@ from amodal3r.api.protocol import (
 INTERRUPTED = ("the server stopped while this job was running (it crashed, was killed or the machine "
                "restarted); submit the job again")
 KEEP_JOBS = 200  # finished jobs beyond this many are deleted, oldest first
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one; a failure leaves nothing behind."""
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def is_job_id(text: str) -> bool:
@@ -143,11 +132,6 @@ class JobStore:
             return None
         path = self.folder(job_id) / "results" / name
         return path if path.is_file() else None
-
-    def write_result(self, job_id: str, name: str, data: bytes) -> Path:
-        path = self.folder(job_id) / "results" / name
-        write_atomically(path, data)
-        return path
 
     def _prune(self) -> None:
         finished = [s for s in self.list() if s.state in FINAL_STATES]

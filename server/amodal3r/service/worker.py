@@ -14,13 +14,20 @@ from pathlib import Path
 
 import torch
 
-from amodal3r.io.export import export_glb, preview_png
-from amodal3r.io.inputs import InputError, View, load_view
+from amodal3r.api.errors import Cancelled, InputError
+from amodal3r.api.protocol import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    RUNNING,
+    JobParams,
+    result_name,
+)
+from amodal3r.io.inputs import View, load_view
+from amodal3r.io.results import OutputSettings, write_results
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings
+
 from .job_store import JobStore
-from amodal3r.pipelines.amodal3r import Amodal3RPipeline
-from amodal3r.api.protocol import CANCELLED, DONE, FAILED, RUNNING, JobParams, result_name
-from amodal3r.pipelines.reconstruct import RunSettings, reconstruct
-from amodal3r.pipelines.samplers import Cancelled
 
 # Share of the whole job each stage takes, in order: drives the progress fraction and the ETA.
 STAGE_WEIGHTS = {"loading": 0.05, "encoding": 0.05, "structure": 0.35, "slat": 0.35, "decoding": 0.1,
@@ -184,30 +191,16 @@ class Worker:
         progress("loading")
         pipeline = self.runtime.pipeline()
         progress("encoding")
-        formats = ("mesh", "gaussian") if params.gaussians else ("mesh",)
-        settings = RunSettings(seed=params.seed, variants=params.variants, multiview=params.multiview,
-                               structure=_sampler_overrides(params.structure_steps, params.structure_cfg),
-                               slat=_sampler_overrides(params.slat_steps, params.slat_cfg), formats=formats)
-        result = reconstruct(pipeline, views, settings, progress, lambda: job_id in self._cancelled)
+        result = pipeline(views, run_settings(params), progress, lambda: job_id in self._cancelled)
         notices = [notice for view in views for notice in view.notices]
-        results = []
-        for variant, mesh in enumerate(result.meshes):
-            progress("exporting", variant, len(result.meshes))
-            results += self._export_variant(job_id, variant, mesh, result.gaussians, params, notices)
-        return results, notices
-
-    def _export_variant(self, job_id: str, variant: int, mesh, gaussians: list, params: JobParams,
-                        notices: list[str]) -> list[str]:
         folder = self.store.folder(job_id) / "results"
-        glb = result_name(variant, ".glb")
-        report = export_glb(mesh, folder / glb, texture_size=params.texture_size, target_faces=params.faces)
-        notices += report.notices
-        names = [glb]
-        if params.preview:
-            names.append(_write_via_temp(folder, result_name(variant, ".png"), lambda p: preview_png(mesh, p)))
-        if params.gaussians:
-            names.append(_write_via_temp(folder, result_name(variant, ".ply"), gaussians[variant].save_ply))
-        return names
+        glbs = [folder / result_name(variant, ".glb") for variant in range(len(result.meshes))]
+        outputs = OutputSettings(texture_size=params.texture_size, faces=params.faces, gaussians=params.gaussians,
+                                 preview=params.preview)
+        written = write_results(result.meshes, result.gaussians, glbs, outputs,
+                                before_variant=lambda index, count: progress("exporting", index, count))
+        notices += [notice for variant in written for notice in variant.report.notices]
+        return [path.name for variant in written for path in variant.files], notices
 
     def _unload_when_idle(self) -> None:
         while True:
@@ -238,24 +231,12 @@ def _named(message: str, paths: dict[str, Path], image_name: str, index: int) ->
     return message
 
 
-def _sampler_overrides(steps: int | None, cfg: float | None) -> dict:
-    overrides: dict[str, object] = {}
-    if steps is not None:
-        overrides["steps"] = steps
-    if cfg is not None:
-        overrides["cfg_strength"] = cfg
-    return overrides
-
-
-def _write_via_temp(folder: Path, name: str, write) -> str:
-    """Let ``write(path)`` fill a temporary file, then rename it into place."""
-    partial = folder / f".partial-{name}"  # keeps the suffix: writers pick the format by it
-    try:
-        write(partial)
-        partial.replace(folder / name)
-    finally:
-        partial.unlink(missing_ok=True)
-    return name
+def run_settings(params: JobParams) -> RunSettings:
+    """A job's parameters as the pipeline's run settings."""
+    return RunSettings(seed=params.seed, variants=params.variants, multiview=params.multiview,
+                       structure=StageSettings(params.structure_steps, params.structure_cfg),
+                       slat=StageSettings(params.slat_steps, params.slat_cfg),
+                       formats=("mesh", "gaussian") if params.gaussians else ("mesh",))
 
 
 def _explain(error: Exception) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -21,30 +20,28 @@ from pathlib import Path
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
-HF_REPO = "Sm0kyWu/Amodal3R"
+from amodal3r.api.environment import HF_OFFLINE
+from amodal3r.api.errors import Cancelled, DownloadError
+from amodal3r.weights.layout import (
+    CHECKPOINT_SUFFIXES,
+    DOWNLOAD_BASE,
+    HF_REPO,
+    IMAGE_ENCODER_FILES,
+    IMAGE_ENCODER_SOURCE,
+    PIPELINE_FILE,
+    SAM_FILES,
+    SAM_FOLDER,
+    SAM_SOURCE_FOLDER,
+    pipeline_models,
+)
+
 HF_ENDPOINT: str | None = None  # None: huggingface_hub's own (its HF_ENDPOINT variable, else huggingface.co)
-HTTPS_BASE = "https://dl.fbaipublicfiles.com"  # where the DINOv2 and SAM sources are relative to
+HTTPS_BASE = DOWNLOAD_BASE  # a module setting: tests point it at a loopback server
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
-# The checkpoints of the official pipeline.json, expected until that file is here to say.
-OFFICIAL_MODELS = (
-    "Amodal3R_ckpts/ss_flow_img_dit_L_16l8_fp16",
-    "Amodal3R_ckpts/ss_dec_conv3d_16l8_fp16",
-    "Amodal3R_ckpts/slat_flow_img_dit_L_64l8p2_fp16",
-    "Amodal3R_ckpts/slat_dec_mesh_swin8_B_64l8m256c_fp16",
-    "Amodal3R_ckpts/slat_dec_gs_swin8_B_64l8gs32_fp16",
-)
 # torch.hub's convention: the name ends in the first hex digits of the file's SHA-256.
 PUBLISHED_SHA256 = re.compile(r"[-_]([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
 TRUE_WORDS = {"1", "ON", "YES", "TRUE"}
-
-
-class DownloadError(RuntimeError):
-    """A download that failed, with what to do about it."""
-
-
-class DownloadCancelled(Exception):
-    """The caller's cancel check said stop; a partial HTTPS download stays for the next run."""
 
 
 @dataclass(frozen=True)
@@ -89,18 +86,18 @@ class DownloadProgress:
     files_total: int
 
 
-def _sam(kind: str, name: str, description: str) -> Component:
-    return Component(f"sam_{kind}", description, (RemoteFile(f"sam/{name}", f"segment_anything/{name}"),))
+def _sam(kind: str, description: str) -> Component:
+    name = SAM_FILES[kind]
+    return Component(f"sam_{kind}", description, (RemoteFile(f"{SAM_FOLDER}/{name}", f"{SAM_SOURCE_FOLDER}/{name}"),))
 
 
 CATALOG: dict[str, Component] = {c.name: c for c in (
     Component("amodal3r", "Amodal3R pipeline: pipeline.json and its checkpoints", hf_repo=HF_REPO),
     Component("dinov2", "DINOv2 ViT-L/14 with registers: the image encoder", (RemoteFile(
-        "dinov2_vitl14_reg4_pretrain.pth", "dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
-        accepts=("dinov2_vitl14_reg4_pretrain.safetensors",)),)),
-    _sam("vit_h", "sam_vit_h_4b8939.pth", "Segment Anything ViT-H: the best masks"),
-    _sam("vit_l", "sam_vit_l_0b3195.pth", "Segment Anything ViT-L"),
-    _sam("vit_b", "sam_vit_b_01ec64.pth", "Segment Anything ViT-B: the smallest and fastest"),
+        IMAGE_ENCODER_FILES[1], IMAGE_ENCODER_SOURCE, accepts=IMAGE_ENCODER_FILES[:1]),)),
+    _sam("vit_h", "Segment Anything ViT-H: the best masks"),
+    _sam("vit_l", "Segment Anything ViT-L"),
+    _sam("vit_b", "Segment Anything ViT-B: the smallest and fastest"),
 )}
 
 
@@ -108,18 +105,8 @@ def component_files(component: Component, model_dir: Path) -> list[RemoteFile]:
     """The component's files; for a Hugging Face pipeline, those its pipeline.json names."""
     if component.hf_repo is None:
         return list(component.files)
-    paths = ["pipeline.json"] + [stem + suffix for stem in _pipeline_models(model_dir) for suffix in
-                                 (".json", ".safetensors")]
+    paths = [PIPELINE_FILE] + [stem + suffix for stem in pipeline_models(model_dir) for suffix in CHECKPOINT_SUFFIXES]
     return [RemoteFile(p, p) for p in paths]
-
-
-def _pipeline_models(model_dir: Path) -> list[str]:
-    """Checkpoint stems from pipeline.json; the official ones while it is absent or unreadable."""
-    try:
-        models = json.loads((model_dir / "pipeline.json").read_text())["args"]["models"]
-        return [str(stem) for stem in models.values()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return list(OFFICIAL_MODELS)
 
 
 def source_url(component: Component, file: RemoteFile) -> str:
@@ -165,19 +152,19 @@ def download(model_dir: str | Path, components: Iterable[str], progress: Callabl
 
     The missing list is taken again after each file: pipeline.json, once here, says which
     checkpoints follow it. Raises DownloadError (with the files to copy by hand when the network
-    fails) or DownloadCancelled.
+    fails) or Cancelled.
     """
     model_dir, names, cancelled = Path(model_dir), list(components), cancelled or (lambda: False)
     unknown = [n for n in names if n not in CATALOG]
     if unknown:
         raise ValueError(f"unknown model component(s) {unknown}; choose from {sorted(CATALOG)}")
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_WORDS:
-        raise _by_hand(model_dir, names, "HF_HUB_OFFLINE is set")
+    if os.environ.get(HF_OFFLINE, "").upper() in TRUE_WORDS:
+        raise _by_hand(model_dir, names, f"{HF_OFFLINE} is set")
     done = 0
     while todo := _missing_files(model_dir, names):
         component, file = todo[0]
         if cancelled():
-            raise DownloadCancelled(f"download cancelled before {file.path}")
+            raise Cancelled(f"download cancelled before {file.path}")
         files_total = done + len(todo)
         report = _reporter(progress, component, file, done, files_total)
         report(0, None)
@@ -204,11 +191,11 @@ def _fetch(model_dir: Path, names: list[str], component: Component, file: Remote
             fetch_https(source_url(component, file), model_dir / file.path, report, cancelled)
         else:
             _fetch_hf(component.hf_repo, file, model_dir, report, cancelled)
-    except (DownloadError, DownloadCancelled):
+    except (DownloadError, Cancelled):
         raise
     except Exception as error:  # offline, refused, interrupted: one message with the way out
         if cancelled():
-            raise DownloadCancelled(f"download of {file.path} cancelled") from error
+            raise Cancelled(f"download of {file.path} cancelled") from error
         raise _by_hand(model_dir, names, f"{file.path}: {type(error).__name__}: {error}") from error
     if not (model_dir / file.path).is_file():
         raise DownloadError(f"the download of {file.path} finished but {model_dir / file.path} is not there")
@@ -242,7 +229,7 @@ def _progress_bar(report: Callable[[int, int | None], None], cancelled: Callable
             self.n += n or 0
             report(int(self.n), self.total)
             if cancelled():
-                raise DownloadCancelled("download cancelled")
+                raise Cancelled("download cancelled")
 
         def update_transfer(self, n: int) -> None:
             """Network bytes (compressed, deduplicated): ``update`` counts the bytes written instead."""
@@ -303,7 +290,7 @@ def _stream(url: str, part: Path, report: Callable[[int, int | None], None],
             done += len(chunk)
             report(done, total)
             if cancelled():
-                raise DownloadCancelled(f"download of {url} cancelled at {done} bytes; run it again to resume")
+                raise Cancelled(f"download of {url} cancelled at {done} bytes; run it again to resume")
     return total, digest
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amodal3r.models._checkpoints import CheckpointError
-
-PIPELINE_FILES = ["pipeline.json", "Amodal3R_ckpts/*.json", "Amodal3R_ckpts/*.safetensors"]
+from amodal3r.api.errors import CheckpointError
+from amodal3r.weights.layout import CHECKPOINT_FOLDER, HUB_PATTERNS, PIPELINE_FILE
 
 
 def resolve_model(name_or_path: str | Path, allow_download: bool = True) -> Path:
@@ -14,9 +13,9 @@ def resolve_model(name_or_path: str | Path, allow_download: bool = True) -> Path
     then a download when allowed). Offline without a cached copy, say exactly what to put where."""
     path = Path(name_or_path).expanduser()
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        if not (path / "pipeline.json").is_file():
-            raise CheckpointError(f"{path}: no pipeline.json here. Give the folder of the Amodal3R weights "
-                                  "(pipeline.json plus Amodal3R_ckpts/)")
+        if not (path / PIPELINE_FILE).is_file():
+            raise CheckpointError(f"{path}: no {PIPELINE_FILE} here. Give the folder of the Amodal3R weights "
+                                  f"({PIPELINE_FILE} plus {CHECKPOINT_FOLDER}/)")
         return path
     repo_id = str(name_or_path)
     try:
@@ -25,12 +24,12 @@ def resolve_model(name_or_path: str | Path, allow_download: bool = True) -> Path
         raise CheckpointError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed: "
                               "pip install huggingface_hub, or pass --model with a local folder") from e
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=PIPELINE_FILES, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
     except Exception as cached_error:  # noqa: BLE001 - any failure here means "not in the cache"
         if not allow_download:
             raise _missing(repo_id) from cached_error
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=PIPELINE_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # noqa: BLE001 - offline, refused, interrupted: one clear message
         raise _missing(repo_id, e) from e
 
@@ -39,5 +38,5 @@ def _missing(repo_id: str, error: Exception | None = None) -> CheckpointError:
     why = f" ({type(error).__name__}: {error})" if error is not None else ""
     return CheckpointError(
         f"the model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded{why}. "
-        f"Download https://huggingface.co/{repo_id} on a connected machine (pipeline.json and the "
-        "Amodal3R_ckpts folder), copy it here and pass --model /path/to/that/folder")
+        f"Download https://huggingface.co/{repo_id} on a connected machine ({PIPELINE_FILE} and the "
+        f"{CHECKPOINT_FOLDER} folder), copy it here and pass --model /path/to/that/folder")

@@ -14,10 +14,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from amodal3r.models._checkpoints import build_model
+from amodal3r.models import build_model
 from amodal3r.models.image_encoder import DinoV2Config, DinoV2Encoder
+from amodal3r.weights.layout import (
+    IMAGE_ENCODER_CONFIG,
+    IMAGE_ENCODER_FILES,
+    OFFICIAL_MODELS,
+    PIPELINE_FILE,
+)
 
-CKPTS = "Amodal3R_ckpts"
 OCCUPANCY = 0.03
 INSIDE = 0.05
 TINY_COND_CHANNELS = DinoV2Config.tiny().embed_dim
@@ -52,23 +57,23 @@ def tiny_configs(cond_channels: int, size: Size) -> dict[str, tuple[str, dict]]:
     decoder = dict(resolution=64, latent_channels=8, num_blocks=size.decoder_blocks, num_heads=size.decoder_heads,
                    mlp_ratio=4, attn_mode="swin", window_size=8, use_fp16=True)
     return {
-        "sparse_structure_flow_model": (f"{CKPTS}/ss_flow_img_dit_L_16l8_fp16", {
+        "sparse_structure_flow_model": (OFFICIAL_MODELS["sparse_structure_flow_model"], {
             "name": "SparseStructureFlowModelMaskAsCondWeighted",
             "args": dict(resolution=16, in_channels=8, out_channels=8, patch_size=1, **flow)}),
-        "sparse_structure_decoder": (f"{CKPTS}/ss_dec_conv3d_16l8_fp16", {
+        "sparse_structure_decoder": (OFFICIAL_MODELS["sparse_structure_decoder"], {
             "name": "SparseStructureDecoder",
             "args": dict(out_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1,
                          channels=list(size.structure_decoder), use_fp16=True)}),
-        "slat_flow_model": (f"{CKPTS}/slat_flow_img_dit_L_64l8p2_fp16", {
+        "slat_flow_model": (OFFICIAL_MODELS["slat_flow_model"], {
             "name": "SLatFlowModelMaskAsCondWeighted",
             "args": dict(resolution=64, in_channels=8, out_channels=8, patch_size=2, num_io_res_blocks=1,
                          io_block_channels=[size.io_channels], **flow)}),
         # The mesh decoder needs model_channels >= 256: its subdivision blocks group-normalise
         # model_channels / 8 channels in 32 groups.
-        "slat_decoder_mesh": (f"{CKPTS}/slat_dec_mesh_swin8_B_64l8m256c_fp16", {
+        "slat_decoder_mesh": (OFFICIAL_MODELS["slat_decoder_mesh"], {
             "name": "SLatMeshDecoder",
             "args": dict(decoder, model_channels=size.mesh_channels, representation_config={"use_color": True})}),
-        "slat_decoder_gs": (f"{CKPTS}/slat_dec_gs_swin8_B_64l8gs32_fp16", {
+        "slat_decoder_gs": (OFFICIAL_MODELS["slat_decoder_gs"], {
             "name": "SLatGaussianDecoder",
             "args": dict(decoder, model_channels=size.gaussian_channels, representation_config={
                 "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
@@ -152,15 +157,13 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
             "tiny_random_weights": True,
         },
     }
-    (out_dir / "pipeline.json").write_text(json.dumps(pipeline, indent=2))
+    (out_dir / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2))
     write_random_image_encoder(out_dir, generator, encoder)
     return out_dir
 
 
 def write_random_image_encoder(out_dir: Path, generator: torch.Generator, config: DinoV2Config) -> None:
     """A random DINOv2 (hub layout, like ``dinov2_vitl14_reg4_pretrain.pth``) with its architecture."""
-    from amodal3r.pipelines.amodal3r import IMAGE_ENCODER_CONFIG, IMAGE_ENCODER_FILES
-
     encoder = DinoV2Encoder(config)
     randomize(encoder, generator)
     (out_dir / IMAGE_ENCODER_CONFIG).write_text(json.dumps({"name": "dinov2_vitl14_reg", "args": config.to_dict()}))

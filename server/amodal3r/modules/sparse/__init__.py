@@ -1,7 +1,13 @@
 """Sparse voxel tensors and layers in pure PyTorch."""
 
 from .conv import SparseConv3d, build_neighbour_index
-from .layers import SparseGELU, SparseGroupNorm32, SparseLayerNorm32, SparseLinear, SparseSiLU
+from .layers import (
+    SparseGELU,
+    SparseGroupNorm32,
+    SparseLayerNorm32,
+    SparseLinear,
+    SparseSiLU,
+)
 from .spatial import SparseDownsample, SparseUpsample
 from .tensor import SparseTensor
 

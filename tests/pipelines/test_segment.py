@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from amodal3r.pipelines.segment import Segmenter, SegmentError, attention_with_folded_bias, load_sam, write_random_sam
 from segment_anything import SamPredictor
+
+from amodal3r.api.errors import CheckpointError, InputError
+from amodal3r.pipelines.segment import Segmenter, attention_with_folded_bias, load_sam, write_random_sam
 
 HEIGHT, WIDTH = 48, 64
 
@@ -46,16 +48,16 @@ def test_the_checkpoint_loads_exactly(checkpoint: Path) -> None:
 
 
 def test_bad_checkpoints_are_named(tmp_path: Path, checkpoint: Path) -> None:
-    with pytest.raises(SegmentError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_sam("vit_b", tmp_path / "missing.pth", "cpu")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(SegmentError, match="download it again"):
+    with pytest.raises(CheckpointError, match="download it again"):
         load_sam("vit_b", tmp_path / "junk.pth", "cpu")
     partial = dict(list(torch.load(checkpoint, weights_only=True).items())[:10])
     torch.save(partial, tmp_path / "partial.pth")
-    with pytest.raises(SegmentError, match="does not fit the SAM vit_b"):
+    with pytest.raises(CheckpointError, match="does not fit the SAM vit_b"):
         load_sam("vit_b", tmp_path / "partial.pth", "cpu")
-    with pytest.raises(SegmentError, match="vit_h, vit_l, vit_b"):
+    with pytest.raises(InputError, match="vit_h, vit_l, vit_b"):
         Segmenter("vit_x", checkpoint)
 
 
@@ -124,6 +126,6 @@ def test_old_embeddings_are_dropped(segmenter: Segmenter) -> None:
 ])
 def test_bad_prompts_are_named_before_any_work(rgb, points, labels, box, message, checkpoint: Path) -> None:
     fresh = Segmenter("vit_b", checkpoint)
-    with pytest.raises(SegmentError, match=message):
+    with pytest.raises(InputError, match=message):
         fresh.segment(rgb, points, labels, box)
     assert not fresh.loaded

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
+from PIL import Image
+
 from amodal3r.api.client import (
     Client,
     LocalServer,
@@ -22,7 +25,6 @@ from amodal3r.api.client import (
     launch_server,
     view_uploads,
 )
-from amodal3r.service.job_store import INTERRUPTED
 from amodal3r.api.protocol import (
     CANCELLED,
     DONE,
@@ -31,9 +33,9 @@ from amodal3r.api.protocol import (
     JobParams,
     SegmentParams,
 )
-from PIL import Image
+from amodal3r.service.job_store import INTERRUPTED
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
+EXAMPLE = REPO_ROOT / "examples" / "mug_behind_box"
 VIEW = {"image": EXAMPLE / "image.png", "target_mask": EXAMPLE / "target_mask.png",
         "occluder_mask": EXAMPLE / "occluder_mask.png"}
 FAST = {"structure_steps": 2, "slat_steps": 2, "texture_size": 256, "faces": 5000}

@@ -8,8 +8,8 @@ import pytest
 import torch
 import trimesh
 
-from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 from amodal3r.modules.sparse import SparseTensor
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 
 
 def sphere_shell_latent(radius: float, res: int = 64, seed: int = 0) -> SparseTensor:

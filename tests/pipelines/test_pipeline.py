@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from amodal3r.api.errors import Cancelled
 from amodal3r.cli import main
-from amodal3r.pipelines.amodal3r import Amodal3RPipeline
-from amodal3r.pipelines.samplers import Cancelled
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings
 from amodal3r.weights.tiny import TINY_COND_CHANNELS
 
-FAST = {"steps": 2}
+FAST = StageSettings(steps=2)
+
+
+def fast(**changes) -> RunSettings:
+    return RunSettings(**{"structure": FAST, "slat": FAST, "formats": (), **changes})
 
 
 def random_cond(views: int = 1, seed: int = 0) -> torch.Tensor:
@@ -33,27 +37,26 @@ def pipeline(tiny_model_dir: Path) -> Amodal3RPipeline:
 def test_models_load_lazily(tiny_model_dir: Path) -> None:
     p = Amodal3RPipeline.from_pretrained(tiny_model_dir, device="cpu")
     assert p.loaded_models == []
-    p.sample_structure(random_cond(), torch.Generator().manual_seed(0), **FAST)
+    p.sample_structure(random_cond(), torch.Generator().manual_seed(0), fast())
     assert p.loaded_models == ["sparse_structure_decoder", "sparse_structure_flow_model"]
 
 
 def test_run_is_deterministic_and_denormalised(pipeline: Amodal3RPipeline) -> None:
     progress: list[tuple[str, int, int]] = []
-    a = pipeline.run(random_cond(), seed=3, structure_params=FAST, slat_params=FAST,
-                     progress=lambda *e: progress.append(e))
-    b = pipeline.run(random_cond(), seed=3, structure_params=FAST, slat_params=FAST)
+    a = pipeline.sample_latent(random_cond(), fast(seed=3), progress=lambda *e: progress.append(e))
+    b = pipeline.sample_latent(random_cond(), fast(seed=3))
     assert torch.equal(a.coords, b.coords) and torch.equal(a.feats, b.feats)
     assert progress == [("structure", 1, 2), ("structure", 2, 2), ("slat", 1, 2), ("slat", 2, 2)]
     assert 100 < a.feats.shape[0] < 64**3 // 4 and a.coords[:, 1:].max() < 64
     assert a.feats.shape[1] == 8 and torch.isfinite(a.feats).all()
-    c = pipeline.run(random_cond(), seed=4, structure_params=FAST, slat_params=FAST)
+    c = pipeline.sample_latent(random_cond(), fast(seed=4))
     assert not torch.equal(a.coords, c.coords)
 
 
 def test_variants_and_multiview(pipeline: Amodal3RPipeline) -> None:
     for mode in ("stochastic", "multidiffusion"):
-        slat = pipeline.run(random_cond(views=3), seed=1, variants=2, multiview=mode,
-                            structure_params=FAST, slat_params={"steps": 1})
+        slat = pipeline.sample_latent(random_cond(views=3), fast(seed=1, variants=2, multiview=mode,
+                                                                 slat=StageSettings(steps=1)))
         assert slat.batch_size == 2 and all(s.stop > s.start for s in slat.layout)
 
 
@@ -71,7 +74,7 @@ def test_bfloat16_is_close_to_float32(tiny_model_dir: Path) -> None:
 
 def test_cancel_between_steps(pipeline: Amodal3RPipeline) -> None:
     with pytest.raises(Cancelled):
-        pipeline.run(random_cond(), structure_params={"steps": 5}, cancelled=lambda: True)
+        pipeline.sample_latent(random_cond(), fast(structure=StageSettings(steps=5)), cancelled=lambda: True)
 
 
 def test_tiny_weights_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -16,13 +16,13 @@ from conftest import assert_close, golden_case
 from safetensors.torch import load_file
 from torch import nn
 
-from amodal3r import window_attention
-from amodal3r.models._checkpoints import load_model
 from amodal3r.models import model_class
+from amodal3r.models._checkpoints import load_model
 from amodal3r.models.structured_latent_mesh_decoder import conv_after_subdivide, subdivide
-from amodal3r.representations.gaussians import Y_UP_TO_Z_UP, Gaussians
+from amodal3r.modules import window_attention
 from amodal3r.modules.sparse import SparseConv3d, SparseTensor
 from amodal3r.modules.window_attention import window_keys, window_partition, windowed_self_attention
+from amodal3r.representations.gaussians import Y_UP_TO_Z_UP, Gaussians
 
 GAUSSIAN_FIELDS = ("_xyz", "_features_dc", "_scaling", "_rotation", "_opacity",
                    "get_xyz", "get_scaling", "get_rotation", "get_opacity", "get_features")

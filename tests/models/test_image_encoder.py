@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import golden_case, golden_dir
+from PIL import Image
 
 from amodal3r.models.image_encoder import (
     DinoV2Config,
@@ -16,7 +16,6 @@ from amodal3r.models.image_encoder import (
     from_hub_state_dict,
     load_hub_checkpoint,
 )
-
 
 
 def _tol(expected: torch.Tensor) -> float:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amodal3r.pipelines.conditioning import masks_to_grey
 from amodal3r.io.inputs import MAX_SIDE, InputError, load_view
+from amodal3r.pipelines.conditioning import masks_to_grey
 
 H, W = 40, 60
 

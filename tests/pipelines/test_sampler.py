@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amodal3r.pipelines.samplers import Cancelled, SamplerSettings, sample, time_pairs
 from amodal3r.modules.sparse import SparseTensor
+from amodal3r.pipelines.samplers import Cancelled, SamplerSettings, sample, time_pairs
 
 
 class ToyFlow:

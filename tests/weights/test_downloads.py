@@ -13,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from amodal3r import models_store
+from loopback_files import Served
+
+from amodal3r.api.errors import Cancelled
+from amodal3r.weights import downloads as models_store
 from amodal3r.weights.downloads import (
     CATALOG,
     Component,
-    DownloadCancelled,
     DownloadError,
     DownloadProgress,
     RemoteFile,
@@ -25,7 +27,7 @@ from amodal3r.weights.downloads import (
     inventory,
     published_sha256,
 )
-from loopback_files import Served
+from amodal3r.weights.layout import OFFICIAL_MODELS
 
 DINOV2 = "dinov2_vitl14_reg4_pretrain.pth"
 DINOV2_SOURCE = "/dinov2/dinov2_vitl14/" + DINOV2
@@ -73,7 +75,7 @@ def assert_bytes_reported(events: list[DownloadProgress]) -> None:
 
 
 def official_files() -> list[str]:
-    return ["pipeline.json"] + [stem + suffix for stem in models_store.OFFICIAL_MODELS
+    return ["pipeline.json"] + [stem + suffix for stem in OFFICIAL_MODELS.values()
                                 for suffix in (".json", ".safetensors")]
 
 
@@ -112,10 +114,10 @@ def test_inventory_of_an_empty_folder(tmp_path: Path, tiny_model_dir: Path) -> N
 
 
 def test_catalog_agrees_with_the_pipeline_and_the_server() -> None:
-    from amodal3r.pipelines.amodal3r import IMAGE_ENCODER_FILES, IMAGE_ENCODER_URL
+    from amodal3r.weights.layout import DOWNLOAD_BASE, IMAGE_ENCODER_FILES, IMAGE_ENCODER_SOURCE
 
     dinov2 = CATALOG["dinov2"]
-    assert models_store.source_url(dinov2, dinov2.files[0]) == IMAGE_ENCODER_URL
+    assert models_store.source_url(dinov2, dinov2.files[0]) == f"{DOWNLOAD_BASE}/{IMAGE_ENCODER_SOURCE}"
     assert (dinov2.files[0].path, *dinov2.files[0].accepts) == IMAGE_ENCODER_FILES[::-1]
     for kind, prefix in (("vit_h", "4b8939"), ("vit_l", "0b3195"), ("vit_b", "01ec64")):
         (sam,) = CATALOG[f"sam_{kind}"].files
@@ -195,7 +197,7 @@ def test_cancel_keeps_the_part_for_later(served: Served, monkeypatch: pytest.Mon
     data = random_bytes(300_000)
     path = serve_sam(served, monkeypatch, data)
     events: list[DownloadProgress] = []
-    with pytest.raises(DownloadCancelled):
+    with pytest.raises(Cancelled):
         download(tmp_path, ["sam_vit_b"], events.append, cancelled=lambda: bool(events) and events[-1].bytes_done >= 64 << 10)
     kept = (tmp_path / f"{path}.part").stat().st_size
     assert 64 << 10 <= kept < len(data) and not (tmp_path / path).exists()
@@ -206,6 +208,7 @@ def test_cancel_keeps_the_part_for_later(served: Served, monkeypatch: pytest.Mon
 
 def test_the_pipeline_finds_downloaded_dinov2(served: Served, tmp_path: Path) -> None:
     import torch
+
     from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 
     served.files[DINOV2_SOURCE] = random_bytes(20_000)
@@ -310,7 +313,7 @@ def test_hugging_face_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", slow)
     events: list[DownloadProgress] = []
-    with pytest.raises(DownloadCancelled):
+    with pytest.raises(Cancelled):
         download(tmp_path, ["amodal3r"], events.append, cancelled=lambda: bool(events) and events[-1].bytes_done > 0)
 
 

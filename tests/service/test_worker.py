@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from amodal3r import worker
-from amodal3r.service.job_store import JobStore
+from conftest import REPO_ROOT
+
 from amodal3r.api.protocol import DONE, FAILED, JobParams
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+from amodal3r.service.job_store import JobStore
 from amodal3r.service.worker import OUT_OF_MEMORY, ModelRuntime, Worker
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
+EXAMPLE = REPO_ROOT / "examples" / "mug_behind_box"
 FAST = JobParams(structure_steps=2, slat_steps=2, texture_size=256, faces=5000, preview=False)
 
 
@@ -33,15 +35,15 @@ def wait_final(store: JobStore, job_id: str, timeout: float = 300.0):
 
 def test_out_of_memory_fails_the_job_with_advice_and_the_next_one_runs(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_reconstruct, calls = worker.reconstruct, []
+    real_call, calls = Amodal3RPipeline.__call__, []
 
     def first_call_runs_out(*args, **kwargs):
         calls.append(args)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_reconstruct(*args, **kwargs)
+        return real_call(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "reconstruct", first_call_runs_out)
+    monkeypatch.setattr(Amodal3RPipeline, "__call__", first_call_runs_out)
     store = JobStore(tmp_path / "data")
     runtime = ModelRuntime(tiny_model_dir, "cpu", idle_unload=0.3)
     jobs = Worker(store, runtime)

@@ -10,8 +10,8 @@ from conftest import assert_close, golden_case, golden_cond
 from safetensors.torch import load_file
 
 from amodal3r.models._checkpoints import load_model
-from amodal3r.pipelines.samplers import SamplerSettings, sample, time_pairs
 from amodal3r.modules.sparse import SparseTensor
+from amodal3r.pipelines.samplers import SamplerSettings, sample, time_pairs
 
 
 def _model(case: str):

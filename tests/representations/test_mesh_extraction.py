@@ -13,7 +13,6 @@ from amodal3r.representations import flexicubes_tables as tables
 from amodal3r.representations.mesh import Mesh, sparse_features_to_mesh
 
 
-
 def _match_vertices(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> torch.Tensor:
     """For each expected vertex, the index of the nearest actual vertex; asserts a 1:1 match within tol."""
     assert actual.shape == expected.shape

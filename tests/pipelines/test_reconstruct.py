@@ -9,10 +9,9 @@ import pytest
 from PIL import Image
 
 from amodal3r.io.inputs import View, validate_view
-from amodal3r.pipelines.amodal3r import Amodal3RPipeline
-from amodal3r.pipelines.reconstruct import RunSettings, order_views, reconstruct
+from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings, order_views
 
-FAST = RunSettings(structure={"steps": 2}, slat={"steps": 1})
+FAST = RunSettings(structure=StageSettings(steps=2), slat=StageSettings(steps=1))
 
 
 def synthetic_view(name: str, visible_rows: int, seed: int = 0) -> View:
@@ -36,7 +35,7 @@ def pipeline(tiny_model_dir: Path) -> Amodal3RPipeline:
 
 
 def test_single_view_to_mesh_and_gaussians(pipeline: Amodal3RPipeline) -> None:
-    result = reconstruct(pipeline, [synthetic_view("photo", 50)], FAST)
+    result = pipeline([synthetic_view("photo", 50)], FAST)
     assert len(result.meshes) == 1 and result.meshes[0].success
     assert len(result.gaussians) == 1 and result.gaussians[0].get_xyz.shape[0] > 0
     assert set(result.timings) == {"encode", "sample", "decode"}
@@ -45,8 +44,8 @@ def test_single_view_to_mesh_and_gaussians(pipeline: Amodal3RPipeline) -> None:
 
 def test_three_views_two_variants(pipeline: Amodal3RPipeline) -> None:
     views = [synthetic_view(f"v{i}", 20 + 15 * i, seed=i) for i in range(3)]
-    settings = RunSettings(variants=2, multiview="multidiffusion", structure={"steps": 1}, slat={"steps": 1},
-                           formats=("mesh",))
-    result = reconstruct(pipeline, views, settings)
+    one_step = StageSettings(steps=1)
+    settings = RunSettings(variants=2, multiview="multidiffusion", structure=one_step, slat=one_step, formats=("mesh",))
+    result = pipeline(views, settings)
     assert result.views == ["v2", "v1", "v0"]
     assert len(result.meshes) == 2 and result.gaussians == []

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import golden_case
+from PIL import Image
 
-from amodal3r import conditioning as C
-
-
+from amodal3r.api import masks as M
+from amodal3r.modules import condition_tokens as T
+from amodal3r.pipelines import conditioning as C
 
 # --------------------------------------------------------------------------- golden
 
@@ -29,8 +28,8 @@ def test_golden_mask_preproc(case):
 
     np.testing.assert_array_equal(view.mask_combined, io["mask_combined_u8"] == 1)
     np.testing.assert_array_equal(view.mask_occ, io["mask_occ_u8"] == 1)
-    assert view.vis_ratio.dtype == np.float32 and view.vis_ratio.shape == (C.NUM_PATCHES,)
-    assert view.occ_ratio.dtype == np.float32 and view.occ_ratio.shape == (C.NUM_PATCHES,)
+    assert view.vis_ratio.dtype == np.float32 and view.vis_ratio.shape == (T.NUM_PATCHES,)
+    assert view.occ_ratio.dtype == np.float32 and view.occ_ratio.shape == (T.NUM_PATCHES,)
     np.testing.assert_array_equal(view.vis_ratio, io["vis_ratio"])
     np.testing.assert_array_equal(view.occ_ratio, io["occ_ratio"])
     assert view.image_518.dtype == np.uint8 and view.image_518.shape == (518, 518, 3)
@@ -40,7 +39,7 @@ def test_golden_mask_preproc(case):
     np.testing.assert_array_equal(view.image_518, io["image_u8"])
 
     # The boolean-mask entry point gives the same result from the decoded masks.
-    target, occluder = C.grey_to_masks(grey)
+    target, occluder = M.grey_to_masks(grey)
     view2 = C.preprocess_view(image, target, occluder)
     np.testing.assert_array_equal(view2.image_518, view.image_518)
     np.testing.assert_array_equal(view2.vis_ratio, view.vis_ratio)
@@ -59,31 +58,31 @@ def test_grey_round_trip():
     rng = np.random.default_rng(0)
     target = rng.random((23, 31)) < 0.4
     occluder = (rng.random((23, 31)) < 0.3) & ~target
-    grey = C.masks_to_grey(target, occluder)
+    grey = M.masks_to_grey(target, occluder)
     assert grey.dtype == np.uint8
     assert set(np.unique(grey)) <= {0, 188, 255}
-    assert (grey[target] == C.GREY_TARGET).all()
-    assert (grey[occluder] == C.GREY_OCCLUDER).all()
-    assert (grey[~target & ~occluder] == C.GREY_BACKGROUND).all()
-    t2, o2 = C.grey_to_masks(grey)
+    assert (grey[target] == M.GREY_TARGET).all()
+    assert (grey[occluder] == M.GREY_OCCLUDER).all()
+    assert (grey[~target & ~occluder] == M.GREY_BACKGROUND).all()
+    t2, o2 = M.grey_to_masks(grey)
     np.testing.assert_array_equal(t2, target)
     np.testing.assert_array_equal(o2, occluder)
-    np.testing.assert_array_equal(C.masks_to_grey(t2, o2), grey)
+    np.testing.assert_array_equal(M.masks_to_grey(t2, o2), grey)
     # PIL input works too
-    t3, o3 = C.grey_to_masks(Image.fromarray(grey))
+    t3, o3 = M.grey_to_masks(Image.fromarray(grey))
     np.testing.assert_array_equal(t3, target)
     np.testing.assert_array_equal(o3, occluder)
 
 
 def test_grey_thresholds_and_overlap():
     grey = np.array([[0, 126, 127, 188, 230, 231, 255]], dtype=np.uint8)
-    t, o = C.grey_to_masks(grey)
+    t, o = M.grey_to_masks(grey)
     np.testing.assert_array_equal(o, [[1, 1, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(t, [[0, 0, 1, 1, 1, 0, 0]])
     # occluder wins where both are set; missing occluder means none
     both = np.ones((2, 2), bool)
-    assert (C.masks_to_grey(both, both) == 0).all()
-    assert (C.masks_to_grey(both) == 188).all()
+    assert (M.masks_to_grey(both, both) == 0).all()
+    assert (M.masks_to_grey(both) == 188).all()
 
 
 def test_dilate_cross():
@@ -160,7 +159,7 @@ def test_preprocess_view_size_mismatch():
     with pytest.raises(ValueError, match=r"occluder mask has shape"):
         C.preprocess_view(image, target, occluder[:-1])
     with pytest.raises(ValueError, match=r"does not match image size .*nearest"):
-        C.preprocess_grey(image, C.masks_to_grey(target)[:-2])
+        C.preprocess_grey(image, M.masks_to_grey(target)[:-2])
     with pytest.raises(ValueError, match=r"2-D array"):
         C.preprocess_view(image, np.stack([target] * 3, -1), occluder)
 
@@ -171,18 +170,18 @@ def test_preprocess_view_size_mismatch():
 def test_assemble_cond_layout():
     b, c = 2, 16
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(b, C.NUM_IMAGE_TOKENS, c, generator=g)
-    vis = torch.rand(b, C.NUM_PATCHES, generator=g)
-    occ = torch.rand(b, C.NUM_PATCHES, generator=g)
+    tokens = torch.randn(b, T.NUM_IMAGE_TOKENS, c, generator=g)
+    vis = torch.rand(b, T.NUM_PATCHES, generator=g)
+    occ = torch.rand(b, T.NUM_PATCHES, generator=g)
     cond = C.assemble_cond(tokens, vis, occ)
-    assert cond.shape == (b, C.NUM_COND_TOKENS, c) == (b, 4112, c)
+    assert cond.shape == (b, T.NUM_COND_TOKENS, c) == (b, 4112, c)
     ref = torch.cat(
         [tokens, vis[..., None].repeat(1, 1, c), occ[..., None].repeat(1, 1, c)], dim=1
     )
     assert torch.equal(cond, ref)
     assert torch.equal(cond[:, 1374:2743, 0], vis)
     assert torch.equal(cond[:, 2743:4112, c - 1], occ)
-    assert C.PATCH_GRID == 37 and C.NUM_IMAGE_TOKENS == 1374
+    assert T.PATCH_GRID == 37 and T.NUM_IMAGE_TOKENS == 1374
 
 
 @pytest.mark.parametrize("case", ["cond"])
@@ -203,14 +202,14 @@ def test_golden_cond(case):
 
 
 def test_assemble_cond_bad_shapes():
-    tokens = torch.zeros(1, C.NUM_IMAGE_TOKENS, 8)
-    ok = torch.zeros(1, C.NUM_PATCHES)
+    tokens = torch.zeros(1, T.NUM_IMAGE_TOKENS, 8)
+    ok = torch.zeros(1, T.NUM_PATCHES)
     with pytest.raises(ValueError, match="tokens must be"):
         C.assemble_cond(tokens[:, :-1], ok, ok)
     with pytest.raises(ValueError, match="vis_ratio must be"):
-        C.assemble_cond(tokens, torch.zeros(2, C.NUM_PATCHES), ok)
+        C.assemble_cond(tokens, torch.zeros(2, T.NUM_PATCHES), ok)
     with pytest.raises(ValueError, match="occ_ratio must be"):
-        C.assemble_cond(tokens, ok, torch.zeros(C.NUM_PATCHES))
+        C.assemble_cond(tokens, ok, torch.zeros(T.NUM_PATCHES))
 
 
 # --------------------------------------------------------------------------- crop
