@@ -15,15 +15,18 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+GOLDEN_ENV = "AMODAL3R_GOLDEN_DIR"
+
+
 def golden_dir() -> Path:
-    """``AMODAL3R_GOLDEN_DIR``, else ``../shared/golden`` beside the repository."""
-    return Path(os.environ.get("AMODAL3R_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+    """``AMODAL3R_GOLDEN_DIR``, else the copy the repository carries (``tests/golden``)."""
+    return Path(os.environ.get(GOLDEN_ENV, REPO_ROOT / "tests" / "golden"))
 
 
 def golden_case(name: str) -> Path:
     path = golden_dir() / name
     if not path.is_dir():
-        pytest.fail(f"golden case {path} is missing: set AMODAL3R_GOLDEN_DIR to the golden folder")
+        pytest.fail(f"golden case {path} is missing: set {GOLDEN_ENV} to a golden folder (tests/golden/README.md)")
     return path
 
 

@@ -26,11 +26,7 @@ def _tol(expected: torch.Tensor) -> float:
 def golden_encoder():
     d = golden_case("dinov2")
     config = DinoV2Config.from_json(d / "config.json")
-    assert config == DinoV2Config.tiny()
-    hub_sd = load_hub_checkpoint(d / "dinov2_hub_format.safetensors")
-    model = DinoV2Encoder(config, init_weights=False)
-    model.load_hub_state_dict(hub_sd, source="dinov2_hub_format.safetensors")
-    return model.eval()
+    return DinoV2Encoder.from_checkpoint(d / "dinov2_hub_format.safetensors", config)
 
 
 @pytest.mark.parametrize("case", ["dinov2"])
@@ -43,7 +39,7 @@ def test_golden_dinov2(case, golden_encoder):
     with torch.no_grad():
         x_prenorm = model.forward_prenorm(io["image"])
         tokens = torch.nn.functional.layer_norm(x_prenorm, x_prenorm.shape[-1:], eps=1e-5)
-    assert x_prenorm.shape == io["x_prenorm"].shape == (1, 1374, 64)
+    assert x_prenorm.shape == io["x_prenorm"].shape == (1, 1374, model.config.embed_dim)
     err_pre = (x_prenorm - io["x_prenorm"]).abs().max().item()
     err_tok = (tokens - io["tokens"]).abs().max().item()
     assert err_pre <= _tol(io["x_prenorm"]), err_pre
@@ -52,17 +48,26 @@ def test_golden_dinov2(case, golden_encoder):
     # architecture slip gives >1e-3, so keep a much tighter guard as well
     assert err_pre <= 1e-5 and err_tok <= 1e-5, (err_pre, err_tok)
 
-    # Full path from [0,1] pixels: the golden input is input.png resized with LANCZOS
-    # and ImageNet-normalised; forward() must do that normalisation itself.
-    png = golden_dir() / "mask_preproc" / "input.png"
-    if png.is_file():
-        img = Image.open(png).convert("RGB").resize((518, 518), Image.Resampling.LANCZOS)
-        pixels = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
-        assert torch.equal(model.normalize(pixels), io["image"])
-        with torch.no_grad():
-            tok2, pre2 = model(pixels, return_prenorm=True)
-        assert (tok2 - io["tokens"]).abs().max().item() <= _tol(io["tokens"])
-        assert (pre2 - io["x_prenorm"]).abs().max().item() <= _tol(io["x_prenorm"])
+
+def test_golden_dinov2_from_pixels(golden_encoder):
+    """Full path from [0,1] pixels: the case's picture resized with LANCZOS and ImageNet-normalised;
+    forward() must do that normalisation itself."""
+    from safetensors.torch import load_file
+
+    d = golden_case("dinov2")
+    source = json.loads((d / "config.json").read_text()).get("source_image")
+    if source is None:
+        pytest.skip("this golden dinov2 case does not name its source picture (config.json: source_image)")
+    io = load_file(str(d / "io.safetensors"))
+    model = golden_encoder
+    png = golden_dir() / source
+    img = Image.open(png).convert("RGB").resize((518, 518), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(img).astype(np.float32) / 255).permute(2, 0, 1)[None]
+    assert torch.equal(model.normalize(pixels), io["image"])
+    with torch.no_grad():
+        tok2, pre2 = model(pixels, return_prenorm=True)
+    assert (tok2 - io["tokens"]).abs().max().item() <= _tol(io["tokens"])
+    assert (pre2 - io["x_prenorm"]).abs().max().item() <= _tol(io["x_prenorm"])
 
 
 @pytest.mark.parametrize("case", ["dinov2"])
@@ -77,13 +82,13 @@ def test_golden_dinov2_checkpoint_loaders(case, golden_encoder, tmp_path):
     timm_file = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in from_hub_state_dict(hub_sd).items()}, str(timm_file))
 
-    expected = golden_encoder.timm_state_dict()
+    expected = golden_encoder.vit.state_dict()
     for model in (
-        DinoV2Encoder.from_checkpoint(pth, DinoV2Config.tiny()),
-        DinoV2Encoder.from_checkpoint(timm_file, DinoV2Config.tiny()),
+        DinoV2Encoder.from_checkpoint(pth, golden_encoder.config),
+        DinoV2Encoder.from_checkpoint(timm_file, golden_encoder.config),
     ):
         assert not model.training
-        got = model.timm_state_dict()
+        got = model.vit.state_dict()
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in expected)
         assert torch.equal(model.pixel_std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
@@ -99,7 +104,7 @@ def test_hub_conversion_round_trip():
     assert "mask_token" in hub and "register_tokens" in hub and "reg_token" not in hub
     assert hub["pos_embed"].shape == (1, 1370, 64)
     back = from_hub_state_dict(hub)
-    own = model.timm_state_dict()
+    own = model.vit.state_dict()
     assert back.keys() == own.keys()
     assert all(torch.equal(back[k], own[k]) for k in own)
 
@@ -137,11 +142,11 @@ def test_golden_dinov2_manifest_keys(case):
     # and the other way: the manifest converted to timm layout loads strictly
     fake = {k: torch.empty(s, device="meta") for k, s in expected.items()}
     converted = from_hub_state_dict(fake)
-    own = model.timm_state_dict()
+    own = model.vit.state_dict()
     assert {k: tuple(v.shape) for k, v in converted.items()} == {
         k: tuple(v.shape) for k, v in own.items()
     }
-    model.load_hub_state_dict(fake, source="manifest", assign=True)
+    model.load_timm_state_dict(from_hub_state_dict(fake), source="manifest", assign=True)
 
 
 def test_strict_load_error_names_file_and_keys():
@@ -151,7 +156,7 @@ def test_strict_load_error_names_file_and_keys():
     hub["blocks.7.extra.weight"] = torch.empty(3, device="meta")
     hub["norm.weight"] = torch.empty(65, device="meta")
     with pytest.raises(ValueError) as info:
-        model.load_hub_state_dict(hub, source="/models/wrong.pth")
+        model.load_timm_state_dict(from_hub_state_dict(hub), source="/models/wrong.pth")
     msg = str(info.value)
     assert "/models/wrong.pth" in msg
     assert "missing keys: blocks.1.mlp.fc2.bias" in msg

@@ -98,10 +98,6 @@ class DinoV2Config:
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    @property
-    def num_tokens(self) -> int:
-        return 1 + self.num_register_tokens + self.num_patches
-
 
 # --------------------------------------------------------------------------- layout conversion
 
@@ -255,10 +251,6 @@ class DinoV2Encoder(nn.Module):
 
     # ---------------------------------------------------------------- loading
 
-    def timm_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict of the wrapped timm model (timm key layout)."""
-        return self.vit.state_dict()
-
     def hub_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict in the torch-hub layout (see :func:`to_hub_state_dict`)."""
         return to_hub_state_dict(self.vit.state_dict())
@@ -276,12 +268,6 @@ class DinoV2Encoder(nn.Module):
 
         check_state_dict(self.vit, state_dict, Path(source))
         self.vit.load_state_dict(state_dict, strict=True, assign=assign)
-
-    def load_hub_state_dict(
-        self, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict", assign: bool = False
-    ) -> None:
-        """Convert a hub-layout state dict with :func:`from_hub_state_dict` and load it strictly."""
-        self.load_timm_state_dict(from_hub_state_dict(state_dict), source=source, assign=assign)
 
     @classmethod
     def from_checkpoint(

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amodal3r.api.environment import ATTN_BACKEND
+
 from .sparse import SparseTensor
 
 WEIGHT_EPS = 1e-6
@@ -22,9 +24,9 @@ Backend = Literal["sdpa", "xformers", "flash_attn"]
 
 
 def attention_backend() -> Backend:
-    name = os.environ.get("AMODAL3R_ATTN_BACKEND", "sdpa")
+    name = os.environ.get(ATTN_BACKEND, "sdpa")
     if name not in ("sdpa", "xformers", "flash_attn"):
-        raise ValueError(f"AMODAL3R_ATTN_BACKEND={name!r}: choose sdpa, xformers or flash_attn")
+        raise ValueError(f"{ATTN_BACKEND}={name!r}: choose sdpa, xformers or flash_attn")
     return name  # type: ignore[return-value]
 
 

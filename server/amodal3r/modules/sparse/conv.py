@@ -13,6 +13,8 @@ import os
 import torch
 from torch import nn
 
+from amodal3r.api.environment import SPARSE_CONV, SPCONV_ON_CPU
+
 from .tensor import SparseTensor
 
 NeighbourMap = list[tuple[torch.Tensor, torch.Tensor]]
@@ -130,11 +132,11 @@ class _Kernel(nn.Module):
 def use_spconv(x: SparseTensor) -> bool:
     """``AMODAL3R_SPARSE_CONV=spconv`` routes CUDA tensors through spconv. CPU tensors go through it
     only when also ``AMODAL3R_SPCONV_ON_CPU=1`` with torch on one thread, to compare the backends."""
-    if os.environ.get("AMODAL3R_SPARSE_CONV", "torch") != "spconv":
+    if os.environ.get(SPARSE_CONV, "torch") != "spconv":
         return False
     if x.device.type == "cuda":
         return True
-    return os.environ.get("AMODAL3R_SPCONV_ON_CPU") == "1" and torch.get_num_threads() == 1
+    return os.environ.get(SPCONV_ON_CPU) == "1" and torch.get_num_threads() == 1
 
 
 class SparseConv3d(nn.Module):

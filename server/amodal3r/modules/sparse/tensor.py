@@ -11,8 +11,6 @@ from typing import Any, Callable
 
 import torch
 
-Number = int | float
-
 
 def batch_layout(batch_index: torch.Tensor, batch_size: int) -> list[slice]:
     """Row ranges of each batch element; rows must already be grouped by batch index."""
@@ -106,7 +104,7 @@ class SparseTensor:
             return per_batch[:1].expand(self.feats.shape[0], -1)
         return per_batch.index_select(0, self.row_batch)
 
-    def _elementwise(self, other: "SparseTensor | torch.Tensor | Number", op: Callable) -> "SparseTensor":
+    def _elementwise(self, other: "SparseTensor | torch.Tensor | int | float", op: Callable) -> "SparseTensor":
         """A ``[B, C]`` tensor acts per batch element (adaLN shift/scale), anything else per row."""
         if isinstance(other, SparseTensor):
             other = other.feats
