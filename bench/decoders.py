@@ -37,12 +37,16 @@ from amodal3r.modules.sparse import SparseTensor
 from amodal3r.weights.tiny import randomize
 
 RESOLUTION, LATENT_CHANNELS = 64, 8
-COMMON = dict(resolution=RESOLUTION, latent_channels=LATENT_CHANNELS, mlp_ratio=4, attn_mode="swin",
-              window_size=8)
+COMMON = dict(resolution=RESOLUTION, latent_channels=LATENT_CHANNELS, mlp_ratio=4, attn_mode="swin", window_size=8)
 GAUSSIAN_REPRESENTATION = {  # as /work/shared/golden/slat_dec_gs/model.json, num_gaussians per config
     "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
-    "perturb_offset": True, "voxel_size": 1.5, "2d_filter_kernel_size": 0.1, "3d_filter_kernel_size": 9e-4,
-    "scaling_bias": 4e-3, "opacity_bias": 0.1, "scaling_activation": "softplus",
+    "perturb_offset": True,
+    "voxel_size": 1.5,
+    "2d_filter_kernel_size": 0.1,
+    "3d_filter_kernel_size": 9e-4,
+    "scaling_bias": 4e-3,
+    "opacity_bias": 0.1,
+    "scaling_activation": "softplus",
 }
 CONFIGS = {
     "tiny": {
@@ -54,7 +58,7 @@ CONFIGS = {
         "gaussians": dict(model_channels=512, num_blocks=4, num_heads=8, num_gaussians=32),
     },
 }
-MIB = 2 ** 20
+MIB = 2**20
 REALISTIC_INSIDE = 0.2  # fraction of mesh corners with sdf < 0, see the module docstring
 
 
@@ -87,9 +91,15 @@ def measure(config: str, model: str, radius: float, seed: int, inside: float = R
     randomize(decoder, generator)
     coords = sphere_shell(radius)
     latent = SparseTensor(torch.randn(len(coords), LATENT_CHANNELS, generator=generator), coords)
-    result = dict(config=config, model=model, radius=radius, voxels=len(coords),
-                  model_channels=decoder.model_channels,
-                  out_channels=decoder.out_channels, rss_built=max_rss_mib())
+    result = dict(
+        config=config,
+        model=model,
+        radius=radius,
+        voxels=len(coords),
+        model_channels=decoder.model_channels,
+        out_channels=decoder.out_channels,
+        rss_built=max_rss_mib(),
+    )
     with torch.inference_mode():
         start = time.perf_counter()
         out = decoder.decode(latent)
@@ -111,8 +121,21 @@ def measure(config: str, model: str, radius: float, seed: int, inside: float = R
 
 
 def run_case(config: str, model: str, radius: float, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--one", config, model, "--radius", str(radius),
-           "--threads", str(args.threads), "--seed", str(args.seed), "--inside", str(args.inside)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        config,
+        model,
+        "--radius",
+        str(radius),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--inside",
+        str(args.inside),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -123,25 +146,32 @@ def run_case(config: str, model: str, radius: float, args: argparse.Namespace) -
 def row(r: dict) -> str:
     if r["model"] == "mesh":
         output = f"{r['out_rows']} cubes, {r['vertices']} v / {r['faces']} f"
-        dense_out = 256 ** 3 * r["out_channels"] * 4 / MIB
+        dense_out = 256**3 * r["out_channels"] * 4 / MIB
     else:
         output = f"{r['gaussians']} Gaussians"
-        dense_out = RESOLUTION ** 3 * r["out_channels"] * 4 / MIB
-    dense_trunk = RESOLUTION ** 3 * r["model_channels"] * 4 / MIB
-    return (f"| {r['model']:<9} | {r['config']:<6} | {r['radius']:>6g} | {r['voxels']:>6} | {output:<36} "
-            f"| {r['decode_s']:>10.2f} | {r['extract_s']:>11.2f} | {r['rss_built']:>9.0f} | {r['rss_decode']:>11.0f} "
-            f"| {r['rss_peak']:>9.0f} | {dense_out:>14.0f} | {dense_trunk:>16.0f} |")
+        dense_out = RESOLUTION**3 * r["out_channels"] * 4 / MIB
+    dense_trunk = RESOLUTION**3 * r["model_channels"] * 4 / MIB
+    return (
+        f"| {r['model']:<9} | {r['config']:<6} | {r['radius']:>6g} | {r['voxels']:>6} | {output:<36} "
+        f"| {r['decode_s']:>10.2f} | {r['extract_s']:>11.2f} | {r['rss_built']:>9.0f} | {r['rss_decode']:>11.0f} "
+        f"| {r['rss_peak']:>9.0f} | {dense_out:>14.0f} | {dense_trunk:>16.0f} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--radius", type=float, default=28.5, help="shell radius in voxels (64^3 grid)")
-    parser.add_argument("--medium-radius", type=float, default=None,
-                        help="shell radius for the medium config only (default: --radius)")
+    parser.add_argument(
+        "--medium-radius", type=float, default=None, help="shell radius for the medium config only (default: --radius)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inside", type=float, default=REALISTIC_INSIDE,
-                        help="fraction of mesh corners shifted inside (sdf < 0); 0.5 is the worst case")
+    parser.add_argument(
+        "--inside",
+        type=float,
+        default=REALISTIC_INSIDE,
+        help="fraction of mesh corners shifted inside (sdf < 0); 0.5 is the worst case",
+    )
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,22 +179,34 @@ def main() -> None:
         print(json.dumps(measure(*args.one, args.radius, args.seed, args.inside)), flush=True)
         return
     medium_radius = args.medium_radius if args.medium_radius is not None else args.radius
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, one run per fresh process, "
-          f"{args.inside:g} of mesh corners inside; "
-          f"sphere shell of {len(sphere_shell(args.radius))} voxels at 64^3 (radius {args.radius:g})"
-          + (f", medium on radius {medium_radius:g} ({len(sphere_shell(medium_radius))} voxels)"
-             if medium_radius != args.radius else "") + "\n")
-    print(f"| {'decoder':<9} | {'config':<6} | {'radius':>6} | {'voxels':>6} | {'output':<36} | {'decode (s)':>10} "
-          f"| {'extract (s)':>11} | {'RSS built':>9} | {'peak decode':>11} | {'peak RSS':>9} "
-          f"| {'dense out MiB':>14} | {'dense trunk MiB':>16} |")
-    print(f"|{'-' * 11}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 38}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}"
-          f"|{'-' * 11}|{'-' * 16}|{'-' * 18}|")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, fp32, one run per fresh process, "
+        f"{args.inside:g} of mesh corners inside; "
+        f"sphere shell of {len(sphere_shell(args.radius))} voxels at 64^3 (radius {args.radius:g})"
+        + (
+            f", medium on radius {medium_radius:g} ({len(sphere_shell(medium_radius))} voxels)"
+            if medium_radius != args.radius
+            else ""
+        )
+        + "\n"
+    )
+    print(
+        f"| {'decoder':<9} | {'config':<6} | {'radius':>6} | {'voxels':>6} | {'output':<36} | {'decode (s)':>10} "
+        f"| {'extract (s)':>11} | {'RSS built':>9} | {'peak decode':>11} | {'peak RSS':>9} "
+        f"| {'dense out MiB':>14} | {'dense trunk MiB':>16} |"
+    )
+    print(
+        f"|{'-' * 11}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 38}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}"
+        f"|{'-' * 11}|{'-' * 16}|{'-' * 18}|"
+    )
     for config in CONFIGS:
         radius = medium_radius if config == "medium" else args.radius
         for model in ("mesh", "gaussians"):
             print(row(run_case(config, model, radius, args)), flush=True)
-    print("\nRSS columns in MiB (ru_maxrss). Dense out: mesh 101 ch at 256^3, Gaussians 14 x num_gaussians ch "
-          "at 64^3; dense trunk: model_channels at 64^3; all float32.")
+    print(
+        "\nRSS columns in MiB (ru_maxrss). Dense out: mesh 101 ch at 256^3, Gaussians 14 x num_gaussians ch "
+        "at 64^3; dense trunk: model_channels at 64^3; all float32."
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,14 @@ def timed(fn, repeat: int) -> float:
 
 def structure_forward(size: str, dtype: torch.dtype, batch: int):
     model = SparseStructureFlowModelMaskAsCondWeighted(
-        resolution=16, in_channels=8, out_channels=8, cond_channels=COND_CHANNELS, patch_size=1,
-        qk_rms_norm=True, **CONFIGS[size]).eval()
+        resolution=16,
+        in_channels=8,
+        out_channels=8,
+        cond_channels=COND_CHANNELS,
+        patch_size=1,
+        qk_rms_norm=True,
+        **CONFIGS[size],
+    ).eval()
     model.set_torso_dtype(dtype)
     x, t, cond = torch.randn(batch, 8, 16, 16, 16), torch.full((batch,), 500.0), condition(batch)
     return lambda: model(x, t, cond)
@@ -62,9 +68,16 @@ def structure_forward(size: str, dtype: torch.dtype, batch: int):
 
 def latent_forward(size: str, dtype: torch.dtype, batch: int):
     model = SLatFlowModelMaskAsCondWeighted(
-        resolution=64, in_channels=8, out_channels=8, cond_channels=COND_CHANNELS, patch_size=2,
-        io_block_channels=[128] if size == "medium" else [32], num_io_res_blocks=2 if size == "medium" else 1,
-        qk_rms_norm=True, **CONFIGS[size]).eval()
+        resolution=64,
+        in_channels=8,
+        out_channels=8,
+        cond_channels=COND_CHANNELS,
+        patch_size=2,
+        io_block_channels=[128] if size == "medium" else [32],
+        num_io_res_blocks=2 if size == "medium" else 1,
+        qk_rms_norm=True,
+        **CONFIGS[size],
+    ).eval()
     model.set_torso_dtype(dtype)
     coords = sphere_shell()
     x = SparseTensor(torch.randn(len(coords), 8), coords).repeat_batch(batch)
@@ -78,8 +91,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeat}; "
-          f"latent on a sphere shell of {len(sphere_shell())} voxels at 64^3\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, best of {args.repeat}; "
+        f"latent on a sphere shell of {len(sphere_shell())} voxels at 64^3\n"
+    )
     print(f"| {'model':<17} | {'config':<6} | {'dtype':<8} | {'batch 1 (s)':>11} | {'batch 2 (s)':>11} |")
     print(f"|{'-' * 19}|{'-' * 8}|{'-' * 10}|{'-' * 13}|{'-' * 13}|")
     for name, build in (("structure flow", structure_forward), ("structured latent", latent_forward)):

@@ -54,9 +54,22 @@ def main() -> int:
     print("|-------|---------------------|------------|---------------------------------|")
     for kind in args.kinds:
         for variant in VARIANTS:
-            child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--runs",
-                                    str(args.runs), "--child", kind, variant],
-                                   check=True, capture_output=True, text=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--runs",
+                    str(args.runs),
+                    "--child",
+                    kind,
+                    variant,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             row = json.loads(child.stdout.strip().splitlines()[-1])
             print(f"| {kind:<5} | {variant:<19} | {row['seconds']:10.2f} | {row['extra_peak_mib']:31.0f} |")
     return 0

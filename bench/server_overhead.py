@@ -30,8 +30,11 @@ from amodal3r.pipelines.segment import write_random_sam
 from amodal3r.weights.tiny import write_tiny_weights
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
-VIEW = {"image": EXAMPLE / "image.png", "target_mask": EXAMPLE / "target_mask.png",
-        "occluder_mask": EXAMPLE / "occluder_mask.png"}
+VIEW = {
+    "image": EXAMPLE / "image.png",
+    "target_mask": EXAMPLE / "target_mask.png",
+    "occluder_mask": EXAMPLE / "occluder_mask.png",
+}
 PARAMS = JobParams(structure_steps=4, slat_steps=4, texture_size=512, faces=20000)
 FAST_POLL = 0.01  # until the first sampler step, to time it closely
 POLL = 0.3  # afterwards, as the Blender add-on polls: each status request takes CPU from the job
@@ -40,8 +43,12 @@ POLL = 0.3  # afterwards, as the Blender add-on polls: each status request takes
 def in_process_seconds(model_dir: Path, out: Path) -> float:
     """The same job without a server, on a pipeline already warm (one untimed run first)."""
     pipeline = Amodal3RPipeline.from_pretrained(model_dir, "cpu")
-    settings = RunSettings(seed=PARAMS.seed, structure=StageSettings(steps=PARAMS.structure_steps),
-                           slat=StageSettings(steps=PARAMS.slat_steps), formats=("mesh",))
+    settings = RunSettings(
+        seed=PARAMS.seed,
+        structure=StageSettings(steps=PARAMS.structure_steps),
+        slat=StageSettings(steps=PARAMS.slat_steps),
+        formats=("mesh",),
+    )
 
     def run() -> float:
         start = time.perf_counter()
@@ -91,8 +98,7 @@ def time_clicks(client: Client, clicks: int) -> tuple[float, list[float]]:
         points.append([100.0 + 20 * i, 120.0])
         labels.append(i % 2)
         clock = time.perf_counter()
-        _, reply = client.segment(SegmentParams(points=points, labels=labels, model="vit_b",
-                                                image_id=first.image_id))
+        _, reply = client.segment(SegmentParams(points=points, labels=labels, model="vit_b", image_id=first.image_id))
         times.append(time.perf_counter() - clock)
         assert reply.embedding_cached
     return first_seconds, times
@@ -109,9 +115,13 @@ def main() -> int:
         tmp = Path(tmp)
         model = write_tiny_weights(tmp / "model", seed=0)
         sam = write_random_sam(tmp / "sam_vit_b.pth", kind="vit_b")
-        server = launch_server(sys.executable, model, tmp / "data",
-                               extra_args=["--device", "cpu", "--sam-checkpoint", f"vit_b={sam}"],
-                               env={"OMP_NUM_THREADS": str(args.threads)})
+        server = launch_server(
+            sys.executable,
+            model,
+            tmp / "data",
+            extra_args=["--device", "cpu", "--sam-checkpoint", f"vit_b={sam}"],
+            env={"OMP_NUM_THREADS": str(args.threads)},
+        )
         try:
             client = server.client(timeout=300)
             cold = time_job(client, tmp)
@@ -120,21 +130,31 @@ def main() -> int:
         finally:
             server.stop()
         direct = in_process_seconds(model, tmp)
-    print(f"job: tiny random weights, {PARAMS.structure_steps}+{PARAMS.slat_steps} steps, "
-          f"{PARAMS.texture_size}px texture, <= {PARAMS.faces} faces, CPU, {args.threads} threads\n")
-    print("| run   | submit (ms) | to running (ms) | to first step (s) | job (s) | on the server (s) | download (ms) "
-          "| result (KiB) |")
-    print("|-------|-------------|-----------------|-------------------|---------|-------------------|---------------"
-          "|--------------|")
+    print(
+        f"job: tiny random weights, {PARAMS.structure_steps}+{PARAMS.slat_steps} steps, "
+        f"{PARAMS.texture_size}px texture, <= {PARAMS.faces} faces, CPU, {args.threads} threads\n"
+    )
+    print(
+        "| run   | submit (ms) | to running (ms) | to first step (s) | job (s) | on the server (s) | download (ms) "
+        "| result (KiB) |"
+    )
+    print(
+        "|-------|-------------|-----------------|-------------------|---------|-------------------|---------------"
+        "|--------------|"
+    )
     for label, row in [("cold", cold)] + [(f"warm{i}", r) for i, r in enumerate(rows)]:
-        print(f"| {label:<5} | {row['submit'] * 1e3:11.1f} | {row['running'] * 1e3:15.1f} | "
-              f"{row['first step']:17.2f} | {row['job']:7.2f} | {row['server']:17.2f} | {row['download'] * 1e3:13.1f} | "
-              f"{row['bytes'] / 1024:12.0f} |")
+        print(
+            f"| {label:<5} | {row['submit'] * 1e3:11.1f} | {row['running'] * 1e3:15.1f} | "
+            f"{row['first step']:17.2f} | {row['job']:7.2f} | {row['server']:17.2f} | {row['download'] * 1e3:13.1f} | "
+            f"{row['bytes'] / 1024:12.0f} |"
+        )
     warm = statistics.median(r["job"] for r in rows)
     on_server = statistics.median(r["server"] for r in rows)
-    print(f"\nsame job in-process on a warm pipeline (median of 3): {direct:.2f} s. Warm medians: seen by the "
-          f"client (polling every {POLL} s) {warm - direct:+.2f} s ({(warm - direct) / direct * 100:+.1f}%), on the "
-          f"server {on_server - direct:+.2f} s ({(on_server - direct) / direct * 100:+.1f}%)\n")
+    print(
+        f"\nsame job in-process on a warm pipeline (median of 3): {direct:.2f} s. Warm medians: seen by the "
+        f"client (polling every {POLL} s) {warm - direct:+.2f} s ({(warm - direct) / direct * 100:+.1f}%), on the "
+        f"server {on_server - direct:+.2f} s ({(on_server - direct) / direct * 100:+.1f}%)\n"
+    )
     print("| click-to-mask (vit_b, 1024 px)  | latency (ms) |")
     print("|---------------------------------|--------------|")
     print(f"| first click (image embedding)   | {first_click * 1e3:12.0f} |")

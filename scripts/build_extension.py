@@ -90,8 +90,11 @@ def _record_hash(data: bytes) -> str:
 
 def _package_files(package: Path) -> list[Path]:
     """The package's files as setuptools would ship them: no caches, no compiled files."""
-    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                  and p.suffix not in (".pyc", ".pyo"))
+    return sorted(
+        p
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+    )
 
 
 def build_wheel(out_dir: Path) -> Path:
@@ -100,7 +103,8 @@ def build_wheel(out_dir: Path) -> Path:
     name, version = project["name"], project["version"]
     dist_info = f"{name}-{version}.dist-info"
     files: list[tuple[str, bytes]] = [
-        (path.relative_to(SERVER).as_posix(), path.read_bytes()) for path in _package_files(SERVER / name)]
+        (path.relative_to(SERVER).as_posix(), path.read_bytes()) for path in _package_files(SERVER / name)
+    ]
     files.append((f"{dist_info}/METADATA", wheel_metadata(project).encode()))
     wheel_info = "Wheel-Version: 1.0\nGenerator: amodal3r build_extension\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     files.append((f"{dist_info}/WHEEL", wheel_info.encode()))
@@ -137,13 +141,17 @@ def check_manifest(manifest: dict, wheel: Path) -> None:
     """The manifest must name exactly the wheel just built, and share its version."""
     server_version = _project()["version"]
     if manifest.get("version") != server_version:
-        raise BuildError(f"{MANIFEST.name} has version {manifest.get('version')!r} but the server package is "
-                         f"{server_version!r}: make them equal (server/pyproject.toml, "
-                         "server/amodal3r/__init__.py, blender_manifest.toml)")
+        raise BuildError(
+            f"{MANIFEST.name} has version {manifest.get('version')!r} but the server package is "
+            f"{server_version!r}: make them equal (server/pyproject.toml, "
+            "server/amodal3r/__init__.py, blender_manifest.toml)"
+        )
     wanted = [f"./wheels/{wheel.name}"]
     if manifest.get("wheels") != wanted:
-        raise BuildError(f"{MANIFEST.name}: wheels = {manifest.get('wheels')!r}, but the build made {wanted!r}: "
-                         "update the wheels list")
+        raise BuildError(
+            f"{MANIFEST.name}: wheels = {manifest.get('wheels')!r}, but the build made {wanted!r}: "
+            "update the wheels list"
+        )
 
 
 # --- Blender's tooling ------------------------------------------------------------------------
@@ -171,8 +179,10 @@ def find_bpy_dir(bpy_python: Path | None) -> Path:
         if found is not None and (found / CLI_IN_BPY).is_file():
             return found
     tried = ", ".join(str(p) for p in candidates)
-    raise BuildError(f"no bpy package with Blender's extension tools found (tried {tried}): run scripts/bootstrap "
-                     "(it makes .venv-blender with bpy==5.0.1) or pass --bpy-python PATH")
+    raise BuildError(
+        f"no bpy package with Blender's extension tools found (tried {tried}): run scripts/bootstrap "
+        "(it makes .venv-blender with bpy==5.0.1) or pass --bpy-python PATH"
+    )
 
 
 def _run_blender_ext(bpy_dir: Path, args: list[str]) -> None:
@@ -193,8 +203,17 @@ def build(out_dir: Path, bpy_python: Path | None) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         zip_path = out_dir / f"{manifest['id']}-{manifest['version']}.zip"
         zip_path.unlink(missing_ok=True)
-        _run_blender_ext(bpy_dir, ["build", "--source-dir", str(stage_dir), "--output-filepath", str(zip_path),
-                                   f"--valid-tags={bpy_dir / TAGS_IN_BPY}"])
+        _run_blender_ext(
+            bpy_dir,
+            [
+                "build",
+                "--source-dir",
+                str(stage_dir),
+                "--output-filepath",
+                str(zip_path),
+                f"--valid-tags={bpy_dir / TAGS_IN_BPY}",
+            ],
+        )
     _run_blender_ext(bpy_dir, ["validate", str(zip_path)])
     return zip_path
 

@@ -25,7 +25,7 @@ TARGET_RGB, OCCLUDER_RGB = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
 
 
 def arguments() -> argparse.Namespace:
-    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    argv = sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else []
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/mug_behind_box"))
     parser.add_argument("--samples", type=int, default=32)
@@ -43,6 +43,7 @@ def material(name: str, rgb: tuple[float, float, float], roughness: float = 0.5)
 def build_scene() -> tuple[list[bpy.types.Object], bpy.types.Object]:
     """A red mug (cylinder and handle) behind a blue box, seen slightly from above."""
     import bmesh  # here, not at the top: the bpy module from PyPI provides bmesh only after bpy is imported
+
     bpy.ops.wm.read_factory_settings(use_empty=True)
     bpy.ops.mesh.primitive_cylinder_add(vertices=64, radius=0.5, depth=1.0, location=(0, 0, 0.5))
     body = bpy.context.object
@@ -53,8 +54,9 @@ def build_scene() -> tuple[list[bpy.types.Object], bpy.types.Object]:
     mesh.to_mesh(body.data)
     mesh.free()
     body.modifiers.new("wall", "SOLIDIFY").thickness = 0.05
-    bpy.ops.mesh.primitive_torus_add(major_radius=0.3, minor_radius=0.07, location=(0.55, 0, 0.5),
-                                     rotation=(math.pi / 2, 0, 0))
+    bpy.ops.mesh.primitive_torus_add(
+        major_radius=0.3, minor_radius=0.07, location=(0.55, 0, 0.5), rotation=(math.pi / 2, 0, 0)
+    )
     handle = bpy.context.object
     red = material("mug", (0.8, 0.1, 0.08), 0.3)
     for part in (body, handle):
@@ -149,8 +151,9 @@ def save_png(values: np.ndarray, path: Path) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2 if values.ndim == 3 else 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    )
 
 
 def main() -> None:

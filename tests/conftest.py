@@ -35,11 +35,14 @@ def golden_cond() -> torch.Tensor:
     folder = golden_case("cond")
     parts = load_file(folder / "cond.safetensors")
     width = parts["tokens_i8"].shape[-1]
-    cond = torch.cat([
-        parts["tokens_i8"].float() / 32,
-        parts["vis_ratio"][..., None].repeat(1, 1, width),
-        parts["occ_ratio"][..., None].repeat(1, 1, width),
-    ], dim=1)
+    cond = torch.cat(
+        [
+            parts["tokens_i8"].float() / 32,
+            parts["vis_ratio"][..., None].repeat(1, 1, width),
+            parts["occ_ratio"][..., None].repeat(1, 1, width),
+        ],
+        dim=1,
+    )
     expected = json.loads((folder / "cond.json").read_text())["cond_sum_f64"]
     assert abs(cond.double().sum().item() - expected) < 1e-6 * abs(expected)
     return cond

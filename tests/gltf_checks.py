@@ -22,8 +22,9 @@ def gltf_issues(path: Path) -> dict:
     """The Khronos validator's summary (npm package gltf-validator pinned in tests/gltf/package.json)."""
     if shutil.which("node") is None or not (VALIDATOR / "node_modules" / "gltf-validator").is_dir():
         pytest.fail(f"the glTF validator is not installed: run `npm ci --prefix {VALIDATOR}`")
-    out = subprocess.run(["node", str(VALIDATOR / "validate.cjs"), str(path)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        ["node", str(VALIDATOR / "validate.cjs"), str(path)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -33,19 +34,19 @@ def read_glb(path: Path) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
     data = path.read_bytes()
     magic, version, length = struct.unpack_from("<4sII", data)
     assert magic == b"glTF" and version == 2 and length == len(data)
-    json_length, = struct.unpack_from("<I", data, 12)
-    gltf = json.loads(data[20:20 + json_length])
-    binary = data[20 + json_length + 8:]
+    (json_length,) = struct.unpack_from("<I", data, 12)
+    gltf = json.loads(data[20 : 20 + json_length])
+    binary = data[20 + json_length + 8 :]
 
     def view(index: int) -> bytes:
         v = gltf["bufferViews"][index]
-        return binary[v.get("byteOffset", 0):v.get("byteOffset", 0) + v["byteLength"]]
+        return binary[v.get("byteOffset", 0) : v.get("byteOffset", 0) + v["byteLength"]]
 
     def accessor(index: int) -> np.ndarray:
         a = gltf["accessors"][index]
         dtype = {5126: np.float32, 5125: np.uint32, 5123: np.uint16}[a["componentType"]]
         width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3}[a["type"]]
-        raw = view(a["bufferView"])[a.get("byteOffset", 0):]
+        raw = view(a["bufferView"])[a.get("byteOffset", 0) :]
         return np.frombuffer(raw, dtype=dtype, count=a["count"] * width).reshape(a["count"], width)
 
     primitive = gltf["meshes"][0]["primitives"][0]
@@ -67,5 +68,3 @@ def load_glb(path: Path) -> trimesh.Trimesh:
     scene = trimesh.load(path, force="scene")
     assert len(scene.geometry) == 1
     return next(iter(scene.geometry.values()))
-
-

@@ -38,8 +38,11 @@ def _handler(served: Served) -> type[BaseHTTPRequestHandler]:
             if data is None:
                 self.send_error(404)
                 return
-            start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) \
-                if self.headers.get("Range") and served.honour_range else 0
+            start = (
+                int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1))
+                if self.headers.get("Range") and served.honour_range
+                else 0
+            )
             if start >= len(data) > 0:
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")

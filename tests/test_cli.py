@@ -25,19 +25,48 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Image.fromarray((target & ~occluder).astype(np.uint8) * 255).save(folder / "target.png")
     Image.fromarray(occluder.astype(np.uint8) * 255).save(folder / "occluder.png")
     Image.fromarray(masks_to_grey(target & ~occluder, occluder)).save(folder / "grey.png")
-    return {"image": folder / "photo.jpg", "target": folder / "target.png", "occluder": folder / "occluder.png",
-            "grey": folder / "grey.png"}
+    return {
+        "image": folder / "photo.jpg",
+        "target": folder / "target.png",
+        "occluder": folder / "occluder.png",
+        "grey": folder / "grey.png",
+    }
 
 
 def run(model: Path, out: Path, *views: str, extra: tuple[str, ...] = ()) -> int:
-    return main(["reconstruct", *views, "--model", str(model), "--out", str(out), "--steps", "1",
-                 "--texture-size", "128", *extra])
+    return main(
+        [
+            "reconstruct",
+            *views,
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--texture-size",
+            "128",
+            *extra,
+        ]
+    )
 
 
 def test_one_view_to_glb(photo: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "chair.glb"
-    assert run(tiny_model_dir, out, "--image", str(photo["image"]), "--target-mask", str(photo["target"]),
-               "--occluder-mask", str(photo["occluder"]), extra=("--gaussians", "--preview")) == 0
+    assert (
+        run(
+            tiny_model_dir,
+            out,
+            "--image",
+            str(photo["image"]),
+            "--target-mask",
+            str(photo["target"]),
+            "--occluder-mask",
+            str(photo["occluder"]),
+            extra=("--gaussians", "--preview"),
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tiny RANDOM weights" in printed and "structure   1/1" in printed and "time: encode" in printed
     assert load_glb(out).visual.material.baseColorTexture.size == (128, 128)
@@ -47,18 +76,37 @@ def test_one_view_to_glb(photo: dict, tiny_model_dir: Path, tmp_path: Path, caps
 
 def test_three_views_two_variants(photo: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "obj.glb"
-    assert run(tiny_model_dir, out, "--image", str(photo["image"]), "--mask", str(photo["grey"]),
-               "--image", str(photo["image"]), "--target-mask", str(photo["target"]),
-               "--image", str(photo["image"]), "--target-mask", str(photo["target"]),
-               "--occluder-mask", str(photo["occluder"]), extra=("--variants", "2")) == 0
+    assert (
+        run(
+            tiny_model_dir,
+            out,
+            "--image",
+            str(photo["image"]),
+            "--mask",
+            str(photo["grey"]),
+            "--image",
+            str(photo["image"]),
+            "--target-mask",
+            str(photo["target"]),
+            "--image",
+            str(photo["image"]),
+            "--target-mask",
+            str(photo["target"]),
+            "--occluder-mask",
+            str(photo["occluder"]),
+            extra=("--variants", "2"),
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["obj_0.glb", "obj_1.glb"]
     for path in tmp_path.iterdir():
         assert load_glb(path).visual.material.baseColorTexture.size == (128, 128)
         assert gltf_issues(path)["numErrors"] == 0
 
 
-def test_bad_input_fails_cleanly(photo: dict, tiny_model_dir: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_fails_cleanly(
+    photo: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     empty = tmp_path / "empty.png"
     Image.fromarray(np.zeros((160, 200), np.uint8)).save(empty)
     out = tmp_path / "never.glb"

@@ -16,8 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from amodal3r.models.image_encoder import DinoV2Config, DinoV2Encoder
 
-GOLDEN_TESTS = ["tests/models/test_golden_models.py", "tests/models/test_image_encoder.py",
-                "tests/pipelines/test_conditioning.py"]
+GOLDEN_TESTS = [
+    "tests/models/test_golden_models.py",
+    "tests/models/test_image_encoder.py",
+    "tests/pipelines/test_conditioning.py",
+]
 
 
 def write_cond_with_three_rows(source: Path, out: Path) -> None:
@@ -33,8 +36,14 @@ def write_cond_with_three_rows(source: Path, out: Path) -> None:
     out.mkdir()
     save_file(parts, str(out / "cond.safetensors"))
     width = parts["tokens_i8"].shape[-1]
-    cond = torch.cat([parts["tokens_i8"].float() / 32, parts["vis_ratio"][..., None].repeat(1, 1, width),
-                      parts["occ_ratio"][..., None].repeat(1, 1, width)], dim=1)
+    cond = torch.cat(
+        [
+            parts["tokens_i8"].float() / 32,
+            parts["vis_ratio"][..., None].repeat(1, 1, width),
+            parts["occ_ratio"][..., None].repeat(1, 1, width),
+        ],
+        dim=1,
+    )
     meta = json.loads((source / "cond.json").read_text())
     meta.update(batch=3, cond_shape=list(cond.shape), cond_sum_f64=cond.double().sum().item())
     (out / "cond.json").write_text(json.dumps(meta))
@@ -47,8 +56,9 @@ def write_other_dinov2(out: Path) -> None:
     model = DinoV2Encoder(config).eval()
     out.mkdir()
     (out / "config.json").write_text(json.dumps(config.to_dict()))
-    save_file({k: v.contiguous() for k, v in model.hub_state_dict().items()},
-              str(out / "dinov2_hub_format.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.hub_state_dict().items()}, str(out / "dinov2_hub_format.safetensors")
+    )
     image = model.normalize(torch.rand(1, 3, 518, 518, generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
         x_prenorm = model.forward_prenorm(image)
@@ -64,9 +74,13 @@ def test_golden_tests_hold_for_another_golden_folder(tmp_path: Path) -> None:
             (folder / case.name).symlink_to(case)
     write_cond_with_three_rows(golden_dir() / "cond", folder / "cond")
     write_other_dinov2(folder / "dinov2")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "golden",
-                          *GOLDEN_TESTS], cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, GOLDEN_ENV: str(folder)})
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "golden", *GOLDEN_TESTS],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, GOLDEN_ENV: str(folder)},
+    )
     assert run.returncode == 0, run.stdout[-3000:]
     assert " failed" not in run.stdout and " passed" in run.stdout
     assert "1 skipped" in run.stdout  # the full-path DINOv2 check: this case names no source picture

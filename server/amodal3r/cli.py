@@ -45,8 +45,9 @@ def _slat(args: argparse.Namespace) -> int:
 
     from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 
-    pipeline = Amodal3RPipeline.from_pretrained(args.model, device=args.device,
-                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
+    pipeline = Amodal3RPipeline.from_pretrained(
+        args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
+    )
     if pipeline.config.tiny_random_weights:
         print(f"NOTE: {args.model} holds tiny RANDOM weights (amodal3r tiny-weights), not the Amodal3R model")
     cond = _load_cond(args, pipeline.model("sparse_structure_flow_model").cond_channels)
@@ -58,8 +59,10 @@ def _slat(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"coords": slat.coords.cpu(), "feats": slat.feats.float().cpu().contiguous()}, str(args.out))
     print(f"{slat.feats.shape[0]} voxels in {slat.batch_size} variant(s) -> {args.out}")
-    print(f"time: structure {started['slat'] - t0:.2f} s (incl. loading and occupancy decoding), "
-          f"latent {t0 + total - started['slat']:.2f} s, total {total:.2f} s on {pipeline.device}")
+    print(
+        f"time: structure {started['slat'] - t0:.2f} s (incl. loading and occupancy decoding), "
+        f"latent {t0 + total - started['slat']:.2f} s, total {total:.2f} s on {pipeline.device}"
+    )
     return 0
 
 
@@ -85,8 +88,9 @@ def _run_settings(args: argparse.Namespace, formats: tuple[str, ...]):
     from amodal3r.pipelines.amodal3r import RunSettings, StageSettings
 
     stage = StageSettings(steps=args.steps, cfg_strength=args.cfg)
-    return RunSettings(seed=args.seed, variants=args.variants, multiview=args.multiview, structure=stage,
-                       slat=stage, formats=formats)
+    return RunSettings(
+        seed=args.seed, variants=args.variants, multiview=args.multiview, structure=stage, slat=stage, formats=formats
+    )
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -102,22 +106,29 @@ def _reconstruct(args: argparse.Namespace) -> int:
         for notice in view.notices:
             print(f"notice: {notice}")
     folder = resolve_model(args.model)
-    pipeline = Amodal3RPipeline.from_pretrained(folder, device=args.device,
-                                                dtype=getattr(torch, args.dtype) if args.dtype else None)
+    pipeline = Amodal3RPipeline.from_pretrained(
+        folder, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
+    )
     if pipeline.config.tiny_random_weights:
-        print(f"NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, "
-              "not a reconstruction. Pass --model with the Amodal3R weights for real results")
+        print(
+            f"NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, "
+            "not a reconstruction. Pass --model with the Amodal3R weights for real results"
+        )
     formats = ("mesh", "gaussian") if args.gaussians else ("mesh",)
     result = pipeline(views, _run_settings(args, formats), progress=_progress_printer())
-    outputs = OutputSettings(texture_size=args.texture_size, faces=args.faces, gaussians=args.gaussians,
-                             preview=args.preview)
-    for written in write_results(result.meshes, result.gaussians, _variant_paths(args.out, len(result.meshes)),
-                                 outputs):
+    outputs = OutputSettings(
+        texture_size=args.texture_size, faces=args.faces, gaussians=args.gaussians, preview=args.preview
+    )
+    for written in write_results(
+        result.meshes, result.gaussians, _variant_paths(args.out, len(result.meshes)), outputs
+    ):
         for notice in written.report.notices:
             print(f"notice: {notice}")
         report = written.report
-        print(f"wrote {written.glb} ({report.faces_out} faces, {report.texture_size}px texture, "
-              f"{report.seconds_total:.1f} s to export)")
+        print(
+            f"wrote {written.glb} ({report.faces_out} faces, {report.texture_size}px texture, "
+            f"{report.seconds_total:.1f} s to export)"
+        )
         for extra in written.extras:
             print(f"wrote {extra}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
@@ -165,10 +176,19 @@ def _sam_checkpoint(text: str) -> tuple[str, Path]:
 def _serve(args: argparse.Namespace) -> int:
     from amodal3r.service.app import ServerConfig, serve
 
-    return serve(ServerConfig(model_dir=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
-                              device=args.device, dtype=args.dtype, idle_unload=args.idle_unload,
-                              sam_checkpoints=dict(args.sam_checkpoint),
-                              max_upload_bytes=int(args.max_upload_mb * 2**20)))
+    return serve(
+        ServerConfig(
+            model_dir=args.model,
+            data_dir=args.data_dir,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            idle_unload=args.idle_unload,
+            sam_checkpoints=dict(args.sam_checkpoint),
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-weights", help="write a tiny random model folder in the official layout")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--size", choices=("tiny", "medium"), default="tiny",
-                      help="medium: 256-channel flows, 512-channel decoders, the full-size DINOv2")
+    tiny.add_argument(
+        "--size",
+        choices=("tiny", "medium"),
+        default="tiny",
+        help="medium: 256-channel flows, 512-channel decoders, the full-size DINOv2",
+    )
     tiny.set_defaults(run=_tiny_weights)
 
     slat = commands.add_parser("slat", help="sample the structured latent from a conditioning tensor")
@@ -197,13 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     slat.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
     slat.set_defaults(run=_slat)
 
-    rec = commands.add_parser("reconstruct", help="photos with masks -> a textured GLB",
-                              description="Each --image takes the mask options that follow it.")
+    rec = commands.add_parser(
+        "reconstruct",
+        help="photos with masks -> a textured GLB",
+        description="Each --image takes the mask options that follow it.",
+    )
     rec.add_argument("--image", action=ViewArgument, required=True, type=Path, help="an image of the object")
     rec.add_argument("--target-mask", action=ViewArgument, type=Path, help="visible part of the target (white)")
     rec.add_argument("--occluder-mask", action=ViewArgument, type=Path, help="occluders in front of it (white)")
-    rec.add_argument("--mask", action=ViewArgument, type=Path,
-                     help="one mask: grey format (255 background, 188 target, 0 occluder) or labels 0/1/2")
+    rec.add_argument(
+        "--mask",
+        action=ViewArgument,
+        type=Path,
+        help="one mask: grey format (255 background, 188 target, 0 occluder) or labels 0/1/2",
+    )
     rec.add_argument("--model", default=HF_REPO, help="model folder or Hugging Face id (default: %(default)s)")
     rec.add_argument("--out", type=Path, required=True, help="output .glb (variants get _0, _1, ...)")
     rec.add_argument("--seed", type=int, default=0)
@@ -223,15 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", type=Path, required=True, help="model folder (pipeline.json, checkpoints, sam/)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     srv.add_argument("--port", type=int, default=0, help="0 picks a free port (printed and in server.json)")
-    srv.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                     help="jobs, uploads and results (default: %(default)s)")
+    srv.add_argument(
+        "--data-dir", type=Path, default=default_data_dir(), help="jobs, uploads and results (default: %(default)s)"
+    )
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     srv.add_argument("--dtype", choices=DTYPES)
     srv.add_argument("--idle-unload", type=float, default=900.0, help="unload models after this many idle seconds")
-    srv.add_argument("--sam-checkpoint", type=_sam_checkpoint, action="append", default=[], metavar="KIND=PATH",
-                     help="a SAM checkpoint outside the model folder (repeatable)")
-    srv.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
-                     help="largest request body accepted (default: %(default)s)")
+    srv.add_argument(
+        "--sam-checkpoint",
+        type=_sam_checkpoint,
+        action="append",
+        default=[],
+        metavar="KIND=PATH",
+        help="a SAM checkpoint outside the model folder (repeatable)",
+    )
+    srv.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=MAX_UPLOAD_BYTES / 2**20,
+        help="largest request body accepted (default: %(default)s)",
+    )
     srv.set_defaults(run=_serve)
     return parser
 

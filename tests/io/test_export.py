@@ -29,8 +29,9 @@ def sphere_with_fragment(subdivisions: int = 4) -> Mesh:
     fragment.apply_translation([0.45, 0.45, 0.45])
     both = trimesh.util.concatenate([sphere, fragment])
     vertices = np.asarray(both.vertices, dtype=np.float32)
-    return Mesh(torch.from_numpy(vertices), torch.from_numpy(np.asarray(both.faces)),
-                torch.from_numpy(smooth_colours(vertices)))
+    return Mesh(
+        torch.from_numpy(vertices), torch.from_numpy(np.asarray(both.faces)), torch.from_numpy(smooth_colours(vertices))
+    )
 
 
 def to_decoder_frame(gltf_positions: np.ndarray) -> np.ndarray:
@@ -66,8 +67,9 @@ def test_textured_glb_round_trip(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-4)
     assert (np.einsum("nc,nc->n", normals, positions / 0.4) > 0.99).all()
     corners = positions[arrays["indices"]]
-    winding = np.einsum("nc,nc->n", np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]),
-                        corners.mean(axis=1))
+    winding = np.einsum(
+        "nc,nc->n", np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), corners.mean(axis=1)
+    )
     assert (winding > 0).all()  # counter-clockwise seen from outside: front faces outward
     raw_texel = sample_texture(pixels, arrays["TEXCOORD_0"])
     raw_expected = to_decoder_frame(positions) + 0.5
@@ -129,8 +131,8 @@ def test_preview_draws_the_nearest_surface(tmp_path: Path) -> None:
     box.apply_translation([0.1, -0.3, 0.0])  # in front of the sphere for a viewer at -Y
     both = trimesh.util.concatenate([sphere, box])
     colours = np.zeros((len(both.vertices), 6), np.float32)
-    colours[:len(sphere.vertices), 0] = 1
-    colours[len(sphere.vertices):, 2] = 1
+    colours[: len(sphere.vertices), 0] = 1
+    colours[len(sphere.vertices) :, 2] = 1
     mesh = Mesh(torch.tensor(both.vertices, dtype=torch.float32), torch.tensor(both.faces), torch.tensor(colours))
     preview_png(mesh, tmp_path / "p.png", size=200)
     image = np.asarray(Image.open(tmp_path / "p.png"), dtype=int)
@@ -144,8 +146,11 @@ def test_an_unwrapper_crash_is_contained_and_retried(tmp_path: Path) -> None:
     """xatlas segfaults on a regular 82k-face icosphere here; the export survives and says so."""
     sphere = trimesh.creation.icosphere(subdivisions=6, radius=0.4)
     vertices = np.asarray(sphere.vertices, dtype=np.float32)
-    mesh = Mesh(torch.from_numpy(vertices), torch.from_numpy(np.asarray(sphere.faces)),
-                torch.from_numpy(smooth_colours(vertices)))
+    mesh = Mesh(
+        torch.from_numpy(vertices),
+        torch.from_numpy(np.asarray(sphere.faces)),
+        torch.from_numpy(smooth_colours(vertices)),
+    )
     report = export_glb(mesh, tmp_path / "s.glb", texture_size=128)
     assert report.notices == ["xatlas failed on 81920 faces; retried with 57344"]
     assert report.faces_out == 57344

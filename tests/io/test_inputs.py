@@ -43,8 +43,11 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 def test_three_mask_formats_agree(files: dict[str, Path]) -> None:
     target, occluder = masks()
-    for view in (load_view(files["image"], files["target"], files["occluder"]),
-                 load_view(files["image"], mask=files["grey"]), load_view(files["image"], mask=files["labels"])):
+    for view in (
+        load_view(files["image"], files["target"], files["occluder"]),
+        load_view(files["image"], mask=files["grey"]),
+        load_view(files["image"], mask=files["labels"]),
+    ):
         assert np.array_equal(view.target, target) and np.array_equal(view.occluder, occluder)
         assert view.image.mode == "RGB" and view.image.size == (W, H)
     only_target = load_view(files["image"], files["target"])
@@ -96,13 +99,17 @@ def test_bad_inputs_have_clear_errors(files: dict[str, Path], tmp_path: Path) ->
     cases = [
         (dict(image_path=files["image"], target_mask=empty), r"empty.png: the target mask is empty"),
         (dict(image_path=files["image"], target_mask=small), r"small.png: mask is 60x20 but image.png is 60x40"),
-        (dict(image_path=files["image"], target_mask=files["target"], occluder_mask=full),
-         r"target.png: the occluder mask covers the whole target"),
+        (
+            dict(image_path=files["image"], target_mask=files["target"], occluder_mask=full),
+            r"target.png: the occluder mask covers the whole target",
+        ),
         (dict(image_path=broken, target_mask=files["target"]), r"broken.png: cannot read this image"),
         (dict(image_path=tmp_path / "nope.png", target_mask=files["target"]), r"nope.png: image not found"),
         (dict(image_path=files["image"]), r"give either a target mask .* or one combined mask"),
-        (dict(image_path=files["image"], mask=files["grey"], occluder_mask=files["occluder"]),
-         r"combined mask already holds the occluders"),
+        (
+            dict(image_path=files["image"], mask=files["grey"], occluder_mask=files["occluder"]),
+            r"combined mask already holds the occluders",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(InputError, match=message):

@@ -75,12 +75,14 @@ def test_missing_and_unexpected_keys(stem: Path) -> None:
 def test_unknown_class(stem: Path) -> None:
     config = json.loads(stem.with_suffix(".json").read_text())
     stem.with_suffix(".json").write_text(json.dumps({**config, "name": "TotallyNewModel"}))
-    with pytest.raises(CheckpointError, match=r"ckpt\.json: unknown model class 'TotallyNewModel'; known: .*SLatFlowModel"):
+    with pytest.raises(
+        CheckpointError, match=r"ckpt\.json: unknown model class 'TotallyNewModel'; known: .*SLatFlowModel"
+    ):
         load_model(stem)
 
 
 def test_malformed_json(stem: Path) -> None:
-    stem.with_suffix(".json").write_text("{\"name\": ")
+    stem.with_suffix(".json").write_text('{"name": ')
     with pytest.raises(CheckpointError, match=r"ckpt\.json: not valid JSON"):
         load_model(stem)
 

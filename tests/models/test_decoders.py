@@ -24,8 +24,18 @@ from amodal3r.modules.sparse import SparseConv3d, SparseTensor
 from amodal3r.modules.window_attention import window_keys, window_partition, windowed_self_attention
 from amodal3r.representations.gaussians import Y_UP_TO_Z_UP, Gaussians
 
-GAUSSIAN_FIELDS = ("_xyz", "_features_dc", "_scaling", "_rotation", "_opacity",
-                   "get_xyz", "get_scaling", "get_rotation", "get_opacity", "get_features")
+GAUSSIAN_FIELDS = (
+    "_xyz",
+    "_features_dc",
+    "_scaling",
+    "_rotation",
+    "_opacity",
+    "get_xyz",
+    "get_scaling",
+    "get_rotation",
+    "get_opacity",
+    "get_features",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -157,11 +167,26 @@ def test_windowed_attention_matches_per_window_loop(shift: int, max_logits: int,
 
 def test_one_window_per_element_equals_full_attention() -> None:
     """``swin`` with a window covering the grid takes the windowed path and must equal ``full``."""
-    rep = {"lr": dict.fromkeys(("_xyz", "_features_dc", "_opacity", "_scaling", "_rotation"), 1.0),
-           "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 4, "3d_filter_kernel_size": 9e-4,
-           "scaling_bias": 4e-3, "opacity_bias": 0.1, "scaling_activation": "softplus"}
-    args = {"resolution": 16, "model_channels": 32, "latent_channels": 8, "num_blocks": 2, "num_heads": 2,
-            "window_size": 16, "qk_rms_norm": True, "representation_config": rep}
+    rep = {
+        "lr": dict.fromkeys(("_xyz", "_features_dc", "_opacity", "_scaling", "_rotation"), 1.0),
+        "perturb_offset": True,
+        "voxel_size": 1.5,
+        "num_gaussians": 4,
+        "3d_filter_kernel_size": 9e-4,
+        "scaling_bias": 4e-3,
+        "opacity_bias": 0.1,
+        "scaling_activation": "softplus",
+    }
+    args = {
+        "resolution": 16,
+        "model_channels": 32,
+        "latent_channels": 8,
+        "num_blocks": 2,
+        "num_heads": 2,
+        "window_size": 16,
+        "qk_rms_norm": True,
+        "representation_config": rep,
+    }
     torch.manual_seed(0)
     full = model_class("SLatGaussianDecoder")(attn_mode="full", **args).eval()
     swin = model_class("SLatGaussianDecoder")(attn_mode="swin", **args).eval()
@@ -225,25 +250,56 @@ def read_binary_ply(path: Path) -> tuple[list[str], np.ndarray]:
 
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(*q.shape[:-1], 3, 3)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*q.shape[:-1], 3, 3)
 
 
 def random_gaussians(n: int = 50) -> Gaussians:
     g = torch.Generator().manual_seed(7)
     return Gaussians(
-        _xyz=torch.rand(n, 3, generator=g), _features_dc=torch.randn(n, 1, 3, generator=g),
-        _scaling=torch.randn(n, 3, generator=g), _rotation=torch.randn(n, 4, generator=g),
-        _opacity=torch.randn(n, 1, generator=g) * 3, min_kernel_size=0.0009, scaling_bias=0.004,
-        opacity_bias=0.1, scaling_activation="softplus",
+        _xyz=torch.rand(n, 3, generator=g),
+        _features_dc=torch.randn(n, 1, 3, generator=g),
+        _scaling=torch.randn(n, 3, generator=g),
+        _rotation=torch.randn(n, 4, generator=g),
+        _opacity=torch.randn(n, 1, generator=g) * 3,
+        min_kernel_size=0.0009,
+        scaling_bias=0.004,
+        opacity_bias=0.1,
+        scaling_activation="softplus",
     )
 
 
-EXPECTED_PLY_PROPERTIES = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-                           "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+EXPECTED_PLY_PROPERTIES = [
+    "x",
+    "y",
+    "z",
+    "nx",
+    "ny",
+    "nz",
+    "f_dc_0",
+    "f_dc_1",
+    "f_dc_2",
+    "opacity",
+    "scale_0",
+    "scale_1",
+    "scale_2",
+    "rot_0",
+    "rot_1",
+    "rot_2",
+    "rot_3",
+]
 
 
 def test_save_ply_round_trip(tmp_path: Path) -> None:

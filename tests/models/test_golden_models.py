@@ -58,11 +58,16 @@ def check_sampler() -> None:
     meta = json.loads((folder / "io.json").read_text())
     io = _io("sampler")
     flow = load_model(folder / meta["model"].replace(".{json,safetensors}", ""), device="cpu")
-    settings = SamplerSettings(steps=meta["steps"], cfg_strength=meta["cfg_strength"],
-                               cfg_interval=tuple(meta["cfg_interval"]), rescale_t=meta["rescale_t"],
-                               sigma_min=meta["sigma_min"])
-    assert torch.allclose(torch.tensor(time_pairs(settings.steps, settings.rescale_t), dtype=torch.float64),
-                          io["t_pairs"], atol=1e-12)
+    settings = SamplerSettings(
+        steps=meta["steps"],
+        cfg_strength=meta["cfg_strength"],
+        cfg_interval=tuple(meta["cfg_interval"]),
+        rescale_t=meta["rescale_t"],
+        sigma_min=meta["sigma_min"],
+    )
+    assert torch.allclose(
+        torch.tensor(time_pairs(settings.steps, settings.rescale_t), dtype=torch.float64), io["t_pairs"], atol=1e-12
+    )
     cond = golden_cond()[meta["cond_rows"]]
     with torch.inference_mode():
         out = sample(flow, io["noise"], cond, torch.zeros_like(cond), settings)

@@ -143,9 +143,7 @@ def test_golden_dinov2_manifest_keys(case):
     fake = {k: torch.empty(s, device="meta") for k, s in expected.items()}
     converted = from_hub_state_dict(fake)
     own = model.vit.state_dict()
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {
-        k: tuple(v.shape) for k, v in own.items()
-    }
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in own.items()}
     model.load_timm_state_dict(from_hub_state_dict(fake), source="manifest", assign=True)
 
 

@@ -117,7 +117,7 @@ def test_cat_shifts_batches_and_per_batch_broadcast() -> None:
     a, b = random_voxels(batch=1, seed=1), random_voxels(batch=2, seed=2)
     both = SparseTensor.cat([a, b])
     assert both.batch_size == 3
-    assert torch.equal(both.coords[len(a.feats):, 0], b.coords[:, 0] + 1)
+    assert torch.equal(both.coords[len(a.feats) :, 0], b.coords[:, 0] + 1)
     scale = torch.arange(3.0)[:, None].expand(3, 5)
     scaled = both * scale
     for i, rows in enumerate(both.layout):

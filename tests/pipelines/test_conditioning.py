@@ -94,9 +94,7 @@ def test_dilate_cross():
     np.testing.assert_array_equal(C.dilate_cross(m), expected)
     corner = np.zeros((3, 3), bool)
     corner[0, 0] = True
-    np.testing.assert_array_equal(
-        C.dilate_cross(corner), [[1, 1, 0], [1, 0, 0], [0, 0, 0]]
-    )
+    np.testing.assert_array_equal(C.dilate_cross(corner), [[1, 1, 0], [1, 0, 0], [0, 0, 0]])
 
 
 def test_patch_ratios_simple():
@@ -175,9 +173,7 @@ def test_assemble_cond_layout():
     occ = torch.rand(b, T.NUM_PATCHES, generator=g)
     cond = C.assemble_cond(tokens, vis, occ)
     assert cond.shape == (b, T.NUM_COND_TOKENS, c) == (b, 4112, c)
-    ref = torch.cat(
-        [tokens, vis[..., None].repeat(1, 1, c), occ[..., None].repeat(1, 1, c)], dim=1
-    )
+    ref = torch.cat([tokens, vis[..., None].repeat(1, 1, c), occ[..., None].repeat(1, 1, c)], dim=1)
     assert torch.equal(cond, ref)
     assert torch.equal(cond[:, 1374:2743, 0], vis)
     assert torch.equal(cond[:, 2743:4112, c - 1], occ)
@@ -241,7 +237,7 @@ def test_crop_square_pads_outside():
     left, top, side = crop.box
     assert side == 20 and left < 0 and top < 0
     out = np.asarray(crop.image)
-    assert (out[: -top] == 0).all()  # padded rows above the image are black
+    assert (out[:-top] == 0).all()  # padded rows above the image are black
     assert crop.target.sum() == target.sum()
     assert crop.occluder is None
     with pytest.raises(ValueError, match="target mask is empty"):

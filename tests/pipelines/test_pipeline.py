@@ -23,7 +23,9 @@ def fast(**changes) -> RunSettings:
 def random_cond(views: int = 1, seed: int = 0) -> torch.Tensor:
     """Condition rows shaped like real ones: tokens, then visibility and occlusion ratios per patch."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.nn.functional.layer_norm(torch.randn(views, 1374, TINY_COND_CHANNELS, generator=g), (TINY_COND_CHANNELS,))
+    tokens = torch.nn.functional.layer_norm(
+        torch.randn(views, 1374, TINY_COND_CHANNELS, generator=g), (TINY_COND_CHANNELS,)
+    )
     vis = (torch.rand(views, 1369, 1, generator=g) * 196).round() / 196
     occ = (1 - vis) * (torch.rand(views, 1369, 1, generator=g) > 0.5)
     return torch.cat([tokens, vis.expand(-1, -1, TINY_COND_CHANNELS), occ.expand(-1, -1, TINY_COND_CHANNELS)], dim=1)
@@ -55,16 +57,18 @@ def test_run_is_deterministic_and_denormalised(pipeline: Amodal3RPipeline) -> No
 
 def test_variants_and_multiview(pipeline: Amodal3RPipeline) -> None:
     for mode in ("stochastic", "multidiffusion"):
-        slat = pipeline.sample_latent(random_cond(views=3), fast(seed=1, variants=2, multiview=mode,
-                                                                 slat=StageSettings(steps=1)))
+        slat = pipeline.sample_latent(
+            random_cond(views=3), fast(seed=1, variants=2, multiview=mode, slat=StageSettings(steps=1))
+        )
         assert slat.batch_size == 2 and all(s.stop > s.start for s in slat.layout)
 
 
 def test_bfloat16_is_close_to_float32(tiny_model_dir: Path) -> None:
     cond = random_cond()
     flow32 = Amodal3RPipeline.from_pretrained(tiny_model_dir, device="cpu").model("sparse_structure_flow_model")
-    flow16 = Amodal3RPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16) \
-        .model("sparse_structure_flow_model")
+    flow16 = Amodal3RPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16).model(
+        "sparse_structure_flow_model"
+    )
     x, t = torch.randn(1, 8, 16, 16, 16), torch.tensor([500.0])
     with torch.inference_mode():
         v32, v16 = flow32(x, t, cond), flow16(x, t, cond)

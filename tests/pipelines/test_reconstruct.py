@@ -18,7 +18,7 @@ def synthetic_view(name: str, visible_rows: int, seed: int = 0) -> View:
     rng = np.random.default_rng(seed)
     image = Image.fromarray((rng.random((120, 160, 3)) * 255).astype(np.uint8))
     target = np.zeros((120, 160), bool)
-    target[30:30 + visible_rows, 40:100] = True
+    target[30 : 30 + visible_rows, 40:100] = True
     occluder = np.zeros((120, 160), bool)
     occluder[20:100, 90:130] = True
     return validate_view(View(image, target, occluder, name, []), name)

@@ -24,13 +24,15 @@ class ToyFlow:
         return x.replace(out) if isinstance(x, SparseTensor) else out
 
 
-def reference_loop(x: torch.Tensor, conds: torch.Tensor, neg: torch.Tensor, s: SamplerSettings, mode: str) -> torch.Tensor:
+def reference_loop(
+    x: torch.Tensor, conds: torch.Tensor, neg: torch.Tensor, s: SamplerSettings, mode: str
+) -> torch.Tensor:
     """The sampler written out step by step, one model call per condition."""
     model = ToyFlow()
     for i, (t, t_prev) in enumerate(time_pairs(s.steps, s.rescale_t)):
         tt = torch.full((x.shape[0],), 1000 * t)
         views = range(conds.shape[0]) if mode == "multidiffusion" else [i % conds.shape[0]]
-        per_row = [conds[j:j + 1].expand(x.shape[0], -1, -1) for j in views]
+        per_row = [conds[j : j + 1].expand(x.shape[0], -1, -1) for j in views]
         v = sum(model(x, tt, c) for c in per_row) / len(views)
         if s.cfg_interval[0] <= t <= s.cfg_interval[1] and s.cfg_strength > 0:
             v = (1 + s.cfg_strength) * v - s.cfg_strength * model(x, tt, neg.expand(x.shape[0], -1, -1))
@@ -62,8 +64,14 @@ def test_guided_pair_is_one_batched_call_and_unguided_steps_skip_the_negative() 
 
 def test_multidiffusion_batches_all_views_and_the_negative() -> None:
     model = ToyFlow()
-    sample(model, torch.randn(2, 8), conds(3), torch.zeros(1, 3, 2), SamplerSettings(steps=2, cfg_strength=1.0),
-           multiview="multidiffusion")
+    sample(
+        model,
+        torch.randn(2, 8),
+        conds(3),
+        torch.zeros(1, 3, 2),
+        SamplerSettings(steps=2, cfg_strength=1.0),
+        multiview="multidiffusion",
+    )
     assert [n for n, _ in model.calls] == [8, 8]  # (3 views + negative) x 2 variants
 
 
@@ -79,17 +87,34 @@ def test_sparse_latents_sample_like_dense_ones() -> None:
 
 def test_progress_and_cancel() -> None:
     seen: list[tuple[str, int, int]] = []
-    sample(ToyFlow(), torch.randn(1, 4), conds(1), torch.zeros(1, 3, 2), SamplerSettings(steps=3),
-           progress=lambda *a: seen.append(a), stage="structure")
+    sample(
+        ToyFlow(),
+        torch.randn(1, 4),
+        conds(1),
+        torch.zeros(1, 3, 2),
+        SamplerSettings(steps=3),
+        progress=lambda *a: seen.append(a),
+        stage="structure",
+    )
     assert seen == [("structure", 1, 3), ("structure", 2, 3), ("structure", 3, 3)]
     with pytest.raises(Cancelled, match="cancelled at step 2 of 5"):
-        sample(ToyFlow(), torch.randn(1, 4), conds(1), torch.zeros(1, 3, 2), SamplerSettings(steps=5),
-               progress=lambda *a: seen.append(a), cancelled=lambda: len(seen) >= 5)
+        sample(
+            ToyFlow(),
+            torch.randn(1, 4),
+            conds(1),
+            torch.zeros(1, 3, 2),
+            SamplerSettings(steps=5),
+            progress=lambda *a: seen.append(a),
+            cancelled=lambda: len(seen) >= 5,
+        )
 
 
 def test_settings_from_pipeline_config_and_overrides() -> None:
-    s = SamplerSettings.from_config("FlowEulerGuidanceIntervalSampler", {"sigma_min": 1e-5},
-                                    {"steps": 25, "cfg_strength": 7.5, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0})
+    s = SamplerSettings.from_config(
+        "FlowEulerGuidanceIntervalSampler",
+        {"sigma_min": 1e-5},
+        {"steps": 25, "cfg_strength": 7.5, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+    )
     assert s == SamplerSettings(25, 7.5, (0.5, 1.0), 3.0, 1e-5)
     assert s.override(steps=12, cfg_strength=None).steps == 12
     with pytest.raises(ValueError, match="unknown sampler setting"):

@@ -76,8 +76,9 @@ def test_folded_bias_attention_matches_segment_anything(size: tuple[int, int]) -
         expected = Attention.forward(module, x)
         torch.testing.assert_close(attention_with_folded_bias(module, x), expected, rtol=1e-5, atol=1e-5)
         module.use_rel_pos = False
-        torch.testing.assert_close(attention_with_folded_bias(module, x), Attention.forward(module, x),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            attention_with_folded_bias(module, x), Attention.forward(module, x), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_cached_embedding_gives_the_same_mask_as_a_fresh_model(segmenter: Segmenter, reference: SamPredictor) -> None:
@@ -92,8 +93,7 @@ def test_cached_embedding_gives_the_same_mask_as_a_fresh_model(segmenter: Segmen
     assert first.mask.shape == second.mask.shape == (HEIGHT, WIDTH) and second.mask.dtype == bool
 
     with torch.inference_mode():
-        masks, scores, _ = reference.predict(np.asarray(clicks, np.float32), np.asarray(labels),
-                                             multimask_output=False)
+        masks, scores, _ = reference.predict(np.asarray(clicks, np.float32), np.asarray(labels), multimask_output=False)
     np.testing.assert_array_equal(second.mask, masks[0])
     assert second.score == pytest.approx(float(scores[0]), abs=1e-5)
 
@@ -116,14 +116,17 @@ def test_old_embeddings_are_dropped(segmenter: Segmenter) -> None:
     assert segmenter.segment(picture(1), [], [], box=box, image_key="b").embedding_cached
 
 
-@pytest.mark.parametrize(("rgb", "points", "labels", "box", "message"), [
-    (np.zeros((HEIGHT, WIDTH), np.uint8), [(1.0, 1.0)], [1], None, "8-bit RGB"),
-    (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [], [], None, "at least one click"),
-    (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [(1.0, 1.0)], [], None, "one label per click"),
-    (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [(WIDTH + 1.0, 1.0)], [1], None, "outside the 64x48 image"),
-    (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [], [], (10.0, 10.0, 5.0, 20.0), "is empty"),
-    (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [], [], (100.0, 100.0, 120.0, 120.0), "outside"),
-])
+@pytest.mark.parametrize(
+    ("rgb", "points", "labels", "box", "message"),
+    [
+        (np.zeros((HEIGHT, WIDTH), np.uint8), [(1.0, 1.0)], [1], None, "8-bit RGB"),
+        (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [], [], None, "at least one click"),
+        (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [(1.0, 1.0)], [], None, "one label per click"),
+        (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [(WIDTH + 1.0, 1.0)], [1], None, "outside the 64x48 image"),
+        (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [], [], (10.0, 10.0, 5.0, 20.0), "is empty"),
+        (np.zeros((HEIGHT, WIDTH, 3), np.uint8), [], [], (100.0, 100.0, 120.0, 120.0), "outside"),
+    ],
+)
 def test_bad_prompts_are_named_before_any_work(rgb, points, labels, box, message, checkpoint: Path) -> None:
     fresh = Segmenter("vit_b", checkpoint)
     with pytest.raises(InputError, match=message):

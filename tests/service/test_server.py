@@ -36,8 +36,11 @@ from amodal3r.api.protocol import (
 from amodal3r.service.job_store import INTERRUPTED
 
 EXAMPLE = REPO_ROOT / "examples" / "mug_behind_box"
-VIEW = {"image": EXAMPLE / "image.png", "target_mask": EXAMPLE / "target_mask.png",
-        "occluder_mask": EXAMPLE / "occluder_mask.png"}
+VIEW = {
+    "image": EXAMPLE / "image.png",
+    "target_mask": EXAMPLE / "target_mask.png",
+    "occluder_mask": EXAMPLE / "occluder_mask.png",
+}
 FAST = {"structure_steps": 2, "slat_steps": 2, "texture_size": 256, "faces": 5000}
 UPLOAD_LIMIT_MB = 4
 
@@ -53,8 +56,9 @@ def start(model_dir: Path, data_dir: Path, sam: Path | None = None, token: str =
     extra = ["--device", "cpu", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
     if sam is not None:
         extra += ["--sam-checkpoint", f"vit_b={sam}"]
-    return launch_server(sys.executable, model_dir, data_dir, token=token, extra_args=extra,
-                         env={"OMP_NUM_THREADS": "2"})
+    return launch_server(
+        sys.executable, model_dir, data_dir, token=token, extra_args=extra, env={"OMP_NUM_THREADS": "2"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +80,9 @@ def wait_final(client: Client, job_id: str, timeout: float = 300.0, on_status=No
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
-def raw_request(url: str, path: str, token: str | None, body: bytes | None = None,
-                content_type: str | None = None) -> tuple[int, dict]:
+def raw_request(
+    url: str, path: str, token: str | None, body: bytes | None = None, content_type: str | None = None
+) -> tuple[int, dict]:
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     if content_type:
         headers["Content-Type"] = content_type
@@ -165,15 +170,20 @@ def test_bad_requests_get_clear_4xx(server: LocalServer) -> None:
     assert error.value.status == 422 and "view0_image (image.png)" in error.value.detail
 
     small_mask = _png(np.zeros((50, 60), np.uint8))
-    wrong_size = [Upload(u.field, u.filename, small_mask if u.field == "view0_target_mask" else u.data)
-                  for u in uploads]
+    wrong_size = [
+        Upload(u.field, u.filename, small_mask if u.field == "view0_target_mask" else u.data) for u in uploads
+    ]
     with pytest.raises(ServerError) as error:
         client.submit(wrong_size, JobParams(**FAST))
     assert error.value.status == 422 and "60x50" in error.value.detail and "view 0 target mask" in error.value.detail
 
     width, height = Image.open(VIEW["image"]).size
-    empty_target = [Upload(u.field, u.filename, _png(np.zeros((height, width), np.uint8))
-                           if u.field == "view0_target_mask" else u.data) for u in uploads]
+    empty_target = [
+        Upload(
+            u.field, u.filename, _png(np.zeros((height, width), np.uint8)) if u.field == "view0_target_mask" else u.data
+        )
+        for u in uploads
+    ]
     with pytest.raises(ServerError) as error:
         client.submit(empty_target, JobParams(**FAST))
     assert error.value.status == 422 and "target mask is empty" in error.value.detail
@@ -203,8 +213,9 @@ def test_segment_reuses_the_cached_embedding(server: LocalServer) -> None:
     image = Path(VIEW["image"]).read_bytes()
     params = SegmentParams(points=[[300.0, 260.0]], labels=[1], model="vit_b")
     _, first = client.segment(params, image=image)
-    again = SegmentParams(points=[[300.0, 260.0], [100.0, 100.0]], labels=[1, 0], model="vit_b",
-                          image_id=first.image_id)
+    again = SegmentParams(
+        points=[[300.0, 260.0], [100.0, 100.0]], labels=[1, 0], model="vit_b", image_id=first.image_id
+    )
     second_png, second = client.segment(again)
     assert not first.embedding_cached and second.embedding_cached
     assert second.seconds < first.seconds / 3
@@ -217,8 +228,13 @@ def test_segment_reuses_the_cached_embedding(server: LocalServer) -> None:
 
 
 def test_a_non_loopback_host_warns_and_still_needs_the_token(tiny_model_dir: Path, tmp_path: Path) -> None:
-    process = launch_server(sys.executable, tiny_model_dir, tmp_path / "data", token="test-token",
-                            extra_args=["--device", "cpu", "--host", "0.0.0.0"])
+    process = launch_server(
+        sys.executable,
+        tiny_model_dir,
+        tmp_path / "data",
+        token="test-token",
+        extra_args=["--device", "cpu", "--host", "0.0.0.0"],
+    )
     try:
         assert any("warning: listening on 0.0.0.0" in line for line in process.output), process.output
         port = process.url.rsplit(":", 1)[1]
@@ -237,9 +253,13 @@ def test_download_models_then_reconstruct(tiny_model_dir: Path, tmp_path: Path, 
     for file in tiny_model_dir.rglob("*"):
         if file.is_file():
             file_server.files[f"/Sm0kyWu/Amodal3R/resolve/main/{file.relative_to(tiny_model_dir)}"] = file.read_bytes()
-    process = launch_server(sys.executable, tmp_path / "model", tmp_path / "data", extra_args=["--device", "cpu"],
-                            env={"HF_ENDPOINT": file_server.url, "HF_HUB_OFFLINE": "0",
-                                 "HF_HOME": str(tmp_path / "hf-home")})
+    process = launch_server(
+        sys.executable,
+        tmp_path / "model",
+        tmp_path / "data",
+        extra_args=["--device", "cpu"],
+        env={"HF_ENDPOINT": file_server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")},
+    )
     try:
         client = process.client()
         assert "amodal3r" not in client.info()["models"]["present"]

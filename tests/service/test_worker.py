@@ -19,8 +19,10 @@ FAST = JobParams(structure_steps=2, slat_steps=2, texture_size=256, faces=5000, 
 
 
 def example_view() -> dict[str, tuple[str, bytes]]:
-    return {kind: (f"{kind}.png", (EXAMPLE / f"{kind}.png").read_bytes())
-            for kind in ("image", "target_mask", "occluder_mask")}
+    return {
+        kind: (f"{kind}.png", (EXAMPLE / f"{kind}.png").read_bytes())
+        for kind in ("image", "target_mask", "occluder_mask")
+    }
 
 
 def wait_final(store: JobStore, job_id: str, timeout: float = 300.0):
@@ -34,7 +36,8 @@ def wait_final(store: JobStore, job_id: str, timeout: float = 300.0):
 
 
 def test_out_of_memory_fails_the_job_with_advice_and_the_next_one_runs(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_call, calls = Amodal3RPipeline.__call__, []
 
     def first_call_runs_out(*args, **kwargs):

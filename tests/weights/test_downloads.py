@@ -45,8 +45,11 @@ def serve_sam(served: Served, monkeypatch: pytest.MonkeyPatch, data: bytes, name
     """Serve ``data`` as a SAM-style checkpoint named after the SHA-256 of ``named_after`` (default: itself)."""
     name = f"sam_vit_b_{hashlib.sha256(data if named_after is None else named_after).hexdigest()[:6]}.pth"
     served.files[f"/segment_anything/{name}"] = data
-    monkeypatch.setitem(CATALOG, "sam_vit_b", Component(
-        "sam_vit_b", "test SAM", (RemoteFile(f"sam/{name}", f"segment_anything/{name}"),)))
+    monkeypatch.setitem(
+        CATALOG,
+        "sam_vit_b",
+        Component("sam_vit_b", "test SAM", (RemoteFile(f"sam/{name}", f"segment_anything/{name}"),)),
+    )
     return f"sam/{name}"
 
 
@@ -75,8 +78,9 @@ def assert_bytes_reported(events: list[DownloadProgress]) -> None:
 
 
 def official_files() -> list[str]:
-    return ["pipeline.json"] + [stem + suffix for stem in OFFICIAL_MODELS.values()
-                                for suffix in (".json", ".safetensors")]
+    return ["pipeline.json"] + [
+        stem + suffix for stem in OFFICIAL_MODELS.values() for suffix in (".json", ".safetensors")
+    ]
 
 
 def test_inventory_of_tiny_weights(tiny_model_dir: Path) -> None:
@@ -96,8 +100,10 @@ def test_inventory_of_an_empty_folder(tmp_path: Path, tiny_model_dir: Path) -> N
     assert not any(s.present or s.bytes_on_disk for s in status.values())
     assert status["amodal3r"].missing == [
         "pipeline.json",
-        "Amodal3R_ckpts/ss_flow_img_dit_L_16l8_fp16.json", "Amodal3R_ckpts/ss_flow_img_dit_L_16l8_fp16.safetensors",
-        "Amodal3R_ckpts/ss_dec_conv3d_16l8_fp16.json", "Amodal3R_ckpts/ss_dec_conv3d_16l8_fp16.safetensors",
+        "Amodal3R_ckpts/ss_flow_img_dit_L_16l8_fp16.json",
+        "Amodal3R_ckpts/ss_flow_img_dit_L_16l8_fp16.safetensors",
+        "Amodal3R_ckpts/ss_dec_conv3d_16l8_fp16.json",
+        "Amodal3R_ckpts/ss_dec_conv3d_16l8_fp16.safetensors",
         "Amodal3R_ckpts/slat_flow_img_dit_L_64l8p2_fp16.json",
         "Amodal3R_ckpts/slat_flow_img_dit_L_64l8p2_fp16.safetensors",
         "Amodal3R_ckpts/slat_dec_mesh_swin8_B_64l8m256c_fp16.json",
@@ -105,7 +111,9 @@ def test_inventory_of_an_empty_folder(tmp_path: Path, tiny_model_dir: Path) -> N
         "Amodal3R_ckpts/slat_dec_gs_swin8_B_64l8gs32_fp16.json",
         "Amodal3R_ckpts/slat_dec_gs_swin8_B_64l8gs32_fp16.safetensors",
     ]
-    tiny_layout = ["pipeline.json"] + [f"Amodal3R_ckpts/{p.name}" for p in (tiny_model_dir / "Amodal3R_ckpts").iterdir()]
+    tiny_layout = ["pipeline.json"] + [
+        f"Amodal3R_ckpts/{p.name}" for p in (tiny_model_dir / "Amodal3R_ckpts").iterdir()
+    ]
     assert sorted(status["amodal3r"].missing) == sorted(tiny_layout)
     assert status["dinov2"].missing == [DINOV2]
     assert status["sam_vit_h"].missing == ["sam/sam_vit_h_4b8939.pth"]
@@ -123,8 +131,10 @@ def test_catalog_agrees_with_the_pipeline_and_the_server() -> None:
         (sam,) = CATALOG[f"sam_{kind}"].files
         assert re.fullmatch(rf"sam/sam_{kind}_[0-9a-f]+\.pth", sam.path)  # what the server's glob finds
         assert published_sha256(sam.path) == prefix
-        assert models_store.source_url(CATALOG[f"sam_{kind}"], sam) == \
-            f"https://dl.fbaipublicfiles.com/segment_anything/{Path(sam.path).name}"
+        assert (
+            models_store.source_url(CATALOG[f"sam_{kind}"], sam)
+            == f"https://dl.fbaipublicfiles.com/segment_anything/{Path(sam.path).name}"
+        )
     assert published_sha256(DINOV2) is None
 
 
@@ -142,8 +152,9 @@ def test_https_download(served: Served, monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 @pytest.mark.parametrize("honour_range", [True, False])
-def test_resume_from_a_part_file(served: Served, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                 honour_range: bool) -> None:
+def test_resume_from_a_part_file(
+    served: Served, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, honour_range: bool
+) -> None:
     """A Range request for the rest; a server that ignores it sends everything and that is fine too."""
     data = random_bytes(100_000)
     path = serve_sam(served, monkeypatch, data)
@@ -169,8 +180,9 @@ def test_a_complete_part_file_starts_over(served: Served, monkeypatch: pytest.Mo
     assert [r for _, r in served.requests] == ["bytes=40000-", None]
 
 
-def test_wrong_bytes_fail_the_hash_and_leave_nothing(served: Served, monkeypatch: pytest.MonkeyPatch,
-                                                     tmp_path: Path) -> None:
+def test_wrong_bytes_fail_the_hash_and_leave_nothing(
+    served: Served, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     data = random_bytes(50_000)
     serve_sam(served, monkeypatch, data, named_after=data[::-1])
     with pytest.raises(DownloadError, match=r"SHA-256 [0-9a-f]{12}\.\.\. does not start with"):
@@ -198,7 +210,9 @@ def test_cancel_keeps_the_part_for_later(served: Served, monkeypatch: pytest.Mon
     path = serve_sam(served, monkeypatch, data)
     events: list[DownloadProgress] = []
     with pytest.raises(Cancelled):
-        download(tmp_path, ["sam_vit_b"], events.append, cancelled=lambda: bool(events) and events[-1].bytes_done >= 64 << 10)
+        download(
+            tmp_path, ["sam_vit_b"], events.append, cancelled=lambda: bool(events) and events[-1].bytes_done >= 64 << 10
+        )
     kept = (tmp_path / f"{path}.part").stat().st_size
     assert 64 << 10 <= kept < len(data) and not (tmp_path / path).exists()
     download(tmp_path, ["sam_vit_b"], lambda _: None)
@@ -225,14 +239,16 @@ def remote_pipeline(tiny_model_dir: Path, tmp_path: Path) -> Path:
     shutil.copytree(tiny_model_dir, remote)
     config = json.loads((remote / "pipeline.json").read_text())
     models = config["args"]["models"]
-    config["args"]["models"] = {k: models[k] for k in ("sparse_structure_flow_model", "sparse_structure_decoder",
-                                                       "slat_flow_model")}
+    config["args"]["models"] = {
+        k: models[k] for k in ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
+    }
     (remote / "pipeline.json").write_text(json.dumps(config))
     return remote
 
 
-def test_hugging_face_files_follow_pipeline_json(remote_pipeline: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hugging_face_files_follow_pipeline_json(
+    remote_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub
 
     calls = []
@@ -261,8 +277,9 @@ def test_hugging_face_files_follow_pipeline_json(remote_pipeline: Path, tmp_path
     assert_bytes_reported(events)
 
 
-def test_hugging_face_through_the_real_client(remote_pipeline: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch, served: Served) -> None:
+def test_hugging_face_through_the_real_client(
+    remote_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, served: Served
+) -> None:
     """huggingface_hub itself against a loopback endpoint: our silent progress bar fits its calls."""
     for f in remote_pipeline.rglob("*"):
         if f.is_file():
@@ -288,8 +305,10 @@ def test_hugging_face_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         download(tmp_path, ["amodal3r"], lambda _: None)
     message = str(caught.value)
     for relative in official_files():
-        assert f"https://hf.example/Sm0kyWu/Amodal3R/resolve/main/{relative}\n    -> {tmp_path.resolve() / relative}" \
+        assert (
+            f"https://hf.example/Sm0kyWu/Amodal3R/resolve/main/{relative}\n    -> {tmp_path.resolve() / relative}"
             in message
+        )
 
 
 def test_hf_hub_offline_asks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,8 +23,11 @@ def test_hub_id_missing_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(CheckpointError, match=r"'Sm0kyWu/Amodal3R' is not in the local Hugging Face cache.*"
-                                              r"pass --model /path/to/that/folder"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'Sm0kyWu/Amodal3R' is not in the local Hugging Face cache.*"
+        r"pass --model /path/to/that/folder",
+    ):
         resolve_model("Sm0kyWu/Amodal3R", allow_download=False)
 
 

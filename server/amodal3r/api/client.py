@@ -61,8 +61,10 @@ def encode_multipart(fields: dict[str, str], files: list[Upload]) -> tuple[bytes
         parts.append(value.encode() + b"\r\n")
     for upload in files:
         safe_name = upload.filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{upload.field}"; '
-                     f'filename="{safe_name}"\r\nContent-Type: {upload.content_type}\r\n\r\n'.encode())
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{upload.field}"; '
+            f'filename="{safe_name}"\r\nContent-Type: {upload.content_type}\r\n\r\n'.encode()
+        )
         parts.append(upload.data + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -84,8 +86,14 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
-                timeout: float | None = None) -> tuple[bytes, str]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[bytes, str]:
         """``(body, content type)`` of a successful reply; errors raise ServerError/ServerUnavailable."""
         headers = {"Authorization": f"Bearer {self.token}"}
         if content_type:
@@ -114,8 +122,11 @@ class Client:
     def health(self) -> dict:
         reply = self.get_json("/health")
         if reply.get("protocol") != PROTOCOL_VERSION:
-            raise ServerError(0, f"the server speaks protocol {reply.get('protocol')}, this client "
-                                 f"{PROTOCOL_VERSION}: update the server (Set up backend) or the extension")
+            raise ServerError(
+                0,
+                f"the server speaks protocol {reply.get('protocol')}, this client "
+                f"{PROTOCOL_VERSION}: update the server (Set up backend) or the extension",
+            )
         return reply
 
     def info(self) -> dict:
@@ -205,19 +216,45 @@ class LocalServer:
                 self.process.wait()
 
 
-def launch_server(python: str | Path, model_dir: str | Path, data_dir: str | Path, *, token: str | None = None,
-                  extra_args: list[str] | None = None, startup_timeout: float = 120.0,
-                  env: dict[str, str] | None = None) -> LocalServer:
+def launch_server(
+    python: str | Path,
+    model_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    token: str | None = None,
+    extra_args: list[str] | None = None,
+    startup_timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> LocalServer:
     """Start ``python -m amodal3r.cli serve`` on a free loopback port and wait until it listens.
 
     Raises ``ServerUnavailable`` with the server's own last lines when it exits or stays silent.
     """
     token = token or secrets.token_urlsafe(32)
-    command = [str(python), "-u", "-m", "amodal3r.cli", "serve", "--model", str(model_dir), "--port", "0",
-               "--data-dir", str(data_dir), *(extra_args or [])]
+    command = [
+        str(python),
+        "-u",
+        "-m",
+        "amodal3r.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *(extra_args or []),
+    ]
     child_env = {**os.environ, **(env or {}), TOKEN: token}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=child_env, text=True, errors="replace")
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=child_env,
+        text=True,
+        errors="replace",
+    )
     output: list[str] = []
     ready = threading.Event()
     url: list[str] = []
@@ -226,7 +263,7 @@ def launch_server(python: str | Path, model_dir: str | Path, data_dir: str | Pat
         for line in process.stdout:  # type: ignore[union-attr]
             output.append(line.rstrip())
             if line.startswith(LISTENING_PREFIX) and not url:
-                url.append(line[len(LISTENING_PREFIX):].strip())
+                url.append(line[len(LISTENING_PREFIX) :].strip())
                 ready.set()
         ready.set()
 

@@ -28,8 +28,10 @@ def as_bool_mask(mask: object, name: str) -> np.ndarray:
     """A 2-D boolean array from any numeric or boolean one (non-zero is inside)."""
     arr = np.asarray(mask)
     if arr.ndim != 2:
-        raise InputError(f"the {name} mask must be a 2-D array [height, width], got shape {arr.shape}; "
-                         "pass one channel (e.g. mask[..., 0]) or a boolean array")
+        raise InputError(
+            f"the {name} mask must be a 2-D array [height, width], got shape {arr.shape}; "
+            "pass one channel (e.g. mask[..., 0]) or a boolean array"
+        )
     if arr.dtype == bool:
         return arr
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
@@ -39,8 +41,10 @@ def as_bool_mask(mask: object, name: str) -> np.ndarray:
 
 def check_same_size(first: np.ndarray, second: np.ndarray, first_name: str, second_name: str) -> None:
     if first.shape[:2] != second.shape[:2]:
-        raise InputError(f"{first_name} is {size_text(first)} but {second_name} is {size_text(second)}: "
-                         "masks must be the size of their image")
+        raise InputError(
+            f"{first_name} is {size_text(first)} but {second_name} is {size_text(second)}: "
+            "masks must be the size of their image"
+        )
 
 
 def size_text(array: np.ndarray) -> str:
@@ -80,10 +84,13 @@ def combined_to_masks(values: object) -> tuple[np.ndarray, np.ndarray]:
 def visible_target(target: np.ndarray, occluder: np.ndarray | None, where: str) -> np.ndarray:
     """The target pixels no occluder covers; an error naming ``where`` when there are none."""
     if not np.any(target):
-        raise InputError(f"{where}: the target mask is empty. Mark the visible part of the object "
-                         "(paint it white, or use click-to-mask)")
+        raise InputError(
+            f"{where}: the target mask is empty. Mark the visible part of the object "
+            "(paint it white, or use click-to-mask)"
+        )
     visible = np.asarray(target, bool) if occluder is None else np.asarray(target, bool) & ~np.asarray(occluder, bool)
     if not visible.any():
-        raise InputError(f"{where}: the occluder mask covers the whole target. Mark only what is in front "
-                         "of the object as occluder")
+        raise InputError(
+            f"{where}: the occluder mask covers the whole target. Mark only what is in front of the object as occluder"
+        )
     return visible

@@ -83,8 +83,12 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None, optiona
 def _check_float(name: str, value: Any, low: float, high: float) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise ProtocolError(f"{name} must be a number in {low}..{high}, got {value!r}")
 
 
@@ -244,4 +248,3 @@ class SegmentReply:
 def result_name(variant: int, suffix: str) -> str:
     """Result files of one job: ``variant0.glb``, ``variant0.ply``, ``variant0.png``."""
     return f"variant{variant}{suffix}"
-

@@ -61,8 +61,9 @@ def largest_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: fl
     return faces[sizes[face_labels] >= min_fraction * sizes.max()]
 
 
-def decimate(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray,
-             target_faces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decimate(
+    vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray, target_faces: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quadric decimation; new vertices take the colour of the nearest original vertex."""
     import fast_simplification
     from scipy.spatial import cKDTree
@@ -86,8 +87,9 @@ def _unwrap_robustly(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarra
             return (*unwrap(vertices, faces), vertices, faces, colours)
         except UnwrapFailed as e:
             error = e
-    raise RuntimeError(f"UV unwrapping failed on this mesh ({error}). Export with fewer faces (--faces) "
-                       "or try another seed") from error
+    raise RuntimeError(
+        f"UV unwrapping failed on this mesh ({error}). Export with fewer faces (--faces) or try another seed"
+    ) from error
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -95,8 +97,9 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     corners = vertices[faces].astype(np.float64)
     face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
     index = faces.reshape(-1)
-    summed = np.stack([np.bincount(index, np.repeat(face_normals[:, c], 3), minlength=len(vertices))
-                       for c in range(3)], axis=1)
+    summed = np.stack(
+        [np.bincount(index, np.repeat(face_normals[:, c], 3), minlength=len(vertices)) for c in range(3)], axis=1
+    )
     length = np.linalg.norm(summed, axis=1, keepdims=True)
     normals = np.where(length > 0, summed / np.maximum(length, 1e-300), [0.0, 0.0, 1.0])
     return normals.astype(np.float32)
@@ -178,8 +181,14 @@ def preview_png(mesh: Mesh, path: str | Path, size: int = 512) -> None:
     Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
 
 
-def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target_faces: int | None = None,
-               min_component_fraction: float = 0.01) -> ExportReport:
+def export_glb(
+    mesh: Mesh,
+    path: str | Path,
+    *,
+    texture_size: int = 1024,
+    target_faces: int | None = None,
+    min_component_fraction: float = 0.01,
+) -> ExportReport:
     """Write ``mesh`` as a textured GLB (see the module docstring for colours and axes).
 
     Args:
@@ -198,8 +207,9 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
     from PIL import Image
 
     if not mesh.success:
-        raise ValueError("cannot export an empty mesh: the decoder found no surface; try another seed or "
-                         "check the masks")
+        raise ValueError(
+            "cannot export an empty mesh: the decoder found no surface; try another seed or check the masks"
+        )
     if mesh.vertex_attrs is None:
         raise ValueError("cannot export a mesh without vertex colours: decode it with the mesh decoder's colours")
     if int(texture_size) < 8:
@@ -234,15 +244,27 @@ def export_glb(mesh: Mesh, path: str | Path, *, texture_size: int = 1024, target
     texture = bake_texture(uv, unwrapped_faces, colours[mapping], texture_size)
     lap("bake")
     normals = vertex_normals(vertices, faces)[mapping] @ Z_UP_TO_Y_UP
-    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(texture), metallicFactor=0.0,
-                                                   roughnessFactor=1.0, doubleSided=False)
-    glb = trimesh.Trimesh(vertices[mapping] @ Z_UP_TO_Y_UP, unwrapped_faces, vertex_normals=normals,
-                          visual=trimesh.visual.TextureVisuals(uv=uv, material=material), process=False)
+    material = trimesh.visual.material.PBRMaterial(
+        baseColorTexture=Image.fromarray(texture), metallicFactor=0.0, roughnessFactor=1.0, doubleSided=False
+    )
+    glb = trimesh.Trimesh(
+        vertices[mapping] @ Z_UP_TO_Y_UP,
+        unwrapped_faces,
+        vertex_normals=normals,
+        visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
+        process=False,
+    )
     data = glb.export(file_type="glb", include_normals=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, data)
     lap("write")
-    return ExportReport(faces_in=len(mesh.faces), faces_cleaned=faces_cleaned, faces_out=len(unwrapped_faces),
-                        texture_size=texture_size, bytes=len(data),
-                        seconds=seconds, notices=notices)
+    return ExportReport(
+        faces_in=len(mesh.faces),
+        faces_cleaned=faces_cleaned,
+        faces_out=len(unwrapped_faces),
+        texture_size=texture_size,
+        bytes=len(data),
+        seconds=seconds,
+        notices=notices,
+    )

@@ -39,8 +39,10 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         image = Image.open(path)
         if image.width * image.height > REFUSED_PIXELS:
-            raise InputError(f"{path}: {image.width}x{image.height} is far too large. Downscale it below "
-                             f"{MAX_SIDE} pixels a side first")
+            raise InputError(
+                f"{path}: {image.width}x{image.height} is far too large. Downscale it below "
+                f"{MAX_SIDE} pixels a side first"
+            )
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: cannot read this {what} ({e}). Save it as PNG or JPEG") from e
@@ -89,24 +91,33 @@ def load_combined_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return combined_to_masks(_mask_array(Path(path)))
 
 
-def _matched(mask: np.ndarray, source: str | Path, image: Image.Image, original: tuple[int, int],
-             image_path: Path) -> np.ndarray:
+def _matched(
+    mask: np.ndarray, source: str | Path, image: Image.Image, original: tuple[int, int], image_path: Path
+) -> np.ndarray:
     """The mask at the image's working size; it must have been drawn at the image's own size."""
     if mask.shape[::-1] != original:
-        raise InputError(f"{source}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_path.name} is "
-                         f"{original[0]}x{original[1]}. Masks must be the size of their image")
+        raise InputError(
+            f"{source}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_path.name} is "
+            f"{original[0]}x{original[1]}. Masks must be the size of their image"
+        )
     if image.size != original:
         mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST))
     return mask
 
 
-def load_view(image_path: str | Path, target_mask: str | Path | None = None,
-              occluder_mask: str | Path | None = None, mask: str | Path | None = None) -> View:
+def load_view(
+    image_path: str | Path,
+    target_mask: str | Path | None = None,
+    occluder_mask: str | Path | None = None,
+    mask: str | Path | None = None,
+) -> View:
     """One view from files: the image with either ``target_mask`` [+ ``occluder_mask``] or ``mask``."""
     image_path = Path(image_path)
     if (mask is None) == (target_mask is None):
-        raise InputError(f"{image_path}: give either a target mask (and optionally an occluder mask) or one "
-                         "combined mask, not both and not neither")
+        raise InputError(
+            f"{image_path}: give either a target mask (and optionally an occluder mask) or one "
+            "combined mask, not both and not neither"
+        )
     if mask is not None and occluder_mask is not None:
         raise InputError(f"{image_path}: a combined mask already holds the occluders; drop the occluder mask")
     image, original, notices = load_image(image_path)

@@ -51,8 +51,13 @@ def write_variant(mesh: Mesh, gaussians: Gaussians | None, glb: Path, settings: 
     return written
 
 
-def write_results(meshes: list[Mesh], gaussians: list[Gaussians], glbs: list[Path], settings: OutputSettings,
-                  before_variant: Callable[[int, int], None] | None = None) -> list[WrittenVariant]:
+def write_results(
+    meshes: list[Mesh],
+    gaussians: list[Gaussians],
+    glbs: list[Path],
+    settings: OutputSettings,
+    before_variant: Callable[[int, int], None] | None = None,
+) -> list[WrittenVariant]:
     """Each variant in turn; ``before_variant(index, count)`` reports progress (and may cancel)."""
     written = []
     for index, (mesh, glb) in enumerate(zip(meshes, glbs, strict=True)):

@@ -24,8 +24,9 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndar
     with tempfile.TemporaryDirectory(prefix="amodal3r-unwrap-") as folder:
         source, result = Path(folder) / "in.npz", Path(folder) / "out.npz"
         np.savez(source, vertices=vertices.astype(np.float32), faces=faces.astype(np.uint32))
-        done = subprocess.run([sys.executable, "-m", "amodal3r.io.unwrap", str(source), str(result)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "amodal3r.io.unwrap", str(source), str(result)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             raise UnwrapFailed(f"xatlas failed with exit code {done.returncode}: {done.stderr.strip()[-300:]}")
         with np.load(result) as out:

@@ -48,14 +48,22 @@ def _listed(keys: list[str]) -> str:
 def read_config(path: Path) -> dict:
     """The ``{"name", "args"}`` json of a checkpoint."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found. Put the model's json next to its .safetensors "
-                              "(download the official weights again if it is missing)")
+        raise CheckpointError(
+            f"{path}: file not found. Put the model's json next to its .safetensors "
+            "(download the official weights again if it is missing)"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}). Replace it with the original file") from e
-    if not isinstance(config, dict) or not isinstance(config.get("name"), str) or not isinstance(config.get("args"), dict):
-        raise CheckpointError(f'{path}: expected {{"name": <class name>, "args": {{...}}}}. Replace it with the original file')
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("name"), str)
+        or not isinstance(config.get("args"), dict)
+    ):
+        raise CheckpointError(
+            f'{path}: expected {{"name": <class name>, "args": {{...}}}}. Replace it with the original file'
+        )
     return config
 
 
@@ -67,8 +75,10 @@ def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str,
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e}). It is probably truncated or "
-                              "corrupt: delete it and download it again") from e
+        raise CheckpointError(
+            f"{path}: unreadable safetensors file ({e}). It is probably truncated or "
+            "corrupt: delete it and download it again"
+        ) from e
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -76,13 +86,22 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in set(expected) & set(state)
-                       if tuple(state[k].shape) != expected[k])
-    problems = [f"{label}: {_listed(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if keys]
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    problems = [
+        f"{label}: {_listed(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped))
+        if keys
+    ]
     if problems:
-        raise CheckpointError(f"{path}: does not fit the {type(model).__name__} it should hold; " + "; ".join(problems)
-                              + ". Use the original file of this model (json and weights from the same release)")
+        raise CheckpointError(
+            f"{path}: does not fit the {type(model).__name__} it should hold; "
+            + "; ".join(problems)
+            + ". Use the original file of this model (json and weights from the same release)"
+        )
 
 
 def default_torso_dtype(use_fp16: bool, device: torch.device) -> torch.dtype:
@@ -102,8 +121,9 @@ def build_model(config: dict, path: Path, device: torch.device | str = "meta") -
         raise CheckpointError(f"{path}: cannot build {config['name']} from its args ({e})") from e
 
 
-def load_model(stem: str | Path, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(
+    stem: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load ``stem.json`` + ``stem.safetensors`` into the model class the json names, for inference.
 
     ``dtype`` forces the compute dtype of the model's torso (fp32, fp16 or bf16); by default the

@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -67,24 +67,24 @@ class DinoV2Config:
     init_values: float = 1e-5
 
     @classmethod
-    def vitl14_reg4(cls) -> "DinoV2Config":
+    def vitl14_reg4(cls) -> DinoV2Config:
         """The encoder Amodal3R uses (``dinov2_vitl14_reg4``)."""
         return cls()
 
     @classmethod
-    def tiny(cls) -> "DinoV2Config":
+    def tiny(cls) -> DinoV2Config:
         """Tiny test model matching the golden ``dinov2/config.json``."""
         return cls(embed_dim=64, depth=2, num_heads=4, init_values=1.0)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "DinoV2Config":
+    def from_dict(cls, d: Mapping) -> DinoV2Config:
         """Build from a dict; unknown keys (e.g. ``arch``, ``seed``) are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "DinoV2Config":
-        with open(path, "r", encoding="utf-8") as f:
+    def from_json(cls, path: str | os.PathLike) -> DinoV2Config:
+        with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
@@ -111,8 +111,7 @@ def from_hub_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     for key in ("cls_token", "pos_embed"):
         if key not in sd:
             raise ValueError(
-                f"not a DINOv2 torch-hub state dict: key {key!r} is missing "
-                f"(keys start with {sorted(sd)[:5]})"
+                f"not a DINOv2 torch-hub state dict: key {key!r} is missing (keys start with {sorted(sd)[:5]})"
             )
     sd.pop("mask_token", None)
     out: dict[str, torch.Tensor] = {}
@@ -204,9 +203,7 @@ class DinoV2Encoder(nn.Module):
 
         self.config = config = config or DinoV2Config()
         if config.img_size % config.patch_size:
-            raise ValueError(
-                f"img_size {config.img_size} is not a multiple of patch_size {config.patch_size}"
-            )
+            raise ValueError(f"img_size {config.img_size} is not a multiple of patch_size {config.patch_size}")
         if device is None:
             # honour an enclosing `with torch.device(...)` context
             device = torch.empty(0).device
@@ -276,7 +273,7 @@ class DinoV2Encoder(nn.Module):
         config: DinoV2Config | None = None,
         *,
         device: torch.device | str = "cpu",
-    ) -> "DinoV2Encoder":
+    ) -> DinoV2Encoder:
         """Load either layout, detected from the keys (``register_tokens``/``mask_token``
         means hub layout)."""
         sd = load_hub_checkpoint(path)  # reads .pth and .safetensors alike
@@ -285,7 +282,7 @@ class DinoV2Encoder(nn.Module):
         return cls._from_timm_sd(sd, config, os.fspath(path), device)
 
     @classmethod
-    def _from_timm_sd(cls, sd, config, source: str, device) -> "DinoV2Encoder":
+    def _from_timm_sd(cls, sd, config, source: str, device) -> DinoV2Encoder:
         model = cls(config, device="meta")
         model.load_timm_state_dict(sd, source=source, assign=True)
         model = model.to(device=device, dtype=torch.float32)
@@ -331,4 +328,3 @@ class DinoV2Encoder(nn.Module):
         if return_prenorm:
             return tokens, x_prenorm
         return tokens
-

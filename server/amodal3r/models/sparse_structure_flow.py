@@ -35,11 +35,26 @@ class SparseStructureFlowModel(nn.Module):
 
     mask_as_cond = False
 
-    def __init__(self, resolution: int, in_channels: int, model_channels: int, cond_channels: int,
-                 out_channels: int, num_blocks: int, num_heads: int | None = None, num_head_channels: int = 64,
-                 mlp_ratio: float = 4, patch_size: int = 2, pe_mode: str = "ape", use_fp16: bool = False,
-                 use_checkpoint: bool = False, share_mod: bool = False, qk_rms_norm: bool = False,
-                 qk_rms_norm_cross: bool = False, mask_cond_type: str = "mask_patch"):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        model_channels: int,
+        cond_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        num_heads: int | None = None,
+        num_head_channels: int = 64,
+        mlp_ratio: float = 4,
+        patch_size: int = 2,
+        pe_mode: str = "ape",
+        use_fp16: bool = False,
+        use_checkpoint: bool = False,
+        share_mod: bool = False,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+        mask_cond_type: str = "mask_patch",
+    ):
         super().__init__()
         if pe_mode != "ape":
             raise ValueError(f"pe_mode {pe_mode!r} is not supported: the official models use 'ape'")
@@ -56,12 +71,21 @@ class SparseStructureFlowModel(nn.Module):
         grid = torch.stack(torch.meshgrid(*[torch.arange(n)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
         self.register_buffer("pos_emb", absolute_position_embedding(grid, model_channels))
         self.input_layer = nn.Linear(in_channels * patch_size**3, model_channels)
-        self.blocks = nn.ModuleList([
-            ModulatedTransformerCrossBlock(model_channels, cond_channels, self.num_heads, mlp_ratio,
-                                           qk_rms_norm=qk_rms_norm, qk_rms_norm_cross=qk_rms_norm_cross,
-                                           share_mod=share_mod, mask_as_cond=self.mask_as_cond)
-            for _ in range(num_blocks)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                ModulatedTransformerCrossBlock(
+                    model_channels,
+                    cond_channels,
+                    self.num_heads,
+                    mlp_ratio,
+                    qk_rms_norm=qk_rms_norm,
+                    qk_rms_norm_cross=qk_rms_norm_cross,
+                    share_mod=share_mod,
+                    mask_as_cond=self.mask_as_cond,
+                )
+                for _ in range(num_blocks)
+            ]
+        )
         self.out_layer = nn.Linear(model_channels, out_channels * patch_size**3)
         if use_fp16:
             self.set_torso_dtype(torch.float16)

@@ -68,20 +68,30 @@ class UpsampleBlock3d(nn.Module):
 
 
 class SparseStructureDecoder(nn.Module):
-    def __init__(self, out_channels: int, latent_channels: int, num_res_blocks: int, channels: list[int],
-                 num_res_blocks_middle: int = 2, norm_type: str = "layer", use_fp16: bool = False):
+    def __init__(
+        self,
+        out_channels: int,
+        latent_channels: int,
+        num_res_blocks: int,
+        channels: list[int],
+        num_res_blocks_middle: int = 2,
+        norm_type: str = "layer",
+        use_fp16: bool = False,
+    ):
         super().__init__()
         self.latent_channels = latent_channels
         self.input_layer = nn.Conv3d(latent_channels, channels[0], 3, padding=1)
-        self.middle_block = nn.Sequential(*[ResBlock3d(channels[0], norm_type=norm_type)
-                                            for _ in range(num_res_blocks_middle)])
+        self.middle_block = nn.Sequential(
+            *[ResBlock3d(channels[0], norm_type=norm_type) for _ in range(num_res_blocks_middle)]
+        )
         self.blocks = nn.ModuleList()
         for i, ch in enumerate(channels):
             self.blocks.extend(ResBlock3d(ch, norm_type=norm_type) for _ in range(num_res_blocks))
             if i < len(channels) - 1:
                 self.blocks.append(UpsampleBlock3d(ch, channels[i + 1]))
-        self.out_layer = nn.Sequential(norm_layer(norm_type, channels[-1]), nn.SiLU(),
-                                       nn.Conv3d(channels[-1], out_channels, 3, padding=1))
+        self.out_layer = nn.Sequential(
+            norm_layer(norm_type, channels[-1]), nn.SiLU(), nn.Conv3d(channels[-1], out_channels, 3, padding=1)
+        )
         self.dtype = torch.float32
         if use_fp16:
             self.set_torso_dtype(torch.float16)

@@ -28,8 +28,14 @@ from amodal3r.modules.sparse import (
 class SparseResBlock3d(nn.Module):
     """Norm-SiLU-conv twice with a timestep scale/shift, optionally resampling by 2 first."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
-                 downsample: bool = False, upsample: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int | None = None,
+        downsample: bool = False,
+        upsample: bool = False,
+    ):
         super().__init__()
         out_channels = out_channels or channels
         self.norm1 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
@@ -55,19 +61,38 @@ class SLatFlowModel(nn.Module):
 
     mask_as_cond = False
 
-    def __init__(self, resolution: int, in_channels: int, model_channels: int, cond_channels: int,
-                 out_channels: int, num_blocks: int, num_heads: int | None = None, num_head_channels: int = 64,
-                 mlp_ratio: float = 4, patch_size: int = 2, num_io_res_blocks: int = 2,
-                 io_block_channels: list[int] | None = None, pe_mode: str = "ape", use_fp16: bool = False,
-                 use_checkpoint: bool = False, use_skip_connection: bool = True, share_mod: bool = False,
-                 qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False, mask_cond_type: str = "mask_patch"):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        model_channels: int,
+        cond_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        num_heads: int | None = None,
+        num_head_channels: int = 64,
+        mlp_ratio: float = 4,
+        patch_size: int = 2,
+        num_io_res_blocks: int = 2,
+        io_block_channels: list[int] | None = None,
+        pe_mode: str = "ape",
+        use_fp16: bool = False,
+        use_checkpoint: bool = False,
+        use_skip_connection: bool = True,
+        share_mod: bool = False,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+        mask_cond_type: str = "mask_patch",
+    ):
         super().__init__()
         if pe_mode != "ape":
             raise ValueError(f"pe_mode {pe_mode!r} is not supported: the official models use 'ape'")
         io_block_channels = list(io_block_channels or [])
         if 2 ** len(io_block_channels) != patch_size:
-            raise ValueError(f"patch_size {patch_size} needs log2(patch_size) = {int(math.log2(patch_size))} "
-                             f"io_block_channels, got {io_block_channels}")
+            raise ValueError(
+                f"patch_size {patch_size} needs log2(patch_size) = {int(math.log2(patch_size))} "
+                f"io_block_channels, got {io_block_channels}"
+            )
         self.resolution, self.in_channels, self.out_channels = resolution, in_channels, out_channels
         self.cond_channels = cond_channels
         self.model_channels, self.share_mod, self.use_skip_connection = model_channels, share_mod, use_skip_connection
@@ -79,20 +104,31 @@ class SLatFlowModel(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 6 * model_channels))
         self.input_layer = SparseLinear(in_channels, io_block_channels[0])
         self.input_blocks = nn.ModuleList()
-        for chs, next_chs in zip(io_block_channels, io_block_channels[1:] + [model_channels]):
+        for chs, next_chs in zip(io_block_channels, io_block_channels[1:] + [model_channels], strict=True):
             self.input_blocks.extend(SparseResBlock3d(chs, model_channels) for _ in range(num_io_res_blocks - 1))
             self.input_blocks.append(SparseResBlock3d(chs, model_channels, next_chs, downsample=True))
-        self.blocks = nn.ModuleList([
-            ModulatedTransformerCrossBlock(model_channels, cond_channels, self.num_heads, mlp_ratio,
-                                           qk_rms_norm=qk_rms_norm, qk_rms_norm_cross=qk_rms_norm_cross,
-                                           share_mod=share_mod, mask_as_cond=self.mask_as_cond)
-            for _ in range(num_blocks)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                ModulatedTransformerCrossBlock(
+                    model_channels,
+                    cond_channels,
+                    self.num_heads,
+                    mlp_ratio,
+                    qk_rms_norm=qk_rms_norm,
+                    qk_rms_norm_cross=qk_rms_norm_cross,
+                    share_mod=share_mod,
+                    mask_as_cond=self.mask_as_cond,
+                )
+                for _ in range(num_blocks)
+            ]
+        )
         skip = 2 if use_skip_connection else 1
         self.out_blocks = nn.ModuleList()
-        for chs, prev_chs in zip(reversed(io_block_channels), [model_channels] + io_block_channels[:0:-1]):
+        for chs, prev_chs in zip(reversed(io_block_channels), [model_channels] + io_block_channels[:0:-1], strict=True):
             self.out_blocks.append(SparseResBlock3d(prev_chs * skip, model_channels, chs, upsample=True))
-            self.out_blocks.extend(SparseResBlock3d(chs * skip, model_channels, chs) for _ in range(num_io_res_blocks - 1))
+            self.out_blocks.extend(
+                SparseResBlock3d(chs * skip, model_channels, chs) for _ in range(num_io_res_blocks - 1)
+            )
         self.out_layer = SparseLinear(io_block_channels[0], out_channels)
         if use_fp16:
             self.set_torso_dtype(torch.float16)
@@ -117,7 +153,7 @@ class SLatFlowModel(nn.Module):
         h = h + absolute_position_embedding(h.coords[:, 1:], self.model_channels).type(self.dtype)
         for block in self.blocks:
             h = block(h, t_emb, condition)
-        for block, skip in zip(self.out_blocks, reversed(skips)):
+        for block, skip in zip(self.out_blocks, reversed(skips), strict=True):
             if self.use_skip_connection:
                 h = h.replace(torch.cat([h.feats, skip], dim=1))
             h = block(h, t_emb)

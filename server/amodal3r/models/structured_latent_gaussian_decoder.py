@@ -57,8 +57,16 @@ def offset_perturbation(num_gaussians: int, voxel_size: float) -> torch.Tensor:
 class SLatGaussianDecoder(SparseTransformerBase):
     """TRELLIS's structured-latent Gaussian decoder (official args, state-dict keys and buffer)."""
 
-    def __init__(self, resolution: int, model_channels: int, latent_channels: int, num_blocks: int,
-                 representation_config: dict | None = None, use_fp16: bool = False, **trunk: object):
+    def __init__(
+        self,
+        resolution: int,
+        model_channels: int,
+        latent_channels: int,
+        num_blocks: int,
+        representation_config: dict | None = None,
+        use_fp16: bool = False,
+        **trunk: object,
+    ):
         trunk = {"attn_mode": "swin", "window_size": 8, **trunk}
         super().__init__(latent_channels, model_channels, num_blocks, **trunk)  # type: ignore[arg-type]
         if not representation_config:
@@ -69,8 +77,9 @@ class SLatGaussianDecoder(SparseTransformerBase):
         self.layout = self._channel_layout()
         self.out_channels = sum(stop - start for start, stop in self.layout.values())
         self.out_layer = SparseLinear(model_channels, self.out_channels)
-        self.register_buffer("offset_perturbation",
-                             offset_perturbation(self.num_gaussians, self.rep_config["voxel_size"]))
+        self.register_buffer(
+            "offset_perturbation", offset_perturbation(self.num_gaussians, self.rep_config["voxel_size"])
+        )
         if use_fp16:
             self.set_torso_dtype(torch.float16)
 
@@ -108,13 +117,15 @@ class SLatGaussianDecoder(SparseTransformerBase):
             params = {"_xyz": (centres.unsqueeze(1) + offset).flatten(0, 1)}
             for name in list(GAUSSIAN_PARAMETERS)[1:]:
                 params[name] = self._parameter(feats, name).flatten(0, 1)
-            results.append(Gaussians(
-                **params,
-                min_kernel_size=cfg["3d_filter_kernel_size"],
-                scaling_bias=cfg["scaling_bias"],
-                opacity_bias=cfg["opacity_bias"],
-                scaling_activation=cfg["scaling_activation"],
-            ))
+            results.append(
+                Gaussians(
+                    **params,
+                    min_kernel_size=cfg["3d_filter_kernel_size"],
+                    scaling_bias=cfg["scaling_bias"],
+                    opacity_bias=cfg["opacity_bias"],
+                    scaling_activation=cfg["scaling_activation"],
+                )
+            )
         return results
 
     def forward(self, x: SparseTensor) -> list[Gaussians]:

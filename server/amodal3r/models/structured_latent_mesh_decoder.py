@@ -66,10 +66,12 @@ def _parent_kernels(weight: torch.Tensor) -> torch.Tensor:
     the parent grid (the kernel taps that read the same parent's children are summed)."""
     axis = [_child_to_parent_offsets(bit).to(weight.device) for bit in (0, 1)]
     w = weight.float()
-    return torch.stack([
-        torch.einsum("ad,be,cf,odefi->oabci", axis[int(c[0])], axis[int(c[1])], axis[int(c[2])], w)
-        for c in CHILD_OFFSETS
-    ]).to(weight.dtype)
+    return torch.stack(
+        [
+            torch.einsum("ad,be,cf,odefi->oabci", axis[int(c[0])], axis[int(c[1])], axis[int(c[2])], w)
+            for c in CHILD_OFFSETS
+        ]
+    ).to(weight.dtype)
 
 
 def conv_after_subdivide(x: SparseTensor, conv: SparseConv3d) -> SparseTensor:
@@ -92,8 +94,11 @@ def conv_after_subdivide(x: SparseTensor, conv: SparseConv3d) -> SparseTensor:
         if e == (0, 0, 0) or out_rows.numel() == 0:
             continue
         # Children whose bit along each moved axis points towards the offset reach that parent.
-        children = [c for c, bits in enumerate(CHILD_OFFSETS.tolist())
-                    if all(step == 0 or bit == (step > 0) for bit, step in zip(bits, e))]
+        children = [
+            c
+            for c, bits in enumerate(CHILD_OFFSETS.tolist())
+            if all(step == 0 or bit == (step > 0) for bit, step in zip(bits, e, strict=True))
+        ]
         w = kernels[children, :, e[0] + 1, e[1] + 1, e[2] + 1]  # [m, out, in]
         part = feats.index_select(0, in_rows) @ w.reshape(len(children) * c_out, -1).t()
         rows = 8 * out_rows[:, None] + torch.tensor(children, device=out_rows.device)[None]
@@ -156,8 +161,16 @@ class SparseSubdivideBlock3d(nn.Module):
 class SLatMeshDecoder(SparseTransformerBase):
     """TRELLIS's structured-latent mesh decoder (official args and state-dict keys)."""
 
-    def __init__(self, resolution: int, model_channels: int, latent_channels: int, num_blocks: int,
-                 representation_config: dict | None = None, use_fp16: bool = False, **trunk: object):
+    def __init__(
+        self,
+        resolution: int,
+        model_channels: int,
+        latent_channels: int,
+        num_blocks: int,
+        representation_config: dict | None = None,
+        use_fp16: bool = False,
+        **trunk: object,
+    ):
         trunk = {"attn_mode": "swin", "window_size": 8, **trunk}
         super().__init__(latent_channels, model_channels, num_blocks, **trunk)  # type: ignore[arg-type]
         self.resolution = resolution
@@ -165,10 +178,12 @@ class SLatMeshDecoder(SparseTransformerBase):
         self.use_color = bool(self.rep_config.get("use_color", False))
         self.mesh_resolution = resolution * 4
         self.out_channels = mesh_feature_channels(self.use_color)
-        self.upsample = nn.ModuleList([
-            SparseSubdivideBlock3d(model_channels, resolution, model_channels // 4),
-            SparseSubdivideBlock3d(model_channels // 4, resolution * 2, model_channels // 8),
-        ])
+        self.upsample = nn.ModuleList(
+            [
+                SparseSubdivideBlock3d(model_channels, resolution, model_channels // 4),
+                SparseSubdivideBlock3d(model_channels // 4, resolution * 2, model_channels // 8),
+            ]
+        )
         self.out_layer = SparseLinear(model_channels // 8, self.out_channels)
         if use_fp16:
             self.set_torso_dtype(torch.float16)
@@ -185,8 +200,10 @@ class SLatMeshDecoder(SparseTransformerBase):
 
     def to_representation(self, x: SparseTensor) -> list[Mesh]:
         """One FlexiCubes mesh per batch element."""
-        return [sparse_features_to_mesh(x.coords[rows], x.feats[rows].float(), self.mesh_resolution, self.use_color)
-                for rows in x.layout]
+        return [
+            sparse_features_to_mesh(x.coords[rows], x.feats[rows].float(), self.mesh_resolution, self.use_color)
+            for rows in x.layout
+        ]
 
     def forward(self, x: SparseTensor) -> list[Mesh]:
         return self.to_representation(self.decode(x))

@@ -32,8 +32,15 @@ AttnMode = Literal["full", "shift_window", "shift_sequence", "shift_order", "swi
 class SparseSelfAttention(MultiHeadAttention):
     """Sparse self-attention over whole batch elements (``window_size=None``) or shifted windows."""
 
-    def __init__(self, channels: int, num_heads: int, window_size: int | None = None, shift_window: int = 0,
-                 qkv_bias: bool = True, qk_rms_norm: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        window_size: int | None = None,
+        shift_window: int = 0,
+        qkv_bias: bool = True,
+        qk_rms_norm: bool = False,
+    ):
         super().__init__(channels, num_heads, type="self", qkv_bias=qkv_bias, qk_rms_norm=qk_rms_norm)
         self.window_size, self.shift_window = window_size, shift_window
 
@@ -52,8 +59,17 @@ class SparseSelfAttention(MultiHeadAttention):
 class SparseTransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; norms non-affine, eps 1e-6."""
 
-    def __init__(self, channels: int, num_heads: int, mlp_ratio: float = 4.0, window_size: int | None = None,
-                 shift_window: int = 0, qk_rms_norm: bool = False, qkv_bias: bool = True, ln_affine: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        window_size: int | None = None,
+        shift_window: int = 0,
+        qk_rms_norm: bool = False,
+        qkv_bias: bool = True,
+        ln_affine: bool = False,
+    ):
         super().__init__()
         self.norm1 = LayerNorm32(channels, elementwise_affine=ln_affine, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=ln_affine, eps=1e-6)
@@ -79,10 +95,21 @@ def block_windows(attn_mode: AttnMode, num_blocks: int, window_size: int | None)
 class SparseTransformerBase(nn.Module):
     """Input layer, position embedding and transformer blocks; subclasses add the output head."""
 
-    def __init__(self, in_channels: int, model_channels: int, num_blocks: int, num_heads: int | None = None,
-                 num_head_channels: int | None = 64, mlp_ratio: float = 4.0, attn_mode: AttnMode = "full",
-                 window_size: int | None = None, pe_mode: Literal["ape", "rope"] = "ape", use_fp16: bool = False,
-                 use_checkpoint: bool = False, qk_rms_norm: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        num_blocks: int,
+        num_heads: int | None = None,
+        num_head_channels: int | None = 64,
+        mlp_ratio: float = 4.0,
+        attn_mode: AttnMode = "full",
+        window_size: int | None = None,
+        pe_mode: Literal["ape", "rope"] = "ape",
+        use_fp16: bool = False,
+        use_checkpoint: bool = False,
+        qk_rms_norm: bool = False,
+    ):
         super().__init__()
         if pe_mode != "ape":
             raise ValueError(f"pe_mode {pe_mode!r} is not supported: the official decoders use 'ape'")
@@ -91,10 +118,14 @@ class SparseTransformerBase(nn.Module):
         self.attn_mode, self.window_size, self.pe_mode = attn_mode, window_size, pe_mode
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.input_layer = SparseLinear(in_channels, model_channels)
-        self.blocks = nn.ModuleList([
-            SparseTransformerBlock(model_channels, self.num_heads, mlp_ratio, window, shift, qk_rms_norm=qk_rms_norm)
-            for window, shift in block_windows(attn_mode, num_blocks, window_size)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                SparseTransformerBlock(
+                    model_channels, self.num_heads, mlp_ratio, window, shift, qk_rms_norm=qk_rms_norm
+                )
+                for window, shift in block_windows(attn_mode, num_blocks, window_size)
+            ]
+        )
 
     def torso(self) -> list[nn.Module]:
         """The parts whose linear and conv weights run in the torso dtype."""

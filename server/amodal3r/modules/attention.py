@@ -30,8 +30,9 @@ def attention_backend() -> Backend:
     return name  # type: ignore[return-value]
 
 
-def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_dot_product(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention on ``[B, L, H, D]`` tensors; ``bias`` is added to the logits (broadcast to B,H,Lq,Lk)."""
     backend = attention_backend()
     if backend != "sdpa" and q.is_cuda:
@@ -46,7 +47,9 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
             return flash_attn_func(q, k, v)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
         attn_mask=None if bias is None else bias.to(q.dtype),
     )
     return out.transpose(1, 2)
@@ -73,8 +76,9 @@ def varlen_self_attention(qkv: torch.Tensor, layout: list[slice]) -> torch.Tenso
     return out
 
 
-def varlen_cross_attention(q: torch.Tensor, layout: list[slice], k: torch.Tensor, v: torch.Tensor,
-                           bias: torch.Tensor | None) -> torch.Tensor:
+def varlen_cross_attention(
+    q: torch.Tensor, layout: list[slice], k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Packed queries ``[T, H, D]`` of each batch element attend to that element's own context
     ``k, v [B, L, H, D]`` only (the reference mixes contexts across a batch; we must not)."""
     lengths = {s.stop - s.start for s in layout}
@@ -83,8 +87,8 @@ def varlen_cross_attention(q: torch.Tensor, layout: list[slice], k: torch.Tensor
         return scaled_dot_product(qb, k, v, bias).flatten(0, 1)
     out = torch.empty_like(q)
     for b, rows in enumerate(layout):
-        bias_b = None if bias is None else bias[b:b + 1]
-        out[rows] = scaled_dot_product(q[rows].unsqueeze(0), k[b:b + 1], v[b:b + 1], bias_b)[0]
+        bias_b = None if bias is None else bias[b : b + 1]
+        out[rows] = scaled_dot_product(q[rows].unsqueeze(0), k[b : b + 1], v[b : b + 1], bias_b)[0]
     return out
 
 
@@ -111,8 +115,8 @@ def _distinct_ratios(ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = ratios.new_zeros(len(rows), width, dtype=torch.float32)
     log_counts = torch.full_like(values, float("-inf"))
     for i, (v, c) in enumerate(rows):
-        values[i, :len(v)] = v
-        log_counts[i, :len(v)] = c.float().log()
+        values[i, : len(v)] = v
+        log_counts[i, : len(v)] = c.float().log()
     return values, log_counts
 
 
@@ -123,8 +127,15 @@ class MultiHeadAttention(nn.Module):
     :func:`visibility_bias`). Parameter names follow the official checkpoints.
     """
 
-    def __init__(self, channels: int, num_heads: int, ctx_channels: int | None = None,
-                 type: Literal["self", "cross"] = "self", qkv_bias: bool = True, qk_rms_norm: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        ctx_channels: int | None = None,
+        type: Literal["self", "cross"] = "self",
+        qkv_bias: bool = True,
+        qk_rms_norm: bool = False,
+    ):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels {channels} is not divisible by num_heads {num_heads}")
@@ -173,8 +184,7 @@ class MultiHeadAttention(nn.Module):
         out = self.to_out(h.reshape(*lead, self.channels).to(feats.dtype))
         return x.replace(out) if isinstance(x, SparseTensor) else out
 
-    def forward(self, x: Tokens, context: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> Tokens:
+    def forward(self, x: Tokens, context: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Tokens:
         feats = x.feats if isinstance(x, SparseTensor) else x
         lead = feats.shape[:-1]
         if self.is_self:

@@ -81,11 +81,12 @@ def split_condition(cond: torch.Tensor, mask_as_cond: bool, dtype: torch.dtype) 
     if not mask_as_cond:
         return Condition(cond.type(dtype))
     if cond.dim() != 3 or cond.shape[1] != NUM_COND_TOKENS:
-        raise ValueError(f"condition must be [B, {NUM_COND_TOKENS}, C] (tokens, visibility, occlusion), "
-                         f"got {tuple(cond.shape)}")
+        raise ValueError(
+            f"condition must be [B, {NUM_COND_TOKENS}, C] (tokens, visibility, occlusion), got {tuple(cond.shape)}"
+        )
     n_tok = NUM_IMAGE_TOKENS
-    visibility = cond[:, n_tok:n_tok + NUM_PATCHES, 0].type(dtype)
-    occlusion = cond[:, n_tok + NUM_PATCHES:]
+    visibility = cond[:, n_tok : n_tok + NUM_PATCHES, 0].type(dtype)
+    occlusion = cond[:, n_tok + NUM_PATCHES :]
     ratios = occlusion[..., 0]
     repeated = torch.equal(occlusion, ratios.unsqueeze(-1).expand_as(occlusion))
     return Condition(
@@ -112,20 +113,31 @@ class ModulatedTransformerCrossBlock(nn.Module):
     patch and a second cross-attention attends to the occlusion tokens.
     """
 
-    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
-                 qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False, share_mod: bool = False,
-                 mask_as_cond: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        ctx_channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+        share_mod: bool = False,
+        mask_as_cond: bool = False,
+    ):
         super().__init__()
         self.share_mod, self.mask_as_cond = share_mod, mask_as_cond
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.self_attn = MultiHeadAttention(channels, num_heads, type="self", qk_rms_norm=qk_rms_norm)
-        self.cross_attn = MultiHeadAttention(channels, num_heads, ctx_channels, type="cross", qk_rms_norm=qk_rms_norm_cross)
+        self.cross_attn = MultiHeadAttention(
+            channels, num_heads, ctx_channels, type="cross", qk_rms_norm=qk_rms_norm_cross
+        )
         if mask_as_cond:
             self.norm_mask = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-            self.cross_attn_mask = MultiHeadAttention(channels, num_heads, ctx_channels, type="cross",
-                                                      qk_rms_norm=qk_rms_norm_cross)
+            self.cross_attn_mask = MultiHeadAttention(
+                channels, num_heads, ctx_channels, type="cross", qk_rms_norm=qk_rms_norm_cross
+            )
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))

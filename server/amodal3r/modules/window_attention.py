@@ -104,6 +104,6 @@ def windowed_self_attention(qkv: torch.Tensor, partition: WindowPartition) -> to
             hi = min(lo + per_call, num_windows)
             q, k, v = qkv.index_select(0, bucket.rows[lo:hi].reshape(-1)).unflatten(0, (hi - lo, length)).unbind(2)
             bias = None if bucket.key_bias is None else bucket.key_bias[lo:hi].to(qkv.dtype)
-            target = padded_out[bucket.offset + lo * length:bucket.offset + hi * length]
+            target = padded_out[bucket.offset + lo * length : bucket.offset + hi * length]
             target.unflatten(0, (hi - lo, length)).copy_(scaled_dot_product(q, k, v, bias))
     return padded_out.index_select(0, partition.unpad)

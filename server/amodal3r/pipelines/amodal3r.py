@@ -100,12 +100,16 @@ class PipelineConfig:
     def read(cls, folder: Path) -> PipelineConfig:
         path = folder / PIPELINE_FILE
         if not path.is_file():
-            raise CheckpointError(f"{path}: not found. The model folder must hold {PIPELINE_FILE} and its "
-                                  f"checkpoints (the layout of Hugging Face {HF_REPO})")
+            raise CheckpointError(
+                f"{path}: not found. The model folder must hold {PIPELINE_FILE} and its "
+                f"checkpoints (the layout of Hugging Face {HF_REPO})"
+            )
         try:
             config = cls._parse(json.loads(path.read_text())["args"])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: malformed ({type(e).__name__}: {e}). Replace it with the original file") from e
+            raise CheckpointError(
+                f"{path}: malformed ({type(e).__name__}: {e}). Replace it with the original file"
+            ) from e
         config._check_files(folder, path)
         return config
 
@@ -128,8 +132,10 @@ class PipelineConfig:
         for key, stem in self.models.items():
             for file in checkpoint_files(folder, stem):
                 if not file.is_file():
-                    raise CheckpointError(f"{path}: model {key!r} is {stem}, but {file} is missing. "
-                                          f"Download the complete model folder ({CHECKPOINT_FOLDER}/ included)")
+                    raise CheckpointError(
+                        f"{path}: model {key!r} is {stem}, but {file} is missing. "
+                        f"Download the complete model folder ({CHECKPOINT_FOLDER}/ included)"
+                    )
 
 
 def _sampler_entry(entry: dict) -> dict:
@@ -147,15 +153,21 @@ class Amodal3RPipeline:
         self._models: dict[str, nn.Module] = {}
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> Amodal3RPipeline:
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Amodal3RPipeline:
         """Read ``pipeline.json`` and check its files exist; the models load on first use."""
         folder = Path(folder)
         return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype)
 
     @torch.inference_mode()
-    def __call__(self, views: list[View], settings: RunSettings = RunSettings(),
-                 progress: ProgressFn | None = None, cancelled: Cancel | None = None) -> Reconstruction:
+    def __call__(
+        self,
+        views: list[View],
+        settings: RunSettings = RunSettings(),
+        progress: ProgressFn | None = None,
+        cancelled: Cancel | None = None,
+    ) -> Reconstruction:
         """Views (several of one object: paper Sec. 3.4) to a decoded mesh and Gaussians per variant."""
         if not views:
             raise ValueError("no views given: pass at least one image with its masks")
@@ -176,8 +188,7 @@ class Amodal3RPipeline:
         # 3. Decode each variant into the formats asked for.
         decoded = self.decode(slat, settings.formats)
         lap("decode")
-        return Reconstruction(decoded.get("mesh", []), decoded.get("gaussian", []), [v.name for v in ordered],
-                              timings)
+        return Reconstruction(decoded.get("mesh", []), decoded.get("gaussian", []), [v.name for v in ordered], timings)
 
     def image_encoder_path(self) -> Path:
         """The DINOv2 checkpoint: in the model folder, else in torch.hub's checkpoint cache."""
@@ -186,18 +197,24 @@ class Amodal3RPipeline:
             for name in IMAGE_ENCODER_FILES:
                 if (place / name).is_file():
                     return place / name
-        raise CheckpointError(f"DINOv2 weights not found: put {IMAGE_ENCODER_FILES[1]} "
-                              f"({DOWNLOAD_BASE}/{IMAGE_ENCODER_SOURCE}) into {places[0]} or {places[1]}")
+        raise CheckpointError(
+            f"DINOv2 weights not found: put {IMAGE_ENCODER_FILES[1]} "
+            f"({DOWNLOAD_BASE}/{IMAGE_ENCODER_SOURCE}) into {places[0]} or {places[1]}"
+        )
 
     def image_encoder(self) -> nn.Module:
         if IMAGE_ENCODER not in self._models:
             from amodal3r.models.image_encoder import DinoV2Config, DinoV2Encoder
 
             config_path = self.folder / IMAGE_ENCODER_CONFIG
-            config = DinoV2Config.from_dict(json.loads(config_path.read_text())["args"]) \
-                if config_path.is_file() else DinoV2Config.vitl14_reg4()
-            self._models[IMAGE_ENCODER] = DinoV2Encoder.from_checkpoint(self.image_encoder_path(), config,
-                                                                       device=self.device)
+            config = (
+                DinoV2Config.from_dict(json.loads(config_path.read_text())["args"])
+                if config_path.is_file()
+                else DinoV2Config.vitl14_reg4()
+            )
+            self._models[IMAGE_ENCODER] = DinoV2Encoder.from_checkpoint(
+                self.image_encoder_path(), config, device=self.device
+            )
         return self._models[IMAGE_ENCODER]
 
     def model(self, key: str) -> nn.Module:
@@ -233,8 +250,13 @@ class Amodal3RPipeline:
         return torch.cat(rows)
 
     @torch.inference_mode()
-    def sample_latent(self, cond: torch.Tensor, settings: RunSettings = RunSettings(),
-                      progress: ProgressFn | None = None, cancelled: Cancel | None = None) -> SparseTensor:
+    def sample_latent(
+        self,
+        cond: torch.Tensor,
+        settings: RunSettings = RunSettings(),
+        progress: ProgressFn | None = None,
+        cancelled: Cancel | None = None,
+    ) -> SparseTensor:
         """Conditioning ``[views, 4112, C]`` to the structured latent of each variant.
 
         Noise comes from a CPU generator seeded with ``settings.seed`` (structure noise first, then
@@ -254,34 +276,58 @@ class Amodal3RPipeline:
         return {f: self.model(DECODER_MODELS[f])(slat) for f in formats}
 
     @torch.inference_mode()
-    def sample_structure(self, cond: torch.Tensor, generator: torch.Generator, settings: RunSettings,
-                         progress: ProgressFn | None = None, cancelled: Cancel | None = None) -> torch.Tensor:
+    def sample_structure(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator,
+        settings: RunSettings,
+        progress: ProgressFn | None = None,
+        cancelled: Cancel | None = None,
+    ) -> torch.Tensor:
         """Occupied voxels ``[N, 4]`` (batch = variant, x, y, z) of the 64^3 structure."""
         flow = self.model("sparse_structure_flow_model")
         res = flow.resolution
         noise = torch.randn(settings.variants, flow.in_channels, res, res, res, generator=generator).to(self.device)
         sampler = settings.structure.apply(self.config.structure_sampler)
-        latent = sample(flow, noise, cond, torch.zeros_like(cond[:1]), sampler, settings.multiview, progress,
-                        cancelled, stage="structure")
+        latent = sample(
+            flow,
+            noise,
+            cond,
+            torch.zeros_like(cond[:1]),
+            sampler,
+            settings.multiview,
+            progress,
+            cancelled,
+            stage="structure",
+        )
         logits = self.model("sparse_structure_decoder")(latent)
         coords = torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].int()
         empty = [v for v in range(settings.variants) if not (coords[:, 0] == v).any()]
         if empty:
-            raise PipelineError(f"the structure stage produced no occupied voxels (variant {empty[0]}). "
-                                "Check the masks mark the target, or try another seed or more steps")
+            raise PipelineError(
+                f"the structure stage produced no occupied voxels (variant {empty[0]}). "
+                "Check the masks mark the target, or try another seed or more steps"
+            )
         return coords
 
     @torch.inference_mode()
-    def sample_slat(self, cond: torch.Tensor, coords: torch.Tensor, generator: torch.Generator,
-                    settings: RunSettings, progress: ProgressFn | None = None,
-                    cancelled: Cancel | None = None) -> SparseTensor:
+    def sample_slat(
+        self,
+        cond: torch.Tensor,
+        coords: torch.Tensor,
+        generator: torch.Generator,
+        settings: RunSettings,
+        progress: ProgressFn | None = None,
+        cancelled: Cancel | None = None,
+    ) -> SparseTensor:
         """The structured latent on ``coords``, de-normalised with the pipeline's mean and std."""
         flow = self.model("slat_flow_model")
         noise = torch.randn(coords.shape[0], flow.in_channels, generator=generator).to(self.device)
         sampler = settings.slat.apply(self.config.slat_sampler)
         x = SparseTensor(noise, coords.to(self.device))
-        slat = sample(flow, x, cond, torch.zeros_like(cond[:1]), sampler, settings.multiview, progress, cancelled,
-                      stage="slat")
+        slat = sample(
+            flow, x, cond, torch.zeros_like(cond[:1]), sampler, settings.multiview, progress, cancelled, stage="slat"
+        )
         std = torch.tensor(self.config.slat_std, device=self.device)[None]
         mean = torch.tensor(self.config.slat_mean, device=self.device)[None]
         return slat.replace(slat.feats * std + mean)

@@ -141,8 +141,7 @@ def _rgb_array(image) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(
-            f"image must be a PIL image or a uint8 array [height, width, 3], got "
-            f"{arr.dtype} array of shape {arr.shape}"
+            f"image must be a PIL image or a uint8 array [height, width, 3], got {arr.dtype} array of shape {arr.shape}"
         )
     return arr
 
@@ -177,9 +176,7 @@ def preprocess_grey(image, grey, *, dilate: bool = True) -> PreprocessedView:
     # for every uint8 v that round trip is exact, so zeroing masked pixels is identical.
     masked = rgb.copy()
     masked[combined] = 0
-    resized = Image.fromarray(masked).resize(
-        (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS
-    )
+    resized = Image.fromarray(masked).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     return PreprocessedView(
         image_518=np.asarray(resized, dtype=np.uint8).copy(),
         vis_ratio=patch_ratios(~combined),
@@ -203,8 +200,9 @@ def preprocess_view(image: Image.Image, target, occluder=None) -> PreprocessedVi
     return preprocess_grey(image, masks_to_grey(t, o))
 
 
-def _checked_masks(target: object, occluder: object | None, width: int,
-                   height: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _checked_masks(
+    target: object, occluder: object | None, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Boolean masks of the image's size, with some of the target visible."""
     t = as_bool_mask(target, "target")
     o = None if occluder is None else as_bool_mask(occluder, "occluder")
@@ -227,9 +225,7 @@ def image_to_tensor(image_518: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------- condition
 
 
-def assemble_cond(
-    tokens: torch.Tensor, vis_ratio: torch.Tensor, occ_ratio: torch.Tensor
-) -> torch.Tensor:
+def assemble_cond(tokens: torch.Tensor, vis_ratio: torch.Tensor, occ_ratio: torch.Tensor) -> torch.Tensor:
     """Build the flow models' condition ``[B, 1374 + 1369 + 1369, C]``.
 
     Rows ``0:1374`` are the image tokens, rows ``1374:2743`` the visibility ratio of each
@@ -247,10 +243,7 @@ def assemble_cond(
     for name, r in (("vis_ratio", vis_ratio), ("occ_ratio", occ_ratio)):
         r = torch.as_tensor(r)
         if tuple(r.shape) != (b, NUM_PATCHES):
-            raise ValueError(
-                f"{name} must be [B, {NUM_PATCHES}] with B={b} matching the tokens, "
-                f"got {tuple(r.shape)}"
-            )
+            raise ValueError(f"{name} must be [B, {NUM_PATCHES}] with B={b} matching the tokens, got {tuple(r.shape)}")
         r = r.to(device=tokens.device, dtype=tokens.dtype)
         parts.append(r[:, :, None].expand(b, NUM_PATCHES, c))
     return torch.cat(parts, dim=1)

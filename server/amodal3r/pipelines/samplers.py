@@ -5,8 +5,8 @@ Conditional, unconditional and multi-view predictions of one step run as one bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable
 
 import torch
 
@@ -29,13 +29,13 @@ class SamplerSettings:
     sigma_min: float = 1e-5
 
     @classmethod
-    def from_config(cls, name: str, args: dict, params: dict) -> "SamplerSettings":
+    def from_config(cls, name: str, args: dict, params: dict) -> SamplerSettings:
         """Settings from a ``pipeline.json`` sampler entry (``name``, ``args``, ``params``)."""
         if name not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {name!r}; supported: {', '.join(SAMPLER_NAMES)}")
         return cls().override(**args, **params)
 
-    def override(self, **changes: object) -> "SamplerSettings":
+    def override(self, **changes: object) -> SamplerSettings:
         """A copy with the given non-None settings changed; unknown names are an error."""
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known
@@ -54,7 +54,7 @@ def time_pairs(steps: int, rescale_t: float) -> list[tuple[float, float]]:
     """``(t, t_prev)`` per step: uniform in [1, 0], warped by ``r t / (1 + (r - 1) t)``."""
     seq = [1.0 - i / steps for i in range(steps + 1)]
     seq = [rescale_t * t / (1 + (rescale_t - 1) * t) for t in seq]
-    return list(zip(seq[:-1], seq[1:]))
+    return list(zip(seq[:-1], seq[1:], strict=True))
 
 
 def _repeat(x: Latent, n: int) -> Latent:
@@ -89,9 +89,17 @@ class _BatchedModel:
         return list(feats.chunk(k))
 
 
-def sample(model: Callable, noise: Latent, cond: torch.Tensor, neg_cond: torch.Tensor, settings: SamplerSettings,
-           multiview: MultiViewMode = "stochastic", progress: ProgressFn | None = None,
-           cancelled: Callable[[], bool] | None = None, stage: str = "sampling") -> Latent:
+def sample(
+    model: Callable,
+    noise: Latent,
+    cond: torch.Tensor,
+    neg_cond: torch.Tensor,
+    settings: SamplerSettings,
+    multiview: MultiViewMode = "stochastic",
+    progress: ProgressFn | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    stage: str = "sampling",
+) -> Latent:
     """Integrate the flow from noise (t=1) to data (t=0).
 
     ``cond`` holds one row per view. With several views, ``stochastic`` uses view ``i % n`` at step
@@ -107,10 +115,12 @@ def sample(model: Callable, noise: Latent, cond: torch.Tensor, neg_cond: torch.T
     for i, (t, t_prev) in enumerate(pairs):
         if cancelled is not None and cancelled():
             raise Cancelled(f"{stage} cancelled at step {i} of {len(pairs)}")
-        views = [cond[v:v + 1] for v in range(n_views)] if multiview == "multidiffusion" else [cond[i % n_views:][:1]]
+        views = (
+            [cond[v : v + 1] for v in range(n_views)] if multiview == "multidiffusion" else [cond[i % n_views :][:1]]
+        )
         guided = settings.cfg_strength > 0 and settings.cfg_interval[0] <= t <= settings.cfg_interval[1]
         preds = batched(x, t, views + ([neg_cond[:1]] if guided else []))
-        velocity = torch.stack(preds[:len(views)]).mean(0) if len(views) > 1 else preds[0]
+        velocity = torch.stack(preds[: len(views)]).mean(0) if len(views) > 1 else preds[0]
         if guided:
             velocity = (1 + settings.cfg_strength) * velocity - settings.cfg_strength * preds[-1]
         step = (t - t_prev) * velocity

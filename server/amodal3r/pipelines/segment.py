@@ -63,8 +63,10 @@ def load_sam(kind: str, checkpoint: Path, device: str = "auto"):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
-        raise CheckpointError(f"{checkpoint.name} does not fit the SAM {kind} architecture: "
-                           f"is it the checkpoint of another kind ({', '.join(SAM_KINDS)})?") from None
+        raise CheckpointError(
+            f"{checkpoint.name} does not fit the SAM {kind} architecture: "
+            f"is it the checkpoint of another kind ({', '.join(SAM_KINDS)})?"
+        ) from None
     return model.to(pick_device(device)).eval()
 
 
@@ -89,8 +91,10 @@ def attention_with_folded_bias(self, x: torch.Tensor) -> torch.Tensor:
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, get_rel_pos(width, width, self.rel_pos_w))
         index = torch.arange(tokens, device=x.device)
         codes = torch.cat([F.one_hot(index // width, height), F.one_hot(index % width, width)], -1).to(q.dtype)
-        q = torch.cat([q * self.scale, rel_h.reshape(batch, heads, tokens, height),
-                       rel_w.reshape(batch, heads, tokens, width)], -1)
+        q = torch.cat(
+            [q * self.scale, rel_h.reshape(batch, heads, tokens, height), rel_w.reshape(batch, heads, tokens, width)],
+            -1,
+        )
         k = torch.cat([k, codes.expand(batch, heads, tokens, height + width)], -1)
         scale = 1.0
     # Equal head sizes keep SDPA on its fused kernels (on the CPU, unequal ones fall back to the matrix).
@@ -143,8 +147,14 @@ class Segmenter:
             self._predictor = None
             self._embeddings.clear()
 
-    def segment(self, rgb: np.ndarray, points: list[tuple[float, float]], labels: list[int],
-                box: tuple[float, float, float, float] | None = None, image_key: str | None = None) -> SegmentResult:
+    def segment(
+        self,
+        rgb: np.ndarray,
+        points: list[tuple[float, float]],
+        labels: list[int],
+        box: tuple[float, float, float, float] | None = None,
+        image_key: str | None = None,
+    ) -> SegmentResult:
         """The best mask for clicks (label 1 adds, 0 removes) and an optional box, in pixel coordinates."""
         _check_prompt(rgb, points, labels, box)
         start = time.perf_counter()
@@ -155,7 +165,8 @@ class Segmenter:
                 point_coords=np.asarray(points, np.float32) if points else None,
                 point_labels=np.asarray(labels, np.int64) if points else None,
                 box=np.asarray(box, np.float32) if box is not None else None,
-                multimask_output=len(points) == 1 and box is None)
+                multimask_output=len(points) == 1 and box is None,
+            )
         best = int(np.argmax(scores))
         return SegmentResult(masks[best].astype(bool), float(scores[best]), cached, time.perf_counter() - start)
 
@@ -174,20 +185,25 @@ class Segmenter:
         if kept is not None:
             self._embeddings.move_to_end(image_key)
             predictor.features, predictor.original_size, predictor.input_size = (
-                kept.features, kept.original_size, kept.input_size)
+                kept.features,
+                kept.original_size,
+                kept.input_size,
+            )
             predictor.is_image_set = True
             return True
         predictor.set_image(np.ascontiguousarray(rgb, dtype=np.uint8), image_format="RGB")
         if image_key is not None:
-            self._embeddings[image_key] = _Embedding(predictor.features, tuple(predictor.original_size),
-                                                     tuple(predictor.input_size))
+            self._embeddings[image_key] = _Embedding(
+                predictor.features, tuple(predictor.original_size), tuple(predictor.input_size)
+            )
             while len(self._embeddings) > self._cache_size:
                 self._embeddings.popitem(last=False)
         return False
 
 
-def _check_prompt(rgb: np.ndarray, points: list[tuple[float, float]], labels: list[int],
-                  box: tuple[float, float, float, float] | None) -> None:
+def _check_prompt(
+    rgb: np.ndarray, points: list[tuple[float, float]], labels: list[int], box: tuple[float, float, float, float] | None
+) -> None:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise InputError(f"the image must be 8-bit RGB, got an array of shape {rgb.shape} and {rgb.dtype}")
     height, width = rgb.shape[:2]

@@ -29,14 +29,21 @@ from __future__ import annotations
 
 import torch
 
-CORNERS: tuple[tuple[int, int, int], ...] = tuple(
-    (i & 1, (i >> 1) & 1, (i >> 2) & 1) for i in range(8)
-)
+CORNERS: tuple[tuple[int, int, int], ...] = tuple((i & 1, (i >> 1) & 1, (i >> 2) & 1) for i in range(8))
 
 EDGES: tuple[tuple[int, int], ...] = (
-    (0, 1), (1, 5), (4, 5), (0, 4),
-    (2, 3), (3, 7), (6, 7), (2, 6),
-    (2, 0), (3, 1), (7, 5), (6, 4),
+    (0, 1),
+    (1, 5),
+    (4, 5),
+    (0, 4),
+    (2, 3),
+    (3, 7),
+    (6, 7),
+    (2, 6),
+    (2, 0),
+    (3, 1),
+    (7, 5),
+    (6, 4),
 )
 
 # Cases whose group order is not the "smallest inside corner first" order.

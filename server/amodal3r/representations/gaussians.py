@@ -47,12 +47,15 @@ def quaternion_multiply(a: Tensor, b: Tensor) -> Tensor:
     """Hamilton product of ``w, x, y, z`` quaternions (broadcasting)."""
     aw, ax, ay, az = a.unbind(-1)
     bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], dim=-1)
+    return torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )
 
 
 def rotation_to_quaternion(matrix: Tensor) -> Tensor:
@@ -61,13 +64,23 @@ def rotation_to_quaternion(matrix: Tensor) -> Tensor:
     if not torch.allclose(m @ m.T, torch.eye(3, dtype=m.dtype), atol=1e-6) or torch.det(m) < 0:
         raise ValueError("transform must be a rotation matrix (orthonormal, determinant +1)")
     # Magnitudes from the diagonal; signs from the off-diagonal terms relative to the largest one.
-    diag = torch.stack([1 + m[0, 0] + m[1, 1] + m[2, 2], 1 + m[0, 0] - m[1, 1] - m[2, 2],
-                        1 - m[0, 0] + m[1, 1] - m[2, 2], 1 - m[0, 0] - m[1, 1] + m[2, 2]])
+    diag = torch.stack(
+        [
+            1 + m[0, 0] + m[1, 1] + m[2, 2],
+            1 + m[0, 0] - m[1, 1] - m[2, 2],
+            1 - m[0, 0] + m[1, 1] - m[2, 2],
+            1 - m[0, 0] - m[1, 1] + m[2, 2],
+        ]
+    )
     i = int(torch.argmax(diag))
     s = 2 * torch.sqrt(diag[i])
     pairs = {  # 4 * q_i * q_j for each (i, j)
-        (0, 1): m[2, 1] - m[1, 2], (0, 2): m[0, 2] - m[2, 0], (0, 3): m[1, 0] - m[0, 1],
-        (1, 2): m[0, 1] + m[1, 0], (1, 3): m[0, 2] + m[2, 0], (2, 3): m[1, 2] + m[2, 1],
+        (0, 1): m[2, 1] - m[1, 2],
+        (0, 2): m[0, 2] - m[2, 0],
+        (0, 3): m[1, 0] - m[0, 1],
+        (1, 2): m[0, 1] + m[1, 0],
+        (1, 3): m[0, 2] + m[2, 0],
+        (2, 3): m[1, 2] + m[2, 1],
     }
     q = torch.stack([s / 4 if j == i else pairs[(min(i, j), max(i, j))] / s for j in range(4)])
     return q / q.norm()
@@ -133,7 +146,7 @@ class Gaussians:
     @property
     def get_scaling(self) -> Tensor:
         scales = self._scale_act(self._scaling + self.scale_bias)
-        return torch.sqrt(torch.square(scales) + self.min_kernel_size ** 2)
+        return torch.sqrt(torch.square(scales) + self.min_kernel_size**2)
 
     @property
     def get_rotation(self) -> Tensor:

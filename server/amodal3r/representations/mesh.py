@@ -45,11 +45,11 @@ class Mesh:
     def success(self) -> bool:
         return self.vertices.shape[0] > 0 and self.faces.shape[0] > 0
 
-    def to(self, device: torch.device | str) -> "Mesh":
+    def to(self, device: torch.device | str) -> Mesh:
         attrs = None if self.vertex_attrs is None else self.vertex_attrs.to(device)
         return Mesh(self.vertices.to(device), self.faces.to(device), attrs)
 
-    def welded(self) -> "Mesh":
+    def welded(self) -> Mesh:
         """Merge vertices at identical positions and drop the faces of zero area.
 
         FlexiCubes places the dual vertices of neighbouring cubes at the very same point, or on one

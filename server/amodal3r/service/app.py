@@ -74,8 +74,9 @@ class Server:
 
         self.config, self.token = config, token
         self.store = JobStore(config.data_dir)
-        self.runtime = ModelRuntime(config.model_dir, config.device,
-                                    getattr(torch, config.dtype) if config.dtype else None, config.idle_unload)
+        self.runtime = ModelRuntime(
+            config.model_dir, config.device, getattr(torch, config.dtype) if config.dtype else None, config.idle_unload
+        )
         self.worker = Worker(self.store, self.runtime)
         self.images = config.data_dir / "images"
         self.images.mkdir(parents=True, exist_ok=True)
@@ -91,9 +92,12 @@ class Server:
             return self.config.sam_checkpoints[kind]
         found = sam_checkpoints(self.config.model_dir, kind)
         if not found:
-            raise HTTPException(409, f"no SAM {kind} checkpoint: download it (POST {API_PREFIX}/models/download "
-                                     f"with sam_{kind}) or place sam_{kind}_*.pth in "
-                                     f"{self.config.model_dir / SAM_FOLDER}")
+            raise HTTPException(
+                409,
+                f"no SAM {kind} checkpoint: download it (POST {API_PREFIX}/models/download "
+                f"with sam_{kind}) or place sam_{kind}_*.pth in "
+                f"{self.config.model_dir / SAM_FOLDER}",
+            )
         return found[0]
 
     def segmenter(self, kind: str):
@@ -113,11 +117,19 @@ class Server:
             memory["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
             memory["cuda_reserved_bytes"] = torch.cuda.memory_reserved()
         return {
-            "version": __version__, "protocol": PROTOCOL_VERSION, "device": device,
-            "dtype": self.config.dtype or "auto", "model_dir": str(self.config.model_dir),
-            "models": {"present": self.downloads.present(), "loaded": self.runtime.loaded_models,
-                       "sam_loaded": sorted(k for k, s in self._segmenters.items() if s.loaded)},
-            "memory": memory, "queue_length": self.worker.queue_length, "running_job": self.worker.current,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "device": device,
+            "dtype": self.config.dtype or "auto",
+            "model_dir": str(self.config.model_dir),
+            "models": {
+                "present": self.downloads.present(),
+                "loaded": self.runtime.loaded_models,
+                "sam_loaded": sorted(k for k, s in self._segmenters.items() if s.loaded),
+            },
+            "memory": memory,
+            "queue_length": self.worker.queue_length,
+            "running_job": self.worker.current,
         }
 
 
@@ -144,8 +156,11 @@ class Downloads:
     def start(self, components: list[str]) -> dict:
         with self._lock:
             if self.status["state"] == "running":
-                raise HTTPException(409, "a download is already running; wait for it or watch its progress "
-                                         f"at GET {API_PREFIX}/models/download")
+                raise HTTPException(
+                    409,
+                    "a download is already running; wait for it or watch its progress "
+                    f"at GET {API_PREFIX}/models/download",
+                )
             self.status = {"state": "running", "components": components, "error": "", "progress": None}
         threading.Thread(target=self._run, args=(components,), name="amodal3r-download", daemon=True).start()
         return dict(self.status)
@@ -221,9 +236,14 @@ class Guard:
     def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
         auth = headers.get(b"authorization", b"")
         if not auth.startswith(b"Bearer "):
-            return JSONResponse({"detail": f"missing token: send 'Authorization: Bearer <token>' (the token is in "
-                                           f"{TOKEN} or the server's token file)"}, 401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(
+                {
+                    "detail": f"missing token: send 'Authorization: Bearer <token>' (the token is in "
+                    f"{TOKEN} or the server's token file)"
+                },
+                401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(auth[7:].strip(), self.token):
             return JSONResponse({"detail": "wrong token: use the token this server was started with"}, 403)
         length = headers.get(b"content-length")
@@ -240,8 +260,13 @@ class _TooLarge(Exception):
 
 
 def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"detail": f"request too large: at most {limit // (1024 * 1024)} MiB. Downscale the "
-                                   "images (the model sees 518 pixels) or send fewer views"}, 413)
+    return JSONResponse(
+        {
+            "detail": f"request too large: at most {limit // (1024 * 1024)} MiB. Downscale the "
+            "images (the model sees 518 pixels) or send fewer views"
+        },
+        413,
+    )
 
 
 def _check_image(name: str, data: bytes) -> None:
@@ -249,8 +274,9 @@ def _check_image(name: str, data: bytes) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ProtocolError(f"{name}: {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS:,} pixels; "
-                                    "downscale it")
+                raise ProtocolError(
+                    f"{name}: {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS:,} pixels; downscale it"
+                )
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         if isinstance(error, ProtocolError):
@@ -293,8 +319,13 @@ async def _views_from_form(form) -> list[dict[str, tuple[str, bytes]]]:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="Amodal3R reconstruction server", version=__version__,
-                  openapi_url=f"{API_PREFIX}/openapi.json", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="Amodal3R reconstruction server",
+        version=__version__,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
 
     @app.exception_handler(InputError)
     @app.exception_handler(CheckpointError)
@@ -304,8 +335,13 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(Exception)
     async def server_bug(_request: Request, error: Exception) -> JSONResponse:
         """A bug, not the request: name it so that the user's report says what broke (the log has the trace)."""
-        return JSONResponse({"detail": f"server error ({type(error).__name__}: {error}); the server log has "
-                                       "the details: please report it"}, 500)
+        return JSONResponse(
+            {
+                "detail": f"server error ({type(error).__name__}: {error}); the server log has "
+                "the details: please report it"
+            },
+            500,
+        )
 
     @app.get(f"{API_PREFIX}/health")
     def health() -> dict:
@@ -356,8 +392,11 @@ def create_app(server: Server) -> FastAPI:
         status = job_or_404(job_id)
         path = server.store.result_path(job_id, name)
         if path is None:
-            raise HTTPException(404, f"job {job_id} has no result {name!r}; it has: "
-                                     f"{', '.join(status.results) or 'none yet'} (state {status.state})")
+            raise HTTPException(
+                404,
+                f"job {job_id} has no result {name!r}; it has: "
+                f"{', '.join(status.results) or 'none yet'} (state {status.state})",
+            )
         return FileResponse(path, filename=name)
 
     @app.post(f"{API_PREFIX}/images")
@@ -421,12 +460,21 @@ def _segment(server: Server, params: SegmentParams) -> dict:
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     result = server.segmenter(params.model).segment(
-        rgb, [tuple(p) for p in params.points], params.labels,
-        tuple(params.box) if params.box is not None else None, image_key=params.image_id)
+        rgb,
+        [tuple(p) for p in params.points],
+        params.labels,
+        tuple(params.box) if params.box is not None else None,
+        image_key=params.image_id,
+    )
     png = io.BytesIO()
     Image.fromarray(result.mask.astype(np.uint8) * 255).save(png, format="PNG")
-    return SegmentReply(base64.b64encode(png.getvalue()).decode(), float(result.score), params.image_id,
-                        bool(result.embedding_cached), round(result.seconds, 4)).to_dict()
+    return SegmentReply(
+        base64.b64encode(png.getvalue()).decode(),
+        float(result.score),
+        params.image_id,
+        bool(result.embedding_cached),
+        round(result.seconds, 4),
+    ).to_dict()
 
 
 def load_token(data_dir: Path) -> str:
@@ -456,8 +504,7 @@ def lock_data_dir(data_dir: Path):
 
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise SystemExit(f"another amodal3r server is using {data_dir}; stop it or pass another --data-dir") \
-            from None
+        raise SystemExit(f"another amodal3r server is using {data_dir}; stop it or pass another --data-dir") from None
     return handle
 
 
@@ -479,19 +526,30 @@ def serve(config: ServerConfig) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_data_dir(config.data_dir)
     if not (config.model_dir / PIPELINE_FILE).is_file():
-        print(f"warning: {config.model_dir} has no {PIPELINE_FILE} yet: jobs fail until the models are "
-              f"downloaded (POST {API_PREFIX}/models/download)", file=sys.stderr)
+        print(
+            f"warning: {config.model_dir} has no {PIPELINE_FILE} yet: jobs fail until the models are "
+            f"downloaded (POST {API_PREFIX}/models/download)",
+            file=sys.stderr,
+        )
     if config.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {config.host}, reachable from other machines; every request still needs "
-              "the token, but traffic is not encrypted", file=sys.stderr)
+        print(
+            f"warning: listening on {config.host}, reachable from other machines; every request still needs "
+            "the token, but traffic is not encrypted",
+            file=sys.stderr,
+        )
     token = load_token(config.data_dir)
     server = Server(config, token)
     server.start()
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    state = {"url": url, "pid": os.getpid(), "protocol": PROTOCOL_VERSION, "version": __version__,
-             "started": time.time()}
+    state = {
+        "url": url,
+        "pid": os.getpid(),
+        "protocol": PROTOCOL_VERSION,
+        "version": __version__,
+        "started": time.time(),
+    }
     write_atomically(config.data_dir / STATE_FILE, json.dumps(state).encode())
     print(f"{LISTENING_PREFIX}{url}", flush=True)
     app = Guard(create_app(server), token, config.max_upload_bytes)

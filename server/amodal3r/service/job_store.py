@@ -24,8 +24,10 @@ from amodal3r.api.protocol import (
     view_field,
 )
 
-INTERRUPTED = ("the server stopped while this job was running (it crashed, was killed or the machine "
-               "restarted); submit the job again")
+INTERRUPTED = (
+    "the server stopped while this job was running (it crashed, was killed or the machine "
+    "restarted); submit the job again"
+)
 KEEP_JOBS = 200  # finished jobs beyond this many are deleted, oldest first
 
 
@@ -80,8 +82,7 @@ class JobStore:
             for kind, (_, data) in view.items():
                 write_atomically(inputs / f"{view_field(index, kind)}.bin", data)
         names = [view["image"][0] for view in views]
-        status = JobStatus(id=job_id, state=QUEUED, created=time.time(), params=vars(params), views=names,
-                           stage=QUEUED)
+        status = JobStatus(id=job_id, state=QUEUED, created=time.time(), params=vars(params), views=names, stage=QUEUED)
         with self._lock:
             self._jobs[job_id] = status
         self._save(status)
@@ -145,4 +146,3 @@ def _remove_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
     folder.rmdir()
-

@@ -30,11 +30,12 @@ from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSett
 from .job_store import JobStore
 
 # Share of the whole job each stage takes, in order: drives the progress fraction and the ETA.
-STAGE_WEIGHTS = {"loading": 0.05, "encoding": 0.05, "structure": 0.35, "slat": 0.35, "decoding": 0.1,
-                 "exporting": 0.1}
+STAGE_WEIGHTS = {"loading": 0.05, "encoding": 0.05, "structure": 0.35, "slat": 0.35, "decoding": 0.1, "exporting": 0.1}
 PERSIST_EVERY = 1.0  # seconds between progress writes to job.json (state changes are written at once)
-OUT_OF_MEMORY = ("the device ran out of memory. Try fewer variants, a smaller texture or face count, "
-                 "close other GPU programs, or start the server with --device cpu")
+OUT_OF_MEMORY = (
+    "the device ran out of memory. Try fewer variants, a smaller texture or face count, "
+    "close other GPU programs, or start the server with --device cpu"
+)
 
 
 def stage_fraction(stage: str, step: int, total: int) -> float:
@@ -50,8 +51,9 @@ def stage_fraction(stage: str, step: int, total: int) -> float:
 class ModelRuntime:
     """The pipeline (and SAM) of one model folder on one device, loaded lazily."""
 
-    def __init__(self, model_dir: Path, device: str = "auto", dtype: torch.dtype | None = None,
-                 idle_unload: float = 900.0):
+    def __init__(
+        self, model_dir: Path, device: str = "auto", dtype: torch.dtype | None = None, idle_unload: float = 900.0
+    ):
         self.model_dir = Path(model_dir)
         self.device_name, self.dtype, self.idle_unload = device, dtype, idle_unload
         self._pipeline: Amodal3RPipeline | None = None
@@ -107,9 +109,16 @@ class JobProgress:
         persist = now - self.last_persist >= PERSIST_EVERY or step == total
         if persist:
             self.last_persist = now
-        self.store.update(self.job_id, persist=persist, stage=stage, step=step, total=total,
-                          progress=round(fraction, 4), elapsed=round(elapsed, 2),
-                          eta=None if eta is None else round(eta, 1))
+        self.store.update(
+            self.job_id,
+            persist=persist,
+            stage=stage,
+            step=step,
+            total=total,
+            progress=round(fraction, 4),
+            elapsed=round(elapsed, 2),
+            eta=None if eta is None else round(eta, 1),
+        )
         if stage == "slat" and step == total:
             self("decoding")
 
@@ -195,10 +204,16 @@ class Worker:
         notices = [notice for view in views for notice in view.notices]
         folder = self.store.folder(job_id) / "results"
         glbs = [folder / result_name(variant, ".glb") for variant in range(len(result.meshes))]
-        outputs = OutputSettings(texture_size=params.texture_size, faces=params.faces, gaussians=params.gaussians,
-                                 preview=params.preview)
-        written = write_results(result.meshes, result.gaussians, glbs, outputs,
-                                before_variant=lambda index, count: progress("exporting", index, count))
+        outputs = OutputSettings(
+            texture_size=params.texture_size, faces=params.faces, gaussians=params.gaussians, preview=params.preview
+        )
+        written = write_results(
+            result.meshes,
+            result.gaussians,
+            glbs,
+            outputs,
+            before_variant=lambda index, count: progress("exporting", index, count),
+        )
         notices += [notice for variant in written for notice in variant.report.notices]
         return [path.name for variant in written for path in variant.files], notices
 
@@ -215,8 +230,9 @@ def load_job_views(store: JobStore, job_id: str) -> list[View]:
     views = []
     for index, paths in enumerate(store.input_paths(job_id)):
         try:
-            views.append(load_view(paths["image"], paths.get("target_mask"), paths.get("occluder_mask"),
-                                   paths.get("mask")))
+            views.append(
+                load_view(paths["image"], paths.get("target_mask"), paths.get("occluder_mask"), paths.get("mask"))
+            )
         except InputError as error:
             raise InputError(_named(str(error), paths, status.views[index], index)) from None
         views[-1].name = Path(status.views[index]).stem or f"view{index}"
@@ -233,10 +249,14 @@ def _named(message: str, paths: dict[str, Path], image_name: str, index: int) ->
 
 def run_settings(params: JobParams) -> RunSettings:
     """A job's parameters as the pipeline's run settings."""
-    return RunSettings(seed=params.seed, variants=params.variants, multiview=params.multiview,
-                       structure=StageSettings(params.structure_steps, params.structure_cfg),
-                       slat=StageSettings(params.slat_steps, params.slat_cfg),
-                       formats=("mesh", "gaussian") if params.gaussians else ("mesh",))
+    return RunSettings(
+        seed=params.seed,
+        variants=params.variants,
+        multiview=params.multiview,
+        structure=StageSettings(params.structure_steps, params.structure_cfg),
+        slat=StageSettings(params.slat_steps, params.slat_cfg),
+        formats=("mesh", "gaussian") if params.gaussians else ("mesh",),
+    )
 
 
 def _explain(error: Exception) -> str:

@@ -91,14 +91,20 @@ def _sam(kind: str, description: str) -> Component:
     return Component(f"sam_{kind}", description, (RemoteFile(f"{SAM_FOLDER}/{name}", f"{SAM_SOURCE_FOLDER}/{name}"),))
 
 
-CATALOG: dict[str, Component] = {c.name: c for c in (
-    Component("amodal3r", "Amodal3R pipeline: pipeline.json and its checkpoints", hf_repo=HF_REPO),
-    Component("dinov2", "DINOv2 ViT-L/14 with registers: the image encoder", (RemoteFile(
-        IMAGE_ENCODER_FILES[1], IMAGE_ENCODER_SOURCE, accepts=IMAGE_ENCODER_FILES[:1]),)),
-    _sam("vit_h", "Segment Anything ViT-H: the best masks"),
-    _sam("vit_l", "Segment Anything ViT-L"),
-    _sam("vit_b", "Segment Anything ViT-B: the smallest and fastest"),
-)}
+CATALOG: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component("amodal3r", "Amodal3R pipeline: pipeline.json and its checkpoints", hf_repo=HF_REPO),
+        Component(
+            "dinov2",
+            "DINOv2 ViT-L/14 with registers: the image encoder",
+            (RemoteFile(IMAGE_ENCODER_FILES[1], IMAGE_ENCODER_SOURCE, accepts=IMAGE_ENCODER_FILES[:1]),),
+        ),
+        _sam("vit_h", "Segment Anything ViT-H: the best masks"),
+        _sam("vit_l", "Segment Anything ViT-L"),
+        _sam("vit_b", "Segment Anything ViT-B: the smallest and fastest"),
+    )
+}
 
 
 def component_files(component: Component, model_dir: Path) -> list[RemoteFile]:
@@ -142,12 +148,17 @@ def inventory(model_dir: str | Path) -> list[ComponentStatus]:
 
 
 def _missing_files(model_dir: Path, names: list[str]) -> list[tuple[Component, RemoteFile]]:
-    return [(CATALOG[n], f) for n in names for f in component_files(CATALOG[n], model_dir)
-            if _found(model_dir, f) is None]
+    return [
+        (CATALOG[n], f) for n in names for f in component_files(CATALOG[n], model_dir) if _found(model_dir, f) is None
+    ]
 
 
-def download(model_dir: str | Path, components: Iterable[str], progress: Callable[[DownloadProgress], None],
-             cancelled: Callable[[], bool] | None = None) -> None:
+def download(
+    model_dir: str | Path,
+    components: Iterable[str],
+    progress: Callable[[DownloadProgress], None],
+    cancelled: Callable[[], bool] | None = None,
+) -> None:
     """Fetch the missing files of ``components``, one at a time, reporting progress as bytes arrive.
 
     The missing list is taken again after each file: pipeline.json, once here, says which
@@ -174,17 +185,29 @@ def download(model_dir: str | Path, components: Iterable[str], progress: Callabl
         progress(DownloadProgress(component.name, file.path, size, size, done, files_total))
 
 
-def _reporter(progress: Callable[[DownloadProgress], None], component: Component, file: RemoteFile,
-              files_done: int, files_total: int) -> Callable[[int, int | None], None]:
+def _reporter(
+    progress: Callable[[DownloadProgress], None],
+    component: Component,
+    file: RemoteFile,
+    files_done: int,
+    files_total: int,
+) -> Callable[[int, int | None], None]:
     """Byte counts of one file as the caller's progress records."""
+
     def report(bytes_done: int, bytes_total: int | None) -> None:
         progress(DownloadProgress(component.name, file.path, bytes_done, bytes_total, files_done, files_total))
 
     return report
 
 
-def _fetch(model_dir: Path, names: list[str], component: Component, file: RemoteFile,
-           report: Callable[[int, int | None], None], cancelled: Callable[[], bool]) -> None:
+def _fetch(
+    model_dir: Path,
+    names: list[str],
+    component: Component,
+    file: RemoteFile,
+    report: Callable[[int, int | None], None],
+    cancelled: Callable[[], bool],
+) -> None:
     """One file into place, any failure but a cancel turned into the copy-by-hand error."""
     try:
         if component.hf_repo is None:
@@ -203,18 +226,27 @@ def _fetch(model_dir: Path, names: list[str], component: Component, file: Remote
 
 def _by_hand(model_dir: Path, names: list[str], reason: str) -> DownloadError:
     """The error that tells exactly which files to copy where, for a machine without network."""
-    lines = [f"  {source_url(c, f)}\n    -> {(model_dir / f.path).resolve()}" for c, f in
-             _missing_files(model_dir, names)]
-    return DownloadError(f"could not download the models ({reason}). Download these files on a connected "
-                         "machine and place each at the path shown:\n" + "\n".join(lines))
+    lines = [
+        f"  {source_url(c, f)}\n    -> {(model_dir / f.path).resolve()}" for c, f in _missing_files(model_dir, names)
+    ]
+    return DownloadError(
+        f"could not download the models ({reason}). Download these files on a connected "
+        "machine and place each at the path shown:\n" + "\n".join(lines)
+    )
 
 
-def _fetch_hf(repo: str, file: RemoteFile, model_dir: Path, report: Callable[[int, int | None], None],
-              cancelled: Callable[[], bool]) -> None:
+def _fetch_hf(
+    repo: str,
+    file: RemoteFile,
+    model_dir: Path,
+    report: Callable[[int, int | None], None],
+    cancelled: Callable[[], bool],
+) -> None:
     from huggingface_hub import hf_hub_download
 
-    hf_hub_download(repo, file.source, local_dir=model_dir, endpoint=HF_ENDPOINT,
-                    tqdm_class=_progress_bar(report, cancelled))
+    hf_hub_download(
+        repo, file.source, local_dir=model_dir, endpoint=HF_ENDPOINT, tqdm_class=_progress_bar(report, cancelled)
+    )
 
 
 def _progress_bar(report: Callable[[int, int | None], None], cancelled: Callable[[], bool]) -> type:
@@ -243,8 +275,7 @@ def published_sha256(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def fetch_https(url: str, dest: Path, report: Callable[[int, int | None], None],
-                cancelled: Callable[[], bool]) -> None:
+def fetch_https(url: str, dest: Path, report: Callable[[int, int | None], None], cancelled: Callable[[], bool]) -> None:
     """Download into ``dest.part`` (resuming what is there), verify, rename into place."""
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -257,22 +288,28 @@ def fetch_https(url: str, dest: Path, report: Callable[[int, int | None], None],
         total, digest = _stream(url, part, report, cancelled)
     size = part.stat().st_size
     if total is not None and size < total:
-        raise ConnectionError(f"the connection closed after {size} of {total} bytes; run the download again "
-                              "to resume it")
+        raise ConnectionError(
+            f"the connection closed after {size} of {total} bytes; run the download again to resume it"
+        )
     if total is not None and size > total:
         part.unlink()
-        raise DownloadError(f"{url}: got {size} bytes, more than the {total} the server announced; the "
-                            "partial file was deleted, run the download again")
+        raise DownloadError(
+            f"{url}: got {size} bytes, more than the {total} the server announced; the "
+            "partial file was deleted, run the download again"
+        )
     expected = published_sha256(dest.name)
     if expected is not None and not digest.hexdigest().startswith(expected):
         part.unlink()
-        raise DownloadError(f"{url}: SHA-256 {digest.hexdigest()[:12]}... does not start with {expected} as its "
-                            "name says: the file is corrupt and was deleted, run the download again")
+        raise DownloadError(
+            f"{url}: SHA-256 {digest.hexdigest()[:12]}... does not start with {expected} as its "
+            "name says: the file is corrupt and was deleted, run the download again"
+        )
     os.replace(part, dest)
 
 
-def _stream(url: str, part: Path, report: Callable[[int, int | None], None],
-            cancelled: Callable[[], bool]) -> tuple[int | None, hashlib._Hash]:
+def _stream(
+    url: str, part: Path, report: Callable[[int, int | None], None], cancelled: Callable[[], bool]
+) -> tuple[int | None, hashlib._Hash]:
     """Append the rest of ``url`` to ``part``; returns the full size announced and the hash of it all."""
     offset = part.stat().st_size if part.is_file() else 0
     digest = _sha256_of(part) if offset else hashlib.sha256()

@@ -26,13 +26,16 @@ HUB_PATTERNS = [PIPELINE_FILE] + [f"{CHECKPOINT_FOLDER}/*{suffix}" for suffix in
 REQUIRED_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
 DECODER_MODELS = {"mesh": "slat_decoder_mesh", "gaussian": "slat_decoder_gs"}
 # The checkpoints of the official pipeline.json, expected until that file is here to say.
-OFFICIAL_MODELS = {key: f"{CHECKPOINT_FOLDER}/{stem}" for key, stem in (
-    ("sparse_structure_flow_model", "ss_flow_img_dit_L_16l8_fp16"),
-    ("sparse_structure_decoder", "ss_dec_conv3d_16l8_fp16"),
-    ("slat_flow_model", "slat_flow_img_dit_L_64l8p2_fp16"),
-    ("slat_decoder_mesh", "slat_dec_mesh_swin8_B_64l8m256c_fp16"),
-    ("slat_decoder_gs", "slat_dec_gs_swin8_B_64l8gs32_fp16"),
-)}
+OFFICIAL_MODELS = {
+    key: f"{CHECKPOINT_FOLDER}/{stem}"
+    for key, stem in (
+        ("sparse_structure_flow_model", "ss_flow_img_dit_L_16l8_fp16"),
+        ("sparse_structure_decoder", "ss_dec_conv3d_16l8_fp16"),
+        ("slat_flow_model", "slat_flow_img_dit_L_64l8p2_fp16"),
+        ("slat_decoder_mesh", "slat_dec_mesh_swin8_B_64l8m256c_fp16"),
+        ("slat_decoder_gs", "slat_dec_gs_swin8_B_64l8gs32_fp16"),
+    )
+}
 
 # DINOv2 is not in the Amodal3R repository: the reference fetches it through torch.hub.
 DOWNLOAD_BASE = "https://dl.fbaipublicfiles.com"  # DINOv2 and SAM sources are relative to it

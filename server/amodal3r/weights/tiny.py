@@ -52,35 +52,93 @@ SIZES = {
 
 def tiny_configs(cond_channels: int, size: Size) -> dict[str, tuple[str, dict]]:
     """Pipeline key -> (checkpoint stem relative to the folder, ``{"name", "args"}``)."""
-    flow = dict(model_channels=size.flow_channels, cond_channels=cond_channels, num_blocks=size.flow_blocks,
-                num_heads=4, mlp_ratio=4, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
-    decoder = dict(resolution=64, latent_channels=8, num_blocks=size.decoder_blocks, num_heads=size.decoder_heads,
-                   mlp_ratio=4, attn_mode="swin", window_size=8, use_fp16=True)
+    flow = dict(
+        model_channels=size.flow_channels,
+        cond_channels=cond_channels,
+        num_blocks=size.flow_blocks,
+        num_heads=4,
+        mlp_ratio=4,
+        pe_mode="ape",
+        qk_rms_norm=True,
+        use_fp16=True,
+    )
+    decoder = dict(
+        resolution=64,
+        latent_channels=8,
+        num_blocks=size.decoder_blocks,
+        num_heads=size.decoder_heads,
+        mlp_ratio=4,
+        attn_mode="swin",
+        window_size=8,
+        use_fp16=True,
+    )
     return {
-        "sparse_structure_flow_model": (OFFICIAL_MODELS["sparse_structure_flow_model"], {
-            "name": "SparseStructureFlowModelMaskAsCondWeighted",
-            "args": dict(resolution=16, in_channels=8, out_channels=8, patch_size=1, **flow)}),
-        "sparse_structure_decoder": (OFFICIAL_MODELS["sparse_structure_decoder"], {
-            "name": "SparseStructureDecoder",
-            "args": dict(out_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1,
-                         channels=list(size.structure_decoder), use_fp16=True)}),
-        "slat_flow_model": (OFFICIAL_MODELS["slat_flow_model"], {
-            "name": "SLatFlowModelMaskAsCondWeighted",
-            "args": dict(resolution=64, in_channels=8, out_channels=8, patch_size=2, num_io_res_blocks=1,
-                         io_block_channels=[size.io_channels], **flow)}),
+        "sparse_structure_flow_model": (
+            OFFICIAL_MODELS["sparse_structure_flow_model"],
+            {
+                "name": "SparseStructureFlowModelMaskAsCondWeighted",
+                "args": dict(resolution=16, in_channels=8, out_channels=8, patch_size=1, **flow),
+            },
+        ),
+        "sparse_structure_decoder": (
+            OFFICIAL_MODELS["sparse_structure_decoder"],
+            {
+                "name": "SparseStructureDecoder",
+                "args": dict(
+                    out_channels=1,
+                    latent_channels=8,
+                    num_res_blocks=1,
+                    num_res_blocks_middle=1,
+                    channels=list(size.structure_decoder),
+                    use_fp16=True,
+                ),
+            },
+        ),
+        "slat_flow_model": (
+            OFFICIAL_MODELS["slat_flow_model"],
+            {
+                "name": "SLatFlowModelMaskAsCondWeighted",
+                "args": dict(
+                    resolution=64,
+                    in_channels=8,
+                    out_channels=8,
+                    patch_size=2,
+                    num_io_res_blocks=1,
+                    io_block_channels=[size.io_channels],
+                    **flow,
+                ),
+            },
+        ),
         # The mesh decoder needs model_channels >= 256: its subdivision blocks group-normalise
         # model_channels / 8 channels in 32 groups.
-        "slat_decoder_mesh": (OFFICIAL_MODELS["slat_decoder_mesh"], {
-            "name": "SLatMeshDecoder",
-            "args": dict(decoder, model_channels=size.mesh_channels, representation_config={"use_color": True})}),
-        "slat_decoder_gs": (OFFICIAL_MODELS["slat_decoder_gs"], {
-            "name": "SLatGaussianDecoder",
-            "args": dict(decoder, model_channels=size.gaussian_channels, representation_config={
-                "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
-                "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": size.gaussians_per_voxel,
-                "2d_filter_kernel_size": 0.1,
-                "3d_filter_kernel_size": 9e-4, "scaling_bias": 4e-3, "opacity_bias": 0.1,
-                "scaling_activation": "softplus"})}),
+        "slat_decoder_mesh": (
+            OFFICIAL_MODELS["slat_decoder_mesh"],
+            {
+                "name": "SLatMeshDecoder",
+                "args": dict(decoder, model_channels=size.mesh_channels, representation_config={"use_color": True}),
+            },
+        ),
+        "slat_decoder_gs": (
+            OFFICIAL_MODELS["slat_decoder_gs"],
+            {
+                "name": "SLatGaussianDecoder",
+                "args": dict(
+                    decoder,
+                    model_channels=size.gaussian_channels,
+                    representation_config={
+                        "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
+                        "perturb_offset": True,
+                        "voxel_size": 1.5,
+                        "num_gaussians": size.gaussians_per_voxel,
+                        "2d_filter_kernel_size": 0.1,
+                        "3d_filter_kernel_size": 9e-4,
+                        "scaling_bias": 4e-3,
+                        "opacity_bias": 0.1,
+                        "scaling_activation": "softplus",
+                    },
+                ),
+            },
+        ),
     }
 
 
@@ -145,10 +203,14 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
         "name": "Amodal3RImageTo3DPipeline",
         "args": {
             "models": models,
-            "sparse_structure_sampler": {**sampler, "params": {"steps": 25, "cfg_strength": 7.5,
-                                                                "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
-            "slat_sampler": {**sampler, "params": {"steps": 25, "cfg_strength": 3.0,
-                                                   "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+            "sparse_structure_sampler": {
+                **sampler,
+                "params": {"steps": 25, "cfg_strength": 7.5, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+            },
+            "slat_sampler": {
+                **sampler,
+                "params": {"steps": 25, "cfg_strength": 3.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+            },
             "slat_normalization": {
                 "mean": (0.1 * torch.randn(8, generator=generator)).tolist(),
                 "std": (1 + 0.1 * torch.rand(8, generator=generator)).tolist(),

@@ -12,6 +12,14 @@ from .spatial import SparseDownsample, SparseUpsample
 from .tensor import SparseTensor
 
 __all__ = [
-    "SparseConv3d", "SparseDownsample", "SparseGELU", "SparseGroupNorm32", "SparseLayerNorm32",
-    "SparseLinear", "SparseSiLU", "SparseTensor", "SparseUpsample", "build_neighbour_index",
+    "SparseConv3d",
+    "SparseDownsample",
+    "SparseGELU",
+    "SparseGroupNorm32",
+    "SparseLayerNorm32",
+    "SparseLinear",
+    "SparseSiLU",
+    "SparseTensor",
+    "SparseUpsample",
+    "build_neighbour_index",
 ]

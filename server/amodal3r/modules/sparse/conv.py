@@ -73,8 +73,9 @@ def neighbour_map(x: SparseTensor, kernel_size: int) -> NeighbourMap:
     return x.cache[key]
 
 
-def gathered_conv(feats: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+def gathered_conv(
+    feats: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``out[o] = bias + sum_k W_k @ feats[index[o, k]]``: the k^3 neighbours of a chunk of voxels
     are gathered side by side and multiplied by the flattened kernel in one GEMM per chunk.
     Fastest for narrow features (the decoders' 128^3 and 256^3 levels)."""
@@ -84,15 +85,16 @@ def gathered_conv(feats: torch.Tensor, index: torch.Tensor, weight: torch.Tensor
     out = feats.new_empty(feats.shape[0], c_out)
     chunk = max(1024, GATHER_BYTES // (index.shape[1] * c_in * feats.element_size()))
     for start in range(0, feats.shape[0], chunk):
-        gathered = padded[index[start:start + chunk]].reshape(-1, kernel.shape[0])
-        torch.mm(gathered, kernel, out=out[start:start + chunk])
+        gathered = padded[index[start : start + chunk]].reshape(-1, kernel.shape[0])
+        torch.mm(gathered, kernel, out=out[start : start + chunk])
     if bias is not None:
         out += bias
     return out
 
 
-def scattered_conv(feats: torch.Tensor, pairs: NeighbourMap, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def scattered_conv(
+    feats: torch.Tensor, pairs: NeighbourMap, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The same convolution as one GEMM per kernel cell over the voxel pairs it connects, added
     into place. Fastest for wide features, where gathering 27 copies costs more than it saves."""
     c_out, c_in = weight.shape[0], weight.shape[-1]
@@ -107,8 +109,9 @@ def scattered_conv(feats: torch.Tensor, pairs: NeighbourMap, weight: torch.Tenso
     return out
 
 
-def submanifold_conv(x: SparseTensor, feats: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+def submanifold_conv(
+    x: SparseTensor, feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Pick the faster formulation for the feature width (measured on a 2-core CPU)."""
     kernel_size = weight.shape[1]
     if weight.shape[-1] <= GATHER_MAX_CHANNELS:
@@ -156,4 +159,3 @@ class SparseConv3d(nn.Module):
         else:
             out = submanifold_conv(x, feats, self.conv.weight, self.conv.bias)
         return x.replace(out)
-

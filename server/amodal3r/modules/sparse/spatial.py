@@ -29,16 +29,21 @@ def downsample_map(x: SparseTensor, factor: int) -> DownsampleMap:
         c = coarse.long()
         keys = ((c[:, 0] * extent + c[:, 1]) * extent + c[:, 2]) * extent + c[:, 3]
         unique_keys, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-        coords = torch.stack([
-            unique_keys // extent**3,
-            unique_keys // extent**2 % extent,
-            unique_keys // extent % extent,
-            unique_keys % extent,
-        ], dim=1).int()
+        coords = torch.stack(
+            [
+                unique_keys // extent**3,
+                unique_keys // extent**2 % extent,
+                unique_keys // extent % extent,
+                unique_keys % extent,
+            ],
+            dim=1,
+        ).int()
         # The reference pools with scatter_reduce('mean') onto zeros with include_self=True, so each
         # coarse voxel is divided by (children + 1). The official weights were trained that way.
         divisor = (counts + 1).unsqueeze(1)
-        x.cache[key] = DownsampleMap(coords, inverse, divisor, {("upsample", factor): (x.coords, x.layout, inverse, x.cache)})
+        x.cache[key] = DownsampleMap(
+            coords, inverse, divisor, {("upsample", factor): (x.coords, x.layout, inverse, x.cache)}
+        )
     return x.cache[key]
 
 

@@ -7,8 +7,9 @@ import torch
 from .tensor import SparseTensor
 
 
-def spconv_submanifold_conv(x: SparseTensor, feats: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
+def spconv_submanifold_conv(
+    x: SparseTensor, feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The same convolution through ``spconv.SubMConv3d``, sharing our ``[out, k, k, k, in]`` weight."""
     import spconv.pytorch as spconv
 

@@ -7,7 +7,8 @@ layer and every sampler step that sees the same coordinates.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,12 +48,12 @@ class SparseTensor:
 
     # ---- construction -------------------------------------------------------------------------
 
-    def replace(self, feats: torch.Tensor) -> "SparseTensor":
+    def replace(self, feats: torch.Tensor) -> SparseTensor:
         """Same coordinates (and cache), new features."""
         return SparseTensor(feats, self.coords, self.batch_size, self.layout, self.cache)
 
     @staticmethod
-    def cat(tensors: list["SparseTensor"]) -> "SparseTensor":
+    def cat(tensors: list[SparseTensor]) -> SparseTensor:
         """Stack batches: the batch indices of later tensors are shifted after earlier ones."""
         coords, offset = [], 0
         for t in tensors:
@@ -63,7 +64,7 @@ class SparseTensor:
         feats = torch.cat([t.feats for t in tensors])
         return SparseTensor(feats, torch.cat(coords), offset)
 
-    def repeat_batch(self, n: int) -> "SparseTensor":
+    def repeat_batch(self, n: int) -> SparseTensor:
         """``n`` copies of the whole batch, in order (used to batch guided and unguided passes)."""
         return SparseTensor.cat([self] * n) if n > 1 else self
 
@@ -77,17 +78,17 @@ class SparseTensor:
     def device(self) -> torch.device:
         return self.feats.device
 
-    def to(self, *args: Any, **kwargs: Any) -> "SparseTensor":
+    def to(self, *args: Any, **kwargs: Any) -> SparseTensor:
         feats = self.feats.to(*args, **kwargs)
         coords = self.coords.to(feats.device)
         if coords is self.coords:
             return self.replace(feats)
         return SparseTensor(feats, coords, self.batch_size, self.layout)
 
-    def type(self, dtype: torch.dtype) -> "SparseTensor":
+    def type(self, dtype: torch.dtype) -> SparseTensor:
         return self.replace(self.feats.type(dtype))
 
-    def float(self) -> "SparseTensor":
+    def float(self) -> SparseTensor:
         return self.replace(self.feats.float())
 
     @property
@@ -104,7 +105,7 @@ class SparseTensor:
             return per_batch[:1].expand(self.feats.shape[0], -1)
         return per_batch.index_select(0, self.row_batch)
 
-    def _elementwise(self, other: "SparseTensor | torch.Tensor | int | float", op: Callable) -> "SparseTensor":
+    def _elementwise(self, other: SparseTensor | torch.Tensor | int | float, op: Callable) -> SparseTensor:
         """A ``[B, C]`` tensor acts per batch element (adaLN shift/scale), anything else per row."""
         if isinstance(other, SparseTensor):
             other = other.feats
@@ -129,5 +130,7 @@ class SparseTensor:
         return self.replace(-self.feats)
 
     def __repr__(self) -> str:
-        return (f"SparseTensor(rows={self.feats.shape[0]}, feats={tuple(self.feats.shape[1:])}, "
-                f"batch={self.batch_size}, dtype={self.dtype}, device={self.device})")
+        return (
+            f"SparseTensor(rows={self.feats.shape[0]}, feats={tuple(self.feats.shape[1:])}, "
+            f"batch={self.batch_size}, dtype={self.dtype}, device={self.device})"
+        )
