@@ -3,9 +3,11 @@
 
     .venv-blender/bin/python -m pytest -q --confcutdir=tests/blender tests/blender
 
-Blender keeps one session per process, so the add-on is built, installed from its zip and enabled
-once (``addon``). ``BLENDER_USER_RESOURCES`` points at a temporary folder before anything imports
-bpy, so the tests never touch the user's Blender configuration.
+The folders follow the add-on's layers: ``core/`` (no bpy needed), ``operators/`` and ``ui/``;
+the extension and batch.py are tested here. Blender keeps one session per process, so the add-on
+is built, installed from its zip and enabled once (``addon``). ``BLENDER_USER_RESOURCES`` points
+at a temporary folder before anything imports bpy, so the tests never touch the user's Blender
+configuration.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +32,13 @@ DEFAULT_SERVER_PYTHON = REPO / ".venv" / "bin" / "python"
 # Before any test module imports bpy: Blender reads this once, when it starts.
 USER_DIR = Path(tempfile.mkdtemp(prefix="amodal3r-blender-user-"))
 os.environ["BLENDER_USER_RESOURCES"] = str(USER_DIR)
-if str(REPO) not in sys.path:  # `import amodal3r_blender.backend` for the bpy-free modules
-    sys.path.insert(0, str(REPO))
+for folder in (REPO, Path(__file__).resolve().parent):  # `import amodal3r_blender`, `import addon_helpers`
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from addon_helpers import H, W, paint, photo, pixels  # noqa: E402
+
+import amodal3r_blender.core  # noqa: E402, F401 - after the path: it makes `import amodal3r.api` work, as in the add-on
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -109,3 +118,26 @@ def server_env(monkeypatch, server_python, tiny_model_dir) -> None:
 def example_dir() -> Path:
     """The shipped example: image.png, target_mask.png, occluder_mask.png, mask.png."""
     return EXAMPLE
+
+
+@pytest.fixture
+def settings(clean_scene):
+    """The empty scene's ``scene.amodal3r``."""
+    import bpy
+
+    return bpy.context.scene.amodal3r
+
+
+@pytest.fixture
+def with_masks(settings):
+    """A source photo with both mask images, the target painted in."""
+    import bpy
+
+    source = photo()
+    settings.source_image = source
+    assert bpy.ops.amodal3r.create_masks() == {"FINISHED"}
+    view = settings.views[0]
+    target = np.zeros((H, W), bool)
+    target[1:4, 4:7] = True
+    paint(view.target_mask, target)
+    return SimpleNamespace(photo=source, view=view, target=target, before=pixels(source))

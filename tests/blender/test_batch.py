@@ -118,7 +118,8 @@ def test_batch_csv_paths_are_relative_to_it(tmp_path, example_dir):
                      "views/a.png,,,grey.png\n")
     items = batch.csv_items(table, tmp_path / "out")
     assert [i.name for i in items] == ["a", "a_2"]
-    assert items[0].view == {"image": str(tmp_path / "views/a.png"), "target_mask": str(tmp_path / "views/a_target.png")}
+    assert items[0].view == {"image": str(tmp_path / "views/a.png"),
+                             "target_mask": str(tmp_path / "views/a_target.png")}
     assert list(items[1].view) == ["image", "mask"] and items[1].out == tmp_path / "out" / "a_2.glb"
     table.write_text("image,target_mask,occluder_mask,mask\nviews/a.png,,,\n")
     with pytest.raises(batch.InputError, match="line 2: .*no mask"):
@@ -144,7 +145,7 @@ def test_blend_output_holds_the_object(tmp_path, example_dir, server_python, tin
 
 
 def test_import_result_is_one_named_selected_object(clean_scene, batch_run):
-    from amodal3r_blender import scene_import
+    from amodal3r_blender.operators import scene_import
 
     _, out = batch_run
     bpy.ops.mesh.primitive_cube_add()
@@ -165,7 +166,7 @@ def test_import_result_is_one_named_selected_object(clean_scene, batch_run):
 
 
 def test_import_missing_result_says_so(clean_scene, tmp_path):
-    from amodal3r_blender import scene_import
+    from amodal3r_blender.operators import scene_import
 
     with pytest.raises(scene_import.ResultImportError, match="run the reconstruction again"):
         scene_import.import_result(bpy.context, tmp_path / "gone.glb", "X")

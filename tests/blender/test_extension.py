@@ -15,12 +15,12 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
-from unittest.mock import MagicMock
 
 import bpy
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+ADDON = REPO / "amodal3r_blender"
 EXTENSION_ID, REPO_MODULE = "amodal3r", "user_default"
 SERVER_VERSION = re.search(r'__version__ = "([^"]+)"', (REPO / "server/amodal3r/__init__.py").read_text()).group(1)
 WHEEL = f"wheels/amodal3r-{SERVER_VERSION}-py3-none-any.whl"
@@ -36,9 +36,9 @@ def _wheel_bytes(zip_path: Path) -> bytes:
 
 def test_zip_holds_the_addon_manifest_and_wheel(extension_zip):
     names = set(zipfile.ZipFile(extension_zip).namelist())
-    addon_files = {p.name for p in (REPO / "amodal3r_blender").glob("*.py")}
+    addon_files = {p.relative_to(ADDON).as_posix() for p in ADDON.rglob("*.py")}
     assert {"blender_manifest.toml", WHEEL} <= names
-    assert addon_files <= names
+    assert addon_files <= names and {"core/tasks.py", "operators/reconstruct.py", "ui/panels.py"} <= addon_files
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith(("tests/", "."))]
     assert extension_zip.name == f"{EXTENSION_ID}-{SERVER_VERSION}.zip"
 
@@ -71,7 +71,7 @@ def test_wheel_record_and_metadata(extension_zip):
     metadata = wheel.read(f"{dist_info}/METADATA").decode()
     assert f"Version: {SERVER_VERSION}" in metadata and "Requires-Dist: torch" in metadata
     assert "Root-Is-Purelib: true" in wheel.read(f"{dist_info}/WHEEL").decode()
-    assert {"amodal3r/client.py", "amodal3r/protocol.py", "amodal3r/server.py"} <= set(wheel.namelist())
+    assert {"amodal3r/api/client.py", "amodal3r/api/protocol.py", "amodal3r/service/app.py"} <= set(wheel.namelist())
 
 
 def test_wheel_installs_with_pip(extension_zip, tmp_path):
@@ -124,7 +124,7 @@ report = {
     "unregistered_classes": [c.__name__ for c in classes if not c.is_registered],
     "class_count": len(classes),
     "client_from": amodal3r.api.client.__file__,
-    "bundled_wheel": str(sys.modules[f"{module}.server_package"].server_wheel()),
+    "bundled_wheel": str(sys.modules[f"{module}.core.server_package"].server_wheel()),
 }
 bpy.ops.preferences.addon_disable(module=module)
 report["ops_left"] = sorted(ops() - before_ops)
@@ -169,146 +169,6 @@ def test_disable_and_uninstall_leave_nothing(lifecycle):
     assert report["ops_left"] == [] and report["still_registered"] == []
     assert all(not left for left in report["props_left"].values()), report["props_left"]
     assert not report["package_left"]
-    noise = [line for line in output.splitlines() if re.search(r"error|exception|traceback|warning", line, re.IGNORECASE)]
+    noise = [line for line in output.splitlines()
+             if re.search(r"error|exception|traceback|warning", line, re.IGNORECASE)]
     assert noise == [], output
-
-
-# --- in this process: the add-on from the session fixture ---------------------------------------
-
-
-def _addon_module(addon: str, name: str):
-    return sys.modules[f"{addon}.{name}"]
-
-
-def test_backend_settings_defaults_and_overrides(addon, blender_user_dir, monkeypatch):
-    preferences = _addon_module(addon, "preferences")
-    monkeypatch.delenv("AMODAL3R_SERVER_PYTHON", raising=False)
-    monkeypatch.delenv("AMODAL3R_MODEL", raising=False)
-    settings = preferences.backend_settings(bpy.context)
-    user = blender_user_dir / "extensions" / ".user" / REPO_MODULE / EXTENSION_ID
-    assert settings.mode == "local" and settings.device == "auto"
-    assert Path(settings.python).is_relative_to(user / "backend")
-    assert Path(settings.model_dir) == user / "models"
-    assert Path(settings.data_dir) == user / "server-data" and Path(settings.data_dir).is_dir()
-    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", "/opt/py/bin/python")
-    monkeypatch.setenv("AMODAL3R_MODEL", "/opt/models")
-    settings = preferences.backend_settings(bpy.context)
-    assert (settings.python, settings.model_dir) == ("/opt/py/bin/python", "/opt/models")
-
-
-def _drawn(layout: MagicMock) -> str:
-    return "\n".join(str(c) for c in layout.mock_calls)
-
-
-def test_preferences_draw(addon):
-    preferences = _addon_module(addon, "preferences")
-    prefs = preferences.get_preferences(bpy.context)
-    layout = MagicMock()
-    preferences.draw_preferences(prefs, layout)
-    drawn = _drawn(layout)
-    for idname in ("setup_backend", "download_models", "restart_server", "stop_server"):
-        assert f"'amodal3r.{idname}'" in drawn
-    assert "'server_python'" in drawn and "'model_dir'" in drawn and "'remote_url'" not in drawn
-    prefs.backend_mode = "REMOTE"
-    try:
-        layout = MagicMock()
-        preferences.draw_preferences(prefs, layout)
-        assert "'remote_url'" in _drawn(layout) and "'setup_backend'" not in _drawn(layout)
-    finally:
-        prefs.backend_mode = "LOCAL"
-
-
-@pytest.mark.parametrize("operator", ["setup_backend", "download_models"])
-def test_downloads_need_online_access(addon, operator):
-    assert not bpy.app.online_access  # the module starts offline, like a fresh Blender
-    with pytest.raises(RuntimeError, match=r"Online Access in Preferences > System"):
-        getattr(bpy.ops.amodal3r, operator)()
-
-
-def test_restart_and_stop_server(addon, server_env):
-    backend = _addon_module(addon, "backend")
-    assert bpy.ops.amodal3r.restart_server() == {"FINISHED"}
-    running = backend.current_backend()
-    assert running is not None and running.alive()
-    assert bpy.ops.amodal3r.stop_server() == {"FINISHED"}
-    assert backend.current_backend() is None and not running.alive()
-
-
-def test_restart_without_models_says_what_to_do(addon, monkeypatch, server_python, tmp_path):
-    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", server_python)
-    monkeypatch.setenv("AMODAL3R_MODEL", str(tmp_path / "no-models"))
-    with pytest.raises(RuntimeError, match="Download models or set the model folder"):
-        bpy.ops.amodal3r.restart_server()
-
-
-class FakeModelServer:
-    """The model routes of a server whose download takes two polls."""
-
-    def __init__(self):
-        self.requested: list[str] = []
-        self.polls = [{"state": "running", "progress": {"file": "ss_flow.safetensors", "bytes_done": 2 * 2**20,
-                                                        "bytes_total": 4 * 2**20}},
-                      {"state": "done", "progress": None}]
-
-    def models(self):
-        return {"model_dir": "/models", "components": [
-            {"name": "amodal3r", "present": False}, {"name": "dinov2", "present": True},
-            {"name": "sam_vit_h", "present": False}, {"name": "sam_vit_b", "present": True}]}
-
-    def download_models(self, components):
-        self.requested = components
-        return {"state": "running"}
-
-    def download_status(self):
-        return self.polls.pop(0)
-
-
-def test_download_follows_the_server(addon, monkeypatch):
-    ops_backend = _addon_module(addon, "ops_backend")
-    monkeypatch.setattr(ops_backend, "DOWNLOAD_POLL_SECONDS", 0.0)
-    task = ops_backend._Task("Download models", echo=False)
-    server = FakeModelServer()
-    wanted = ops_backend.wanted_components("vit_b")
-    assert ops_backend._download(server, task, "/models", wanted) == "Models downloaded into /models"
-    assert server.requested == ["amodal3r"]
-    assert task.progress == 0.5
-
-
-def test_download_through_a_real_server(addon, server_env, monkeypatch, tiny_model_dir, tmp_path):
-    """The add-on's download against the real server and a loopback stand-in for the Hub: only the
-    missing components the panel needs are asked for, and the real progress replies are understood."""
-    import dataclasses
-    import shutil
-
-    monkeypatch.syspath_prepend(str(REPO / "tests"))
-    from loopback_files import serve_files
-
-    ops_backend = _addon_module(addon, "ops_backend")
-    backend_module = _addon_module(addon, "backend")
-    preferences = _addon_module(addon, "preferences")
-    model = tmp_path / "model"
-    (model / "sam").mkdir(parents=True)
-    for name in ("image_encoder.json", "dinov2_vitl14_reg4_pretrain.safetensors"):
-        shutil.copy(tiny_model_dir / name, model / name)
-    (model / "sam" / "sam_vit_b_01ec64.pth").write_bytes(b"already here")
-    monkeypatch.setenv("AMODAL3R_MODEL", str(model))
-    monkeypatch.setattr(ops_backend, "DOWNLOAD_POLL_SECONDS", 0.02)
-    with serve_files() as hub:
-        for file in tiny_model_dir.rglob("*"):
-            if file.is_file():
-                hub.files[f"/Sm0kyWu/Amodal3R/resolve/main/{file.relative_to(tiny_model_dir)}"] = file.read_bytes()
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        settings = dataclasses.replace(preferences.backend_settings(bpy.context), data_dir=str(tmp_path / "data"))
-        backend = backend_module.Backend(settings)
-        try:
-            client = backend.client(require_model=False)
-            task = ops_backend._Task("Download models", echo=False)
-            wanted = ops_backend.wanted_components("vit_b")
-            assert ops_backend._download(client, task, str(model), wanted) == f"Models downloaded into {model}"
-            present = {c["name"] for c in client.models()["components"] if c["present"]}
-            assert {"amodal3r", "dinov2", "sam_vit_b"} <= present and "sam_vit_h" not in present
-            assert any(path.startswith("/Sm0kyWu/Amodal3R/") for path, _ in hub.requests)
-            assert not any("sam" in path or "dinov2" in path for path, _ in hub.requests)
-        finally:
-            backend.stop()

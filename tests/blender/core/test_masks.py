@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Mask logic on Blender-style buffers (flat float32 RGBA, bottom row first), without bpy."""
+"""Mask logic on Blender-style buffers (flat float32 RGBA, bottom row first), without bpy; the mask
+formats and checks themselves are the server's (``amodal3r.api.masks``), used here through the
+add-on's file encoders."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from amodal3r_blender import masks, png
+from amodal3r.api.errors import InputError
+from amodal3r.api.masks import GREY_BACKGROUND, GREY_OCCLUDER, GREY_TARGET
+from amodal3r_blender.core import masks, png
 
 W, H = 6, 4
 
@@ -44,7 +48,7 @@ def test_pixels_from_layer_is_opaque_white_on_black():
 
 
 def test_buffer_of_the_wrong_length_is_refused():
-    with pytest.raises(masks.MaskError, match="6x4"):
+    with pytest.raises(InputError, match="6x4"):
         masks.layer_from_pixels(np.zeros(W * H * 3, np.float32), W, H)
 
 
@@ -56,7 +60,7 @@ def test_invert_clear_and_combine():
     assert np.argwhere(added).tolist() == [[0, 0], [1, 1], [2, 2]]
     cut = masks.combine(layer, _layer((1, 1), (2, 2)), subtract=True)
     assert np.argwhere(cut).tolist() == [[0, 0]]
-    with pytest.raises(masks.MaskError, match="size"):
+    with pytest.raises(InputError, match="size"):
         masks.combine(layer, np.zeros((2, 2), bool))
 
 
@@ -64,9 +68,9 @@ def test_alpha_layer_and_its_errors():
     pixels = np.ones((H, W, 4), np.float32)
     pixels[:, :3, 3] = 0.0
     assert np.array_equal(masks.alpha_layer(_buffer(pixels), W, H)[:, 3:], np.ones((H, 3), bool))
-    with pytest.raises(masks.MaskError, match="no transparent pixels"):
+    with pytest.raises(InputError, match="no transparent pixels"):
         masks.alpha_layer(_buffer(np.ones((H, W, 4))), W, H)
-    with pytest.raises(masks.MaskError, match="fully transparent"):
+    with pytest.raises(InputError, match="fully transparent"):
         masks.alpha_layer(_buffer(np.zeros((H, W, 4))), W, H)
 
 
@@ -77,15 +81,20 @@ def test_flip_rows_swaps_bottom_up_and_top_down():
     assert np.array_equal(masks.flip_rows(flipped), layer)
 
 
+def _grey_file(values: np.ndarray) -> bytes:
+    """A grey PNG of Blender-order values (the file holds them top row first)."""
+    return png.encode_png(masks.flip_rows(np.asarray(values, np.uint8)))
+
+
 def test_grey_format_values_are_exact():
     target = _layer((0, 0), (0, 1))
     occluder = _layer((0, 1), (3, 5))  # overlapping at (0, 1): the occluder is in front
-    grey = masks.grey_from_layers(target, occluder)
+    grey = masks.flip_rows(png.decode_png(masks.encode_grey(target, occluder))[:, :, 0])
     assert grey.dtype == np.uint8
-    assert grey[0, 0] == 188 == masks.GREY_TARGET
-    assert grey[0, 1] == 0 == masks.GREY_OCCLUDER
+    assert grey[0, 0] == 188 == GREY_TARGET
+    assert grey[0, 1] == 0 == GREY_OCCLUDER
     assert grey[3, 5] == 0
-    assert grey[2, 2] == 255 == masks.GREY_BACKGROUND
+    assert grey[2, 2] == 255 == GREY_BACKGROUND
     assert set(np.unique(grey).tolist()) == {0, 188, 255}
 
 
@@ -102,21 +111,21 @@ def test_grey_file_round_trip_and_orientation():
 
 def test_grey_thresholds_follow_the_reference():
     values = np.array([[0, 126, 127, 188, 230, 231, 255]], np.uint8)
-    target, occluder = masks.layers_from_grey(values)
+    target, occluder = masks.decode_grey(_grey_file(values), 7, 1)
     assert occluder.tolist() == [[True, True, False, False, False, False, False]]
     assert target.tolist() == [[False, False, True, True, True, False, False]]
 
 
 def test_label_images_are_understood():
     labels = np.array([[0, 1, 2, 1]], np.uint8)
-    target, occluder = masks.layers_from_grey(labels)
+    target, occluder = masks.decode_grey(_grey_file(labels), 4, 1)
     assert target.tolist() == [[False, True, False, True]]
     assert occluder.tolist() == [[False, False, True, False]]
 
 
 def test_grey_file_of_another_size_is_refused():
     data = png.encode_png(np.full((3, 3), 188, np.uint8))
-    with pytest.raises(masks.MaskError, match="3x3 but the image is 6x4"):
+    with pytest.raises(InputError, match="3x3 but the image is 6x4"):
         masks.decode_grey(data, W, H)
 
 
@@ -135,7 +144,7 @@ def test_binary_layer_png_round_trip():
     assert pixels.shape == (H, W, 1) and set(np.unique(pixels).tolist()) == {0, 255}
     assert pixels[H - 1, 5, 0] == 255
     assert np.array_equal(masks.decode_layer(data, W, H), layer)
-    with pytest.raises(masks.MaskError, match="returned mask"):
+    with pytest.raises(InputError, match="returned mask"):
         masks.decode_layer(data, H, W)
 
 
@@ -167,11 +176,11 @@ def test_validate_view_errors():
     target, occluder = _layer((1, 1)), _layer((1, 1))
     masks.validate_view(target, None, W, H)
     masks.validate_view(target, _layer((0, 0)), W, H)
-    with pytest.raises(masks.MaskError, match="target mask of 'mug' is empty"):
+    with pytest.raises(InputError, match="'mug': the target mask is empty"):
         masks.validate_view(np.zeros((H, W), bool), None, W, H, "'mug'")
-    with pytest.raises(masks.MaskError, match="covers the whole target"):
+    with pytest.raises(InputError, match="covers the whole target"):
         masks.validate_view(target, occluder, W, H)
-    with pytest.raises(masks.MaskError, match="target mask .* is 4x6 but the image is 6x4"):
+    with pytest.raises(InputError, match="target mask .* is 4x6 but the image is 6x4"):
         masks.validate_view(np.ones((W, H), bool), None, W, H)
-    with pytest.raises(masks.MaskError, match="occluder mask .* is 2x2"):
+    with pytest.raises(InputError, match="occluder mask .* is 2x2"):
         masks.validate_view(target, np.zeros((2, 2), bool), W, H)

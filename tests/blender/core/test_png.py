@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from amodal3r_blender import png
+from amodal3r_blender.core import png
 
 
 def _paeth(left: int, up: int, up_left: int) -> int:
@@ -40,7 +40,7 @@ def _png(raw_rows: list[bytes], width: int, depth: int, colour: int, kinds: list
          extra: list[tuple[bytes, bytes]] = (), interlace: int = 0) -> bytes:
     prior = bytes(len(raw_rows[0]))
     body = b""
-    for kind, row in zip(kinds, raw_rows):
+    for kind, row in zip(kinds, raw_rows, strict=True):
         body += bytes([kind]) + _filter_row(kind, row, prior, bpp)
         prior = row
     header = struct.pack(">IIBBBBB", width, len(raw_rows), depth, colour, 0, 0, interlace)
@@ -124,7 +124,15 @@ def test_interlaced_is_refused_clearly():
         png.decode_png(data)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((2, 2), np.float32), np.zeros((2, 2, 5), np.uint8), np.zeros((0, 3), np.uint8)])
+@pytest.mark.parametrize("bad", [np.zeros((2, 2), np.float32), np.zeros((2, 2, 5), np.uint8),
+                                 np.zeros((0, 3), np.uint8)])
 def test_encode_refuses_what_it_cannot_write(bad):
     with pytest.raises(png.PNGError):
         png.encode_png(bad)
+
+
+def test_png_errors_are_input_errors():
+    """Operators report a bad mask file like any other bad input, with one except clause."""
+    from amodal3r.api.errors import InputError
+
+    assert issubclass(png.PNGError, InputError)

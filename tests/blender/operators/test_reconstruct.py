@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amodal3r_blender import masks, png
+from amodal3r_blender.core import masks, png
 
 pytestmark = pytest.mark.usefixtures("server_env")
 JOB_TIMEOUT = 300.0
 
 
 def _ops(addon: str):
-    return importlib.import_module(f"{addon}.ops_reconstruct")
+    return importlib.import_module(f"{addon}.operators.reconstruct")
 
 
 def _file_layer(path: Path) -> np.ndarray:
@@ -124,7 +124,7 @@ def test_missing_target_is_reported_before_anything_starts(scene, clean_scene):
     import bpy
 
     scene.views[0].target_mask.pixels.foreach_set(masks.pixels_from_layer(np.zeros((512, 512), bool)))
-    with pytest.raises(RuntimeError, match="target mask of 'mug.png' is empty"):
+    with pytest.raises(RuntimeError, match="'mug.png': the target mask is empty"):
         bpy.ops.amodal3r.reconstruct(mode="TIMER")
     assert _ops(clean_scene).active_job() is None and not scene.running
 
@@ -178,17 +178,17 @@ def test_click_to_mask_round_trip(scene, clean_scene, server_python, tiny_model_
     import bpy
 
     addon = clean_scene
-    segment = importlib.import_module(f"{addon}.ops_segment")
-    ops_masks = importlib.import_module(f"{addon}.ops_masks")
-    backend_module = importlib.import_module(f"{addon}.backend")
-    preferences = importlib.import_module(f"{addon}.preferences")
+    segment = importlib.import_module(f"{addon}.operators.segment")
+    images = importlib.import_module(f"{addon}.operators.images")
+    backend_module = importlib.import_module(f"{addon}.core.backend")
+    preferences = importlib.import_module(f"{addon}.ui.preferences")
     backend = backend_module.get_backend(preferences.backend_settings(bpy.context))
-    photo = ops_masks.encode_source(scene.source_image)
+    photo = images.encode_source(scene.source_image)
 
     def click():
         session = segment.SegmentSession(np.zeros((512, 512), bool), "vit_b")
         session.add_click(256, 200, positive=True)
-        request = segment.SegmentRequest(backend, session.params(), photo, session.revision).start()
+        request = segment.request_mask(backend, session.params(), photo)
         assert request.wait(JOB_TIMEOUT)
         return session, request
 

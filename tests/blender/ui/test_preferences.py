@@ -1,0 +1,51 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The add-on preferences in the bpy module: which server Python and model folder they choose
+(defaults in the extension's user folder, environment overrides), and what they draw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest.mock import MagicMock
+
+import bpy
+from addon_helpers import module
+
+EXTENSION_ID, REPO_MODULE = "amodal3r", "user_default"
+
+
+def test_backend_settings_defaults_and_overrides(addon, blender_user_dir, monkeypatch):
+    preferences = module(addon, "ui.preferences")
+    monkeypatch.delenv("AMODAL3R_SERVER_PYTHON", raising=False)
+    monkeypatch.delenv("AMODAL3R_MODEL", raising=False)
+    settings = preferences.backend_settings(bpy.context)
+    user = blender_user_dir / "extensions" / ".user" / REPO_MODULE / EXTENSION_ID
+    assert settings.mode == "local" and settings.device == "auto"
+    assert Path(settings.python).is_relative_to(user / "backend")
+    assert Path(settings.model_dir) == user / "models"
+    assert Path(settings.data_dir) == user / "server-data" and Path(settings.data_dir).is_dir()
+    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", "/opt/py/bin/python")
+    monkeypatch.setenv("AMODAL3R_MODEL", "/opt/models")
+    settings = preferences.backend_settings(bpy.context)
+    assert (settings.python, settings.model_dir) == ("/opt/py/bin/python", "/opt/models")
+
+
+def _drawn(layout: MagicMock) -> str:
+    return "\n".join(str(c) for c in layout.mock_calls)
+
+
+def test_preferences_draw(addon):
+    preferences = module(addon, "ui.preferences")
+    prefs = preferences.get_preferences(bpy.context)
+    layout = MagicMock()
+    preferences.draw_preferences(prefs, layout)
+    drawn = _drawn(layout)
+    for idname in ("setup_backend", "download_models", "restart_server", "stop_server"):
+        assert f"'amodal3r.{idname}'" in drawn
+    assert "'server_python'" in drawn and "'model_dir'" in drawn and "'remote_url'" not in drawn
+    prefs.backend_mode = "REMOTE"
+    try:
+        layout = MagicMock()
+        preferences.draw_preferences(prefs, layout)
+        assert "'remote_url'" in _drawn(layout) and "'setup_backend'" not in _drawn(layout)
+    finally:
+        prefs.backend_mode = "LOCAL"
