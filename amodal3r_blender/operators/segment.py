@@ -58,7 +58,6 @@ class SegmentSession:
 
     def __init__(self, before: np.ndarray, model: str, subtract: bool = False):
         self.before = np.asarray(before, bool).copy()  # the layer when the session began (Esc restores it)
-        self.layer = self.before.copy()
         self.model = model
         self.subtract = subtract
         self.points: list[list[float]] = []
@@ -86,13 +85,11 @@ class SegmentSession:
         height, width = self.before.shape
         segment = masks.decode_layer(mask_png, width, height)
         self.image_id = reply.image_id
-        self.layer = masks.combine(self.before, segment, self.subtract)
-        return self.layer
+        return masks.combine(self.before, segment, self.subtract)
 
     def reset(self) -> np.ndarray:
         """The layer with no clicks left: as it began."""
-        self.layer = self.before.copy()
-        return self.layer
+        return self.before.copy()
 
 
 def request_mask(backend: Backend, params: SegmentParams, image_png: bytes) -> Task[tuple[bytes, SegmentReply]]:

@@ -126,14 +126,14 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     variants: IntProperty(name="Variants", min=1, max=8, default=1,  # type: ignore[valid-type]
                           description="How many different reconstructions to make (each becomes an object)")
     multiview_mode: EnumProperty(  # type: ignore[valid-type]
-        name="Multi-view", default="stochastic", items=MULTIVIEW_ITEMS,
+        name="Multi-view", default=MULTIVIEW_MODES[0], items=MULTIVIEW_ITEMS,
         description="How several views steer the sampling")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="1024")  # type: ignore[valid-type]
     use_faces: BoolProperty(  # type: ignore[valid-type]
         name="Simplify", default=False,
         description="Simplify the mesh to about a given number of faces (off: keep every face)")
     faces: IntProperty(  # type: ignore[valid-type]
-        name="Faces", min=100, max=10_000_000, default=100_000, update=_switch_on("use_faces"),
+        name="Faces", min=100, max=10_000_000, default=50_000, update=_switch_on("use_faces"),
         description="Simplify the mesh to about this many faces")
     gaussians: BoolProperty(name="Export Gaussians", default=False,  # type: ignore[valid-type]
                             description="Also download the 3D Gaussians as a PLY file")
