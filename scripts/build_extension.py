@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Build the Blender extension zip: ``python scripts/build_extension.py [--out dist]``.
 
-The zip holds ``amodal3r_blender/`` as the extension root, ``blender_manifest.toml`` and the server
-package as a pure-Python wheel (Blender puts it on ``sys.path``; the add-on imports its client).
+The zip holds ``amodal3r_blender/`` (its ``core``, ``operators`` and ``ui`` packages) as the extension
+root, ``blender_manifest.toml`` and the server package as a pure-Python wheel (Blender puts it on
+``sys.path``; the add-on imports its ``amodal3r.api``).
 The wheel is written here with the standard library, so the build needs no setuptools, pip or
 network. Blender's own ``blender_ext.py`` (from the installed ``bpy`` wheel) builds and validates
 the zip, with the official tag list.
@@ -137,6 +138,15 @@ def stage(stage_dir: Path) -> Path:
     return build_wheel(stage_dir / "wheels")
 
 
+def check_packages(stage_dir: Path) -> None:
+    """Every folder of the add-on with Python files is a package (``core``, ``operators``, ``ui``):
+    without ``__init__.py`` its relative imports would depend on namespace-package lookup."""
+    folders = {path.parent for path in stage_dir.rglob("*.py") if "wheels" not in path.relative_to(stage_dir).parts}
+    missing = sorted(str(f.relative_to(stage_dir)) for f in folders if not (f / "__init__.py").is_file())
+    if missing:
+        raise BuildError(f"amodal3r_blender folders without __init__.py: {', '.join(missing)}: add one to each")
+
+
 def check_manifest(manifest: dict, wheel: Path) -> None:
     """The manifest must name exactly the wheel just built, and share its version."""
     server_version = _project()["version"]
@@ -199,6 +209,7 @@ def build(out_dir: Path, bpy_python: Path | None) -> Path:
     with tempfile.TemporaryDirectory(prefix="amodal3r-ext-") as tmp:
         stage_dir = Path(tmp) / manifest["id"]
         wheel = stage(stage_dir)
+        check_packages(stage_dir)
         check_manifest(manifest, wheel)
         out_dir.mkdir(parents=True, exist_ok=True)
         zip_path = out_dir / f"{manifest['id']}-{manifest['version']}.zip"

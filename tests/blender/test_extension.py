@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -98,6 +99,18 @@ def test_build_without_bpy_says_what_to_do(tmp_path):
                              str(tmp_path / "python")], capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert "no bpy package" in result.stderr and "--bpy-python" in result.stderr
+
+
+def test_build_refuses_a_folder_that_is_not_a_package(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import build_extension
+
+    stage = tmp_path / "stage"
+    shutil.copytree(ADDON, stage, ignore=build_extension.SKIP)
+    build_extension.check_packages(stage)
+    (stage / "ui" / "__init__.py").unlink()
+    with pytest.raises(build_extension.BuildError, match="without __init__.py: ui"):
+        build_extension.check_packages(stage)
 
 
 # The whole life of the extension in a fresh Blender: its output must hold no error.
