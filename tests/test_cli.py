@@ -115,3 +115,102 @@ def test_bad_input_fails_cleanly(
     assert not out.exists()
     with pytest.raises(SystemExit):
         run(tiny_model_dir, out, "--target-mask", str(photo["target"]), "--image", str(photo["image"]))
+
+
+class PickledObject:
+    """Saved into a .pth: loading it back needs unpickling code, which the loader refuses."""
+
+
+def never_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any model load fail the test: the checks must come first."""
+    from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model folder was opened before the arguments were checked")
+
+    monkeypatch.setattr(Amodal3RPipeline, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--steps", "0", "argument --steps: the value must be an integer in 1..500, got 0"),
+        ("--texture-size", "0", "argument --texture-size: the value must be an integer in 64..8192, got 0"),
+        ("--variants", "9", "argument --variants: the value must be an integer in 1..8, got 9"),
+        ("--cfg", "-1", "argument --cfg: the value must be a number in 0.0..100.0, got -1.0"),
+        ("--faces", "many", "argument --faces: not a int: 'many'"),
+    ],
+)
+def test_option_ranges_are_checked_first(
+    photo: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch, option: str, value: str, message: str
+) -> None:
+    never_loaded(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        run(
+            tmp_path,
+            tmp_path / "x.glb",
+            "--image",
+            str(photo["image"]),
+            "--target-mask",
+            str(photo["target"]),
+            extra=(option, value),
+        )
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("out", "extra", "message"),
+    [
+        ("x.obj", (), "x.obj: the result is a binary glTF, so the name must end in .glb"),
+        ("blocked/x.glb", (), "cannot write into"),
+        ("x.glb", ("--device", "cuda"), "device 'cuda' is not available here; available: cpu"),
+    ],
+)
+def test_output_and_device_are_checked_before_any_model_loads(
+    photo: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch, out: str, extra: tuple, message: str
+) -> None:
+    (tmp_path / "blocked").write_text("a file where the output folder should be")
+    never_loaded(monkeypatch)
+    view = ("--image", str(photo["image"]), "--target-mask", str(photo["target"]))
+    assert run(tmp_path, tmp_path / out, *view, extra=extra) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
+
+
+def test_interrupt_after_the_first_variant_leaves_no_partial_set(
+    photo: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    from amodal3r.io import results
+
+    real_write, calls = results.write_variant, []
+
+    def interrupt_on_the_second(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(results, "write_variant", interrupt_on_the_second)
+    view = ("--image", str(photo["image"]), "--target-mask", str(photo["target"]))
+    assert run(tiny_model_dir, tmp_path / "obj.glb", *view, extra=("--variants", "2", "--preview")) == 130
+    assert "interrupted: no output of this run was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pickled_image_encoder_is_one_line(
+    photo: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for old in model.glob("dinov2_vitl14_reg4_pretrain.*"):
+        old.unlink()
+    torch.save({"weights": PickledObject()}, model / "dinov2_vitl14_reg4_pretrain.pth")
+    view = ("--image", str(photo["image"]), "--target-mask", str(photo["target"]))
+    assert run(model, tmp_path / "x.glb", *view) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds pickled Python objects" in err
+    assert "use the official dinov2_vitl14_reg4_pretrain.pth" in err

@@ -5,11 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from amodal3r.api.errors import Amodal3RError
-from amodal3r.api.protocol import MAX_UPLOAD_BYTES, MULTIVIEW_MODES, SAM_KINDS
+from amodal3r.api.errors import Amodal3RError, InputError, ProtocolError
+from amodal3r.api.protocol import (
+    CFG_RANGE,
+    FACES_RANGE,
+    MAX_UPLOAD_BYTES,
+    MULTIVIEW_MODES,
+    SAM_KINDS,
+    SEED_RANGE,
+    STEPS_RANGE,
+    TEXTURE_SIZE_RANGE,
+    VARIANTS_RANGE,
+    check_float,
+    check_int,
+)
 from amodal3r.weights.layout import HF_REPO
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -93,35 +107,48 @@ def _run_settings(args: argparse.Namespace, formats: tuple[str, ...]):
     )
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, not a "
+    "reconstruction. For real results pass --model with the Amodal3R weights (a folder, or Sm0kyWu/Amodal3R)"
+)
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output the run could not write, before any model loads."""
+    if out.suffix.lower() != ".glb":
+        raise InputError(f"--out {out}: the result is a binary glTF, so the name must end in .glb")
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise InputError(f"--out {out}: cannot write into {folder} ({error.strerror}); choose another folder") from None
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
     from amodal3r.io.inputs import load_view
     from amodal3r.io.results import OutputSettings, write_results
     from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+    from amodal3r.pipelines.devices import pick_device
     from amodal3r.weights.hub import resolve_model
 
+    _check_output(args.out)
+    device = pick_device(args.device)
     views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in args.views]
     for view in views:
         for notice in view.notices:
             print(f"notice: {notice}")
     folder = resolve_model(args.model)
-    pipeline = Amodal3RPipeline.from_pretrained(
-        folder, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
-    )
-    if pipeline.config.tiny_random_weights:
-        print(
-            f"NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, "
-            "not a reconstruction. Pass --model with the Amodal3R weights for real results"
-        )
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipeline = Amodal3RPipeline.from_pretrained(folder, device=device, dtype=dtype)
     formats = ("mesh", "gaussian") if args.gaussians else ("mesh",)
     result = pipeline(views, _run_settings(args, formats), progress=_progress_printer())
-    outputs = OutputSettings(
-        texture_size=args.texture_size, faces=args.faces, gaussians=args.gaussians, preview=args.preview
-    )
-    for written in write_results(
-        result.meshes, result.gaussians, _variant_paths(args.out, len(result.meshes)), outputs
-    ):
+    outputs = OutputSettings(args.texture_size, args.faces, args.gaussians, args.preview)
+    glbs = _variant_paths(args.out, len(result.meshes))
+    for written in write_results(result.meshes, result.gaussians, glbs, outputs):
         for notice in written.report.notices:
             print(f"notice: {notice}")
         report = written.report
@@ -133,6 +160,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
             print(f"wrote {extra}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
+    if pipeline.config.tiny_random_weights:
+        print(RANDOM_WEIGHTS_NOTE.format(folder=folder))
     return 0
 
 
@@ -191,6 +220,53 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def _bounded(check: Callable, kind: type, bounds: tuple) -> Callable[[str], object]:
+    """An argparse type that refuses a value outside the protocol's range, before any work."""
+
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+            check("the value", value, bounds)
+        except (ValueError, ProtocolError) as error:
+            raise argparse.ArgumentTypeError(
+                str(error) if isinstance(error, ProtocolError) else f"not a {kind.__name__}: {text!r}"
+            ) from None
+        return value
+
+    return parse
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Seed, sampler, variants, views and device: the options of every command that runs the model."""
+    parser.add_argument("--seed", type=_bounded(check_int, int, SEED_RANGE), default=0)
+    parser.add_argument(
+        "--steps",
+        type=_bounded(check_int, int, STEPS_RANGE),
+        help="sampler steps of both stages (default: pipeline.json's, 25)",
+    )
+    parser.add_argument(
+        "--cfg",
+        type=_bounded(check_float, float, CFG_RANGE),
+        help="guidance strength of both stages (default: pipeline.json's, 7.5 for the structure, 3.0 for the latent)",
+    )
+    parser.add_argument("--variants", type=_bounded(check_int, int, VARIANTS_RANGE), default=1)
+    parser.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """What is written per variant: texture, faces, Gaussians, preview."""
+    parser.add_argument("--texture-size", type=_bounded(check_int, int, TEXTURE_SIZE_RANGE), default=1024)
+    parser.add_argument(
+        "--faces",
+        type=_bounded(check_int, int, FACES_RANGE),
+        help="decimate to about this many faces before unwrapping",
+    )
+    parser.add_argument("--gaussians", action="store_true", help="also write the 3D Gaussians as .ply")
+    parser.add_argument("--preview", action="store_true", help="also write a front-view preview .png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amodal3r", description="Amodal3R occluded-object reconstruction")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,13 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--cond", type=Path, help="safetensors file with 'cond' [views, 4112, C]")
     source.add_argument("--random-cond", action="store_true", help="random tokens and masks (speed checks)")
     slat.add_argument("--out", type=Path, required=True)
-    slat.add_argument("--seed", type=int, default=0)
-    slat.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json)")
-    slat.add_argument("--cfg", type=float, help="guidance strength of both stages (default: pipeline.json)")
-    slat.add_argument("--variants", type=int, default=1)
-    slat.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
-    slat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    slat.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
+    add_run_options(slat)
     slat.set_defaults(run=_slat)
 
     rec = commands.add_parser(
@@ -237,17 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--model", default=HF_REPO, help="model folder or Hugging Face id (default: %(default)s)")
     rec.add_argument("--out", type=Path, required=True, help="output .glb (variants get _0, _1, ...)")
-    rec.add_argument("--seed", type=int, default=0)
-    rec.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json)")
-    rec.add_argument("--cfg", type=float, help="guidance strength of both stages (default: pipeline.json)")
-    rec.add_argument("--variants", type=int, default=1)
-    rec.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
-    rec.add_argument("--texture-size", type=int, default=1024)
-    rec.add_argument("--faces", type=int, help="decimate to about this many faces before unwrapping")
-    rec.add_argument("--gaussians", action="store_true", help="also write the 3D Gaussians as .ply")
-    rec.add_argument("--preview", action="store_true", help="also write a front-view preview .png")
-    rec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    rec.add_argument("--dtype", choices=DTYPES)
+    add_run_options(rec)
+    add_output_options(rec)
     rec.set_defaults(run=_reconstruct)
 
     srv = commands.add_parser("serve", help="run the reconstruction server (HTTP, for the Blender extension)")
@@ -285,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Amodal3RError, ValueError, OSError) as e:
         print(f"amodal3r: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("amodal3r: interrupted: no output of this run was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from amodal3r.api.protocol import DONE, FAILED, JobParams
+from amodal3r.api.protocol import CANCELLED, DONE, FAILED, JobParams
 from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 from amodal3r.service.job_store import JobStore
 from amodal3r.service.worker import OUT_OF_MEMORY, ModelRuntime, Worker
@@ -62,3 +62,34 @@ def test_out_of_memory_fails_the_job_with_advice_and_the_next_one_runs(
         assert not runtime.loaded_models, "idle models were not unloaded"
     finally:
         jobs.stop()
+
+
+@pytest.mark.parametrize("phase", ["decoding", "exporting"])
+def test_cancel_while_decoding_or_exporting_leaves_no_results(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    """Cancel arrives after sampling: the next check (between decoders, or between export phases) ends the job."""
+    from amodal3r.io import export
+
+    store = JobStore(tmp_path / "data")
+    jobs = Worker(store, ModelRuntime(tiny_model_dir, "cpu"))
+    job = store.create(FAST, [example_view()])
+
+    def cancel_then(real):
+        def wrapped(*args, **kwargs):
+            jobs.cancel(job.id)
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    if phase == "decoding":
+        monkeypatch.setattr(Amodal3RPipeline, "decode", cancel_then(Amodal3RPipeline.decode))
+    else:
+        monkeypatch.setattr(export, "largest_components", cancel_then(export.largest_components))
+    jobs.start([job.id])
+    try:
+        status = wait_final(store, job.id)
+    finally:
+        jobs.stop()
+    assert status.state == CANCELLED and status.results == []
+    assert list((store.folder(job.id) / "results").iterdir()) == []

@@ -54,6 +54,14 @@ FINAL_STATES = (DONE, FAILED, CANCELLED)
 
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
 MULTIVIEW_MODES = ("stochastic", "multidiffusion")
+
+# The range of each run setting, for the server and the command line alike.
+SEED_RANGE = (0, 2**31 - 1)
+VARIANTS_RANGE = (1, 8)
+STEPS_RANGE = (1, 500)
+CFG_RANGE = (0.0, 100.0)
+TEXTURE_SIZE_RANGE = (64, 8192)
+FACES_RANGE = (100, 10_000_000)
 SAM_KINDS = ("vit_h", "vit_l", "vit_b")
 
 
@@ -72,15 +80,16 @@ def parse_view_field(name: str) -> tuple[int, str]:
     return int(head[4:]), kind
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None, optional: bool = False) -> None:
+def check_int(name: str, value: Any, bounds: tuple[int, int], optional: bool = False) -> None:
+    low, high = bounds
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ProtocolError(f"{name} must be an integer in {bounds}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(f"{name} must be an integer in {low}..{high}, got {value!r}")
 
 
-def _check_float(name: str, value: Any, low: float, high: float) -> None:
+def check_float(name: str, value: Any, bounds: tuple[float, float]) -> None:
+    low, high = bounds
     if value is None:
         return
     if (
@@ -123,16 +132,16 @@ class JobParams:
     name: str = ""  # shown in job lists; the object name on the Blender side
 
     def validate(self) -> JobParams:
-        _check_int("seed", self.seed, 0, 2**31 - 1)
-        _check_int("variants", self.variants, 1, 8)
+        check_int("seed", self.seed, SEED_RANGE)
+        check_int("variants", self.variants, VARIANTS_RANGE)
         if self.multiview not in MULTIVIEW_MODES:
             raise ProtocolError(f"multiview must be one of {', '.join(MULTIVIEW_MODES)}, got {self.multiview!r}")
-        _check_int("structure_steps", self.structure_steps, 1, 500, optional=True)
-        _check_int("slat_steps", self.slat_steps, 1, 500, optional=True)
-        _check_float("structure_cfg", self.structure_cfg, 0.0, 100.0)
-        _check_float("slat_cfg", self.slat_cfg, 0.0, 100.0)
-        _check_int("texture_size", self.texture_size, 64, 8192)
-        _check_int("faces", self.faces, 100, 10_000_000, optional=True)
+        check_int("structure_steps", self.structure_steps, STEPS_RANGE, optional=True)
+        check_int("slat_steps", self.slat_steps, STEPS_RANGE, optional=True)
+        check_float("structure_cfg", self.structure_cfg, CFG_RANGE)
+        check_float("slat_cfg", self.slat_cfg, CFG_RANGE)
+        check_int("texture_size", self.texture_size, TEXTURE_SIZE_RANGE)
+        check_int("faces", self.faces, FACES_RANGE, optional=True)
         if not isinstance(self.gaussians, bool) or not isinstance(self.preview, bool):
             raise ProtocolError("gaussians and preview must be true or false")
         if not isinstance(self.name, str) or len(self.name) > 200:
@@ -170,7 +179,7 @@ class SegmentParams:
             if not isinstance(point, list) or len(point) != 2:
                 raise ProtocolError(f"a point is [x, y], got {point!r}")
             for v in point:
-                _check_float("a point coordinate", v, -1e9, 1e9)
+                check_float("a point coordinate", v, (-1e9, 1e9))
         if any(label not in (0, 1) or isinstance(label, bool) for label in self.labels):
             raise ProtocolError("labels must be 1 (add) or 0 (remove)")
         if self.box is not None and (not isinstance(self.box, list) or len(self.box) != 4):

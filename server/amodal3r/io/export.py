@@ -17,11 +17,13 @@ decoder's frame. Smooth vertex normals are written (without them viewers shade e
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from amodal3r.api.errors import Cancelled
 from amodal3r.api.files import write_atomically
 from amodal3r.representations.mesh import Mesh
 
@@ -188,6 +190,7 @@ def export_glb(
     texture_size: int = 1024,
     target_faces: int | None = None,
     min_component_fraction: float = 0.01,
+    cancelled: Callable[[], bool] | None = None,
 ) -> ExportReport:
     """Write ``mesh`` as a textured GLB (see the module docstring for colours and axes).
 
@@ -198,10 +201,12 @@ def export_glb(
         target_faces: decimate to about this many faces before unwrapping (None: keep all).
         min_component_fraction: drop disconnected pieces with fewer faces than this fraction of
             the largest piece's.
+        cancelled: asked after each phase (cleanup, decimate, unwrap, bake); True stops the export.
 
     Raises:
         ValueError: nothing to export (empty mesh, no colour source) or a bad setting.
         RuntimeError: UV unwrapping failed even on decimated retries.
+        Cancelled: ``cancelled()`` said so; nothing was written.
     """
     import trimesh
     from PIL import Image
@@ -225,6 +230,8 @@ def export_glb(
         nonlocal clock
         seconds[name] = time.perf_counter() - clock
         clock = time.perf_counter()
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"export cancelled after its {name} phase")
 
     welded = mesh.welded()
     if welded.faces.shape[0] == 0:

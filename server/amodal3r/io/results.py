@@ -1,22 +1,27 @@
 """Writing a run's results: per variant a GLB, and on request the Gaussians and a preview.
 
-Shared by the command line and the server's worker, so both write the same files the same way.
-Every file appears whole or not at all.
+Shared by the command line and the server's worker, so both write the same files the same way. A
+run's files are written into a hidden staging folder beside their destination and moved into place
+together at the end: a run that fails, is cancelled or is interrupted (Ctrl+C) leaves none of them.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amodal3r.api.files import write_via_temp
+from amodal3r.api.errors import Cancelled
 from amodal3r.representations.gaussians import Gaussians
 from amodal3r.representations.mesh import Mesh
 
 from .export import ExportReport, export_glb, preview_png
 
 GAUSSIANS_SUFFIX, PREVIEW_SUFFIX = ".ply", ".png"
+STAGING_PREFIX = ".amodal3r-partial-"
 
 
 @dataclass(frozen=True)
@@ -38,16 +43,24 @@ class WrittenVariant:
         return [self.glb, *self.extras]
 
 
-def write_variant(mesh: Mesh, gaussians: Gaussians | None, glb: Path, settings: OutputSettings) -> WrittenVariant:
+def write_variant(
+    mesh: Mesh,
+    gaussians: Gaussians | None,
+    glb: Path,
+    settings: OutputSettings,
+    cancelled: Callable[[], bool] | None = None,
+) -> WrittenVariant:
     """The GLB at ``glb``; the .ply and .png beside it, with the same stem."""
-    report = export_glb(mesh, glb, texture_size=settings.texture_size, target_faces=settings.faces)
+    report = export_glb(mesh, glb, texture_size=settings.texture_size, target_faces=settings.faces, cancelled=cancelled)
     written = WrittenVariant(glb, report)
     if settings.preview:
-        written.extras.append(write_via_temp(glb.with_suffix(PREVIEW_SUFFIX), lambda p: preview_png(mesh, p)))
+        preview_png(mesh, glb.with_suffix(PREVIEW_SUFFIX))
+        written.extras.append(glb.with_suffix(PREVIEW_SUFFIX))
     if settings.gaussians:
         if gaussians is None:
             raise ValueError("no Gaussians to write: decode the gaussian format too")
-        written.extras.append(write_via_temp(glb.with_suffix(GAUSSIANS_SUFFIX), gaussians.save_ply))
+        gaussians.save_ply(glb.with_suffix(GAUSSIANS_SUFFIX))
+        written.extras.append(glb.with_suffix(GAUSSIANS_SUFFIX))
     return written
 
 
@@ -57,11 +70,41 @@ def write_results(
     glbs: list[Path],
     settings: OutputSettings,
     before_variant: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[WrittenVariant]:
-    """Each variant in turn; ``before_variant(index, count)`` reports progress (and may cancel)."""
-    written = []
-    for index, (mesh, glb) in enumerate(zip(meshes, glbs, strict=True)):
-        if before_variant is not None:
-            before_variant(index, len(meshes))
-        written.append(write_variant(mesh, gaussians[index] if gaussians else None, glb, settings))
-    return written
+    """Each variant in turn, all moved into place once every one is written.
+
+    ``before_variant(index, count)`` reports progress; ``cancelled()`` is asked between variants
+    and between export phases. The GLB paths must share one folder.
+    """
+    if not glbs:
+        return []
+    folder = _common_folder(glbs)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        staged = []
+        for index, (mesh, glb) in enumerate(zip(meshes, glbs, strict=True)):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"cancelled before exporting variant {index + 1} of {len(meshes)}")
+            if before_variant is not None:
+                before_variant(index, len(meshes))
+            variant_gaussians = gaussians[index] if gaussians else None
+            staged.append(write_variant(mesh, variant_gaussians, staging / glb.name, settings, cancelled))
+        return [_move_into(variant, folder) for variant in staged]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _common_folder(paths: list[Path]) -> Path:
+    folders = {path.parent for path in paths}
+    if len(folders) != 1:
+        raise ValueError(f"the outputs of one run go into one folder, got {sorted(map(str, folders))}")
+    return folders.pop()
+
+
+def _move_into(variant: WrittenVariant, folder: Path) -> WrittenVariant:
+    moved = [folder / path.name for path in variant.files]
+    for source, destination in zip(variant.files, moved, strict=True):
+        os.replace(source, destination)
+    return WrittenVariant(moved[0], variant.report, moved[1:])

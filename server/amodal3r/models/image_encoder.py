@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from amodal3r.api.errors import CheckpointError
 
 __all__ = [
     "DinoV2Config",
@@ -150,6 +153,16 @@ def to_hub_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def _load_tensors_only(path: str) -> object:
+    """``torch.load`` that refuses pickled code; the zip format is memory-mapped (1.2 GB is not copied twice)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+
+
 def load_hub_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the official hub checkpoint (e.g. ``dinov2_vitl14_reg4_pretrain.pth``, a plain
     state dict) or a ``.safetensors`` file in the hub layout, on the CPU."""
@@ -159,14 +172,14 @@ def load_hub_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(path, device="cpu")
     try:
-        # memory-map the zip-format file: the 1.2 GB ViT-L checkpoint is not copied twice
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+        obj = _load_tensors_only(path)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: this file holds pickled Python objects, not only tensors, and is not loaded (it could run "
+            f"code): use the official dinov2_vitl14_reg4_pretrain.pth or a .safetensors copy"
+        ) from None
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: expected a plain state dict (name -> tensor), got {type(obj).__name__}; "
             "use the official dinov2_vitl14_reg4_pretrain.pth file"
         )

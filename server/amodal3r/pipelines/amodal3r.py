@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from amodal3r.api.errors import CheckpointError, PipelineError
+from amodal3r.api.errors import Cancelled, CheckpointError, PipelineError
 from amodal3r.api.protocol import MULTIVIEW_MODES
 from amodal3r.io.inputs import View
 from amodal3r.models import load_model
@@ -186,7 +186,7 @@ class Amodal3RPipeline:
         slat = self.sample_latent(cond, settings, progress, cancelled)
         lap("sample")
         # 3. Decode each variant into the formats asked for.
-        decoded = self.decode(slat, settings.formats)
+        decoded = self.decode(slat, settings.formats, cancelled)
         lap("decode")
         return Reconstruction(decoded.get("mesh", []), decoded.get("gaussian", []), [v.name for v in ordered], timings)
 
@@ -268,12 +268,19 @@ class Amodal3RPipeline:
         return self.sample_slat(cond, coords, generator, settings, progress, cancelled)
 
     @torch.inference_mode()
-    def decode(self, slat: SparseTensor, formats: tuple[str, ...] = ("mesh", "gaussian")) -> dict[str, list]:
+    def decode(
+        self, slat: SparseTensor, formats: tuple[str, ...] = ("mesh", "gaussian"), cancelled: Cancel | None = None
+    ) -> dict[str, list]:
         """Each variant in each format (keys of ``DECODER_MODELS``); only their decoders load."""
         unknown = [f for f in formats if f not in DECODER_MODELS]
         if unknown:
             raise ValueError(f"unknown output format(s) {unknown}; choose from {sorted(DECODER_MODELS)}")
-        return {f: self.model(DECODER_MODELS[f])(slat) for f in formats}
+        decoded = {}
+        for f in formats:
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"cancelled before the {f} decoder")
+            decoded[f] = self.model(DECODER_MODELS[f])(slat)
+        return decoded
 
     @torch.inference_mode()
     def sample_structure(

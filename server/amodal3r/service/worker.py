@@ -200,7 +200,11 @@ class Worker:
         progress("loading")
         pipeline = self.runtime.pipeline()
         progress("encoding")
-        result = pipeline(views, run_settings(params), progress, lambda: job_id in self._cancelled)
+
+        def cancelled() -> bool:
+            return job_id in self._cancelled
+
+        result = pipeline(views, run_settings(params), progress, cancelled)
         notices = [notice for view in views for notice in view.notices]
         folder = self.store.folder(job_id) / "results"
         glbs = [folder / result_name(variant, ".glb") for variant in range(len(result.meshes))]
@@ -213,6 +217,7 @@ class Worker:
             glbs,
             outputs,
             before_variant=lambda index, count: progress("exporting", index, count),
+            cancelled=cancelled,
         )
         notices += [notice for variant in written for notice in variant.report.notices]
         return [path.name for variant in written for path in variant.files], notices
