@@ -173,7 +173,7 @@ def load_hub_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     try:
         obj = _load_tensors_only(path)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: this file holds pickled Python objects, not only tensors, and is not loaded (it could run "
             f"code): use the official dinov2_vitl14_reg4_pretrain.pth or a .safetensors copy"
