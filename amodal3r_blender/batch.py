@@ -82,7 +82,7 @@ class Item:
 
 def script_argv(argv: list[str]) -> list[str]:
     """The arguments after ``--`` (Blender's own come before it), else all but the script name."""
-    return argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
+    return argv[argv.index("--") + 1 :] if "--" in argv else argv[1:]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="with --image: the result, .glb or .blend")
     parser.add_argument("--out-dir", type=Path, help="with --batch: the folder for NAME.glb results")
     parser.add_argument("--model", help="model folder with pipeline.json (default: AMODAL3R_MODEL or the add-on's)")
-    parser.add_argument("--server-python", help="Python with the amodal3r server (default: AMODAL3R_SERVER_PYTHON "
-                                                "or the one Set up backend made)")
+    parser.add_argument(
+        "--server-python",
+        help="Python with the amodal3r server (default: AMODAL3R_SERVER_PYTHON or the one Set up backend made)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="sampler steps of both stages (default: the model's)")
@@ -131,18 +133,26 @@ def _sibling(image: Path, suffix: str) -> Path | None:
 
 
 def folder_items(folder: Path, out_dir: Path) -> list[Item]:
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                    and not p.stem.endswith(MASK_SUFFIXES))
+    images = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(MASK_SUFFIXES)
+    )
     if not images:
         raise InputError(f"{folder} holds no images (NAME.png with NAME_target.png or NAME_mask.png)")
     items = []
     for image in images:
         target, occluder, mask = (_sibling(image, s) for s in MASK_SUFFIXES)
         if target is None and mask is None:
-            raise InputError(f"{image} has no mask: add {image.stem}_target.png (and {image.stem}_occluder.png) "
-                             f"or {image.stem}_mask.png next to it")
-        items.append(Item(image.stem, make_view(image, target, occluder, mask if target is None else None),
-                          out_dir / f"{image.stem}.glb"))
+            raise InputError(
+                f"{image} has no mask: add {image.stem}_target.png (and {image.stem}_occluder.png) "
+                f"or {image.stem}_mask.png next to it"
+            )
+        items.append(
+            Item(
+                image.stem,
+                make_view(image, target, occluder, mask if target is None else None),
+                out_dir / f"{image.stem}.glb",
+            )
+        )
     return items
 
 
@@ -212,18 +222,29 @@ def backend_settings(args: argparse.Namespace) -> backend.BackendSettings:
     python = args.server_python or os.environ.get(SERVER_PYTHON) or default_python
     model = args.model or os.environ.get(MODEL) or default_model
     if not python:
-        raise InputError(f"no server Python: pass --server-python, set {SERVER_PYTHON}, or run Set up "
-                         "backend in the add-on preferences")
+        raise InputError(
+            f"no server Python: pass --server-python, set {SERVER_PYTHON}, or run Set up "
+            "backend in the add-on preferences"
+        )
     if not model or not (Path(model) / "pipeline.json").is_file():
-        raise InputError(f"no model folder with pipeline.json ({model or 'none given'}): pass --model or set "
-                         f"{MODEL}, or use Download models in the add-on preferences")
+        raise InputError(
+            f"no model folder with pipeline.json ({model or 'none given'}): pass --model or set "
+            f"{MODEL}, or use Download models in the add-on preferences"
+        )
     return backend.BackendSettings(mode=backend.LOCAL, python=python, model_dir=model, device=args.device)
 
 
 def job_params(args: argparse.Namespace, name: str) -> JobParams:
     """The run settings; out-of-range values raise InputError (a ProtocolError)."""
-    return JobParams(seed=args.seed, structure_steps=args.steps, slat_steps=args.steps,
-                     texture_size=args.texture_size, faces=args.faces, preview=False, name=name[:200]).validate()
+    return JobParams(
+        seed=args.seed,
+        structure_steps=args.steps,
+        slat_steps=args.steps,
+        texture_size=args.texture_size,
+        faces=args.faces,
+        preview=False,
+        name=name[:200],
+    ).validate()
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -270,8 +291,13 @@ def run_items(items: list[Item], args: argparse.Namespace, settings: backend.Bac
         for index, item in enumerate(items, start=1):
             prefix = f"[{index}/{len(items)}] {item.name}:"
             try:
-                paths = jobs.run_blocking(server, [item.view], job_params(args, item.name),
-                                          work_dir / f"job{index}", _progress_printer(prefix))
+                paths = jobs.run_blocking(
+                    server,
+                    [item.view],
+                    job_params(args, item.name),
+                    work_dir / f"job{index}",
+                    _progress_printer(prefix),
+                )
                 glbs = jobs.glb_paths(paths)
                 if not glbs:
                     raise jobs.JobError("the server gave no .glb result")

@@ -134,7 +134,8 @@ class Backend:
             self.died_message = self._death_notice(self._server)
             self._server = None
         problem = _python_problem(self.settings.python) or (
-            _model_problem(self.settings.model_dir) if require_model else None)
+            _model_problem(self.settings.model_dir) if require_model else None
+        )
         if problem:
             raise BackendError(problem)
         self._starting = True
@@ -152,22 +153,30 @@ class Backend:
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
         try:
-            return launch_server(settings.python, settings.model_dir, settings.data_dir,
-                                 extra_args=["--device", settings.device.lower() or "auto"],
-                                 startup_timeout=self.startup_timeout)
+            return launch_server(
+                settings.python,
+                settings.model_dir,
+                settings.data_dir,
+                extra_args=["--device", settings.device.lower() or "auto"],
+                startup_timeout=self.startup_timeout,
+            )
         except ServerUnavailable as error:
-            raise BackendError(f"The reconstruction server did not start. {_last_lines(str(error))}\n"
-                               f"If the server Python lacks the amodal3r package or PyTorch, {SETUP_HINT}; "
-                               "another server using the same data folder must be stopped first") from None
+            raise BackendError(
+                f"The reconstruction server did not start. {_last_lines(str(error))}\n"
+                f"If the server Python lacks the amodal3r package or PyTorch, {SETUP_HINT}; "
+                "another server using the same data folder must be stopped first"
+            ) from None
         except OSError as error:
-            raise BackendError(f"Cannot run the server Python {settings.python} ({error.strerror}): "
-                               f"{SETUP_HINT}") from None
+            raise BackendError(
+                f"Cannot run the server Python {settings.python} ({error.strerror}): {SETUP_HINT}"
+            ) from None
 
     @staticmethod
     def _death_notice(server: LocalServer) -> str:
         tail = server.tail(8)
-        return (f"The reconstruction server had stopped (exit code {server.process.poll()}) and was restarted."
-                + (f" Its last output:\n{tail}" if tail else ""))
+        return f"The reconstruction server had stopped (exit code {server.process.poll()}) and was restarted." + (
+            f" Its last output:\n{tail}" if tail else ""
+        )
 
     # --- remote -----------------------------------------------------------------------------
 
@@ -178,8 +187,10 @@ class Backend:
         if not url:
             raise BackendError("No remote server URL is set: enter it in the Amodal3R add-on preferences")
         if not self.settings.online_access and not _is_loopback(url):
-            raise BackendError(f"Reaching the server at {url} needs Online Access: allow it in "
-                               "Preferences > System, or run the server on this computer (Local)")
+            raise BackendError(
+                f"Reaching the server at {url} needs Online Access: allow it in "
+                "Preferences > System, or run the server on this computer (Local)"
+            )
         client = Client(url, self.settings.token)
         try:
             client.health()
@@ -187,8 +198,10 @@ class Backend:
             raise BackendError(f"{error}: check the remote URL and that the server runs there") from None
         except ServerError as error:
             if error.status in (401, 403):
-                raise BackendError(f"The server at {url} refused the token: copy the token the server prints "
-                                   f"(or {TOKEN}) into the add-on preferences") from None
+                raise BackendError(
+                    f"The server at {url} refused the token: copy the token the server prints "
+                    f"(or {TOKEN}) into the add-on preferences"
+                ) from None
             raise BackendError(f"The server at {url} answered: {error.detail}") from None
         self._remote = client
         return client

@@ -86,8 +86,12 @@ def detect_rocm() -> tuple[int, int] | None:
 
 def detect_platform() -> PlatformInfo:
     system = platform.system()
-    return PlatformInfo(system, platform.machine(), cuda=detect_cuda() if system != "Darwin" else None,
-                        rocm=detect_rocm() if system == "Linux" else None)
+    return PlatformInfo(
+        system,
+        platform.machine(),
+        cuda=detect_cuda() if system != "Darwin" else None,
+        rocm=detect_rocm() if system == "Linux" else None,
+    )
 
 
 def _newest_fitting(version: tuple[int, int], builds) -> str | None:
@@ -101,8 +105,10 @@ def choose_torch(info: PlatformInfo) -> TorchChoice:
         return TorchChoice(os.environ[TORCH_INDEX_URL], f"from {TORCH_INDEX_URL}")
     if info.system == "Darwin":
         if info.machine != "arm64":
-            raise SetupError("PyTorch no longer publishes builds for Intel Macs: run the server on another "
-                             "machine and choose Remote in the add-on preferences")
+            raise SetupError(
+                "PyTorch no longer publishes builds for Intel Macs: run the server on another "
+                "machine and choose Remote in the add-on preferences"
+            )
         return TorchChoice(None, "Apple silicon (MPS)")
     if info.cuda is not None:
         tag = _newest_fitting(info.cuda, CUDA_BUILDS)
@@ -138,10 +144,12 @@ def plan_install(info: PlatformInfo, python: str | Path, package: str | Path) ->
     ]
 
 
-CHECK_SCRIPT = ("import torch, amodal3r, amodal3r.service.app; "
-                "gpu = 'cuda' if torch.cuda.is_available() "
-                "else 'mps' if torch.backends.mps.is_available() else 'none'; "
-                "print(f'amodal3r {amodal3r.__version__}, torch {torch.__version__}, GPU: {gpu}')")
+CHECK_SCRIPT = (
+    "import torch, amodal3r, amodal3r.service.app; "
+    "gpu = 'cuda' if torch.cuda.is_available() "
+    "else 'mps' if torch.backends.mps.is_available() else 'none'; "
+    "print(f'amodal3r {amodal3r.__version__}, torch {torch.__version__}, GPU: {gpu}')"
+)
 
 
 def venv_python(venv_dir: str | Path) -> Path:
@@ -154,8 +162,15 @@ def run_command(command: list[str], log: Callable[[str], None], cancelled: Calla
     """Run one command, passing each output line to ``log``; stop it when ``cancelled()``."""
     log("$ " + " ".join(command))
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
     except OSError as error:
         raise SetupError(f"cannot run {command[0]} ({error.strerror})") from None
     tail: deque[str] = deque(maxlen=15)
@@ -170,8 +185,10 @@ def run_command(command: list[str], log: Callable[[str], None], cancelled: Calla
         raise SetupCancelled("Set up backend was cancelled; run it again to finish")
     if code != 0:
         lines = "\n".join(tail)
-        raise SetupError(f"{' '.join(command[:5])} ... failed (exit code {code}):\n{lines}\n"
-                         "Check the internet connection and disk space, then run Set up backend again")
+        raise SetupError(
+            f"{' '.join(command[:5])} ... failed (exit code {code}):\n{lines}\n"
+            "Check the internet connection and disk space, then run Set up backend again"
+        )
 
 
 def _stop_when_cancelled(process: subprocess.Popen, cancelled: Callable[[], bool]) -> None:
@@ -202,9 +219,15 @@ def create_venv(venv_dir: Path, base_python: str, log: Callable[[str], None], ca
     return python
 
 
-def run_setup(venv_dir: str | Path, package: str | Path, log: Callable[[str], None],
-              cancelled: Callable[[], bool] = lambda: False, *, base_python: str = sys.executable,
-              info: PlatformInfo | None = None) -> Path:
+def run_setup(
+    venv_dir: str | Path,
+    package: str | Path,
+    log: Callable[[str], None],
+    cancelled: Callable[[], bool] = lambda: False,
+    *,
+    base_python: str = sys.executable,
+    info: PlatformInfo | None = None,
+) -> Path:
     """Create the venv and install PyTorch and the server package; returns the venv's Python."""
     info = info or detect_platform()
     choice = choose_torch(info)

@@ -36,9 +36,11 @@ class JobCancelled(JobError, Cancelled):
 def _death_error(backend: Backend) -> JobError:
     code = backend.exit_code()
     tail = backend.output_tail(8)
-    return JobError(f"The reconstruction server stopped while working (exit code {code}). Start the job again: "
-                    "the server restarts. If it keeps stopping, lower Texture Size or Faces, or choose the CPU "
-                    "device." + (f"\nIts last output:\n{tail}" if tail else ""))
+    return JobError(
+        f"The reconstruction server stopped while working (exit code {code}). Start the job again: "
+        "the server restarts. If it keeps stopping, lower Texture Size or Faces, or choose the CPU "
+        "device." + (f"\nIts last output:\n{tail}" if tail else "")
+    )
 
 
 def _poll(backend: Backend, client: Client, job_id: str) -> JobStatus:
@@ -52,8 +54,10 @@ def _poll(backend: Backend, client: Client, job_id: str) -> JobStatus:
                 raise _death_error(backend) from None
             failures += 1
             if failures >= POLL_FAILURES:
-                raise JobError(f"The reconstruction server stopped answering: {backend.status_text()}. "
-                               "Restart the server in the add-on preferences and try again") from None
+                raise JobError(
+                    f"The reconstruction server stopped answering: {backend.status_text()}. "
+                    "Restart the server in the add-on preferences and try again"
+                ) from None
             time.sleep(POLL_SECONDS)
         except ServerError as error:
             raise JobError(f"The server lost the job: {error.detail}") from None
@@ -66,8 +70,14 @@ def _download(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
     return [client.download_result(status.id, name, out_dir / name) for name in names]
 
 
-def execute(backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path,
-            on_status: Callable[[JobStatus], None], cancelled: Callable[[], bool]) -> list[Path]:
+def execute(
+    backend: Backend,
+    views: list[dict[str, str]],
+    params: JobParams,
+    out_dir: Path,
+    on_status: Callable[[JobStatus], None],
+    cancelled: Callable[[], bool],
+) -> list[Path]:
     """Submit, follow and download one job; raises JobError (JobCancelled) or BackendError."""
     client = backend.client()
     try:
@@ -75,8 +85,11 @@ def execute(backend: Backend, views: list[dict[str, str]], params: JobParams, ou
     except ServerError as error:
         raise JobError(f"The server refused the job: {error.detail}") from None
     except ServerUnavailable:
-        raise _death_error(backend) if not backend.alive() else JobError(
-            f"The reconstruction server did not take the job: {backend.status_text()}") from None
+        raise (
+            _death_error(backend)
+            if not backend.alive()
+            else JobError(f"The reconstruction server did not take the job: {backend.status_text()}")
+        ) from None
     except OSError as error:
         raise JobError(f"Cannot read an input file: {error}") from None
     on_status(status)
@@ -108,8 +121,10 @@ def _finish(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
     except (ServerError, ServerUnavailable) as error:
         raise JobError(f"The result could not be downloaded: {error}. Try the job again") from None
     except OSError as error:
-        raise JobError(f"Cannot write the result into {out_dir} ({error.strerror}): free disk space or "
-                       "choose another output folder") from None
+        raise JobError(
+            f"Cannot write the result into {out_dir} ({error.strerror}): free disk space or "
+            "choose another output folder"
+        ) from None
 
 
 def start_job(backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path) -> Task[list[Path]]:
@@ -126,7 +141,12 @@ def glb_paths(paths: list[Path]) -> list[Path]:
     return [p for p in paths if p.suffix == ".glb"]
 
 
-def run_blocking(backend: Backend, views: list[dict[str, str]], params: JobParams, out_dir: Path,
-                 progress: Callable[[JobStatus], None] | None = None) -> list[Path]:
+def run_blocking(
+    backend: Backend,
+    views: list[dict[str, str]],
+    params: JobParams,
+    out_dir: Path,
+    progress: Callable[[JobStatus], None] | None = None,
+) -> list[Path]:
     """One job to the end on this thread; raises JobError or BackendError when it gives no result."""
     return execute(backend, views, params, Path(out_dir), progress or (lambda status: None), lambda: False)

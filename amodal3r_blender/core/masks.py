@@ -45,8 +45,10 @@ def alpha_layer(buffer: np.ndarray, width: int, height: int) -> np.ndarray:
     """The opaque part of an image (alpha above one half) as a layer, for cut-out images."""
     layer = rgba(buffer, width, height)[:, :, 3] > 0.5
     if layer.all():
-        raise InputError("the image has no transparent pixels, so its alpha cannot tell the object apart: "
-                         "paint the mask or use click-to-mask instead")
+        raise InputError(
+            "the image has no transparent pixels, so its alpha cannot tell the object apart: "
+            "paint the mask or use click-to-mask instead"
+        )
     if not layer.any():
         raise InputError("the image is fully transparent: there is nothing to fill the mask from")
     return layer
@@ -131,22 +133,26 @@ def encode_image(buffer: np.ndarray, width: int, height: int, linear: bool) -> b
 # --- preview and checks ---------------------------------------------------------------------------
 
 
-def overlay(buffer: np.ndarray, width: int, height: int, target: np.ndarray, occluder: np.ndarray,
-            opacity: float = 0.5) -> np.ndarray:
+def overlay(
+    buffer: np.ndarray, width: int, height: int, target: np.ndarray, occluder: np.ndarray, opacity: float = 0.5
+) -> np.ndarray:
     """The image with the target tinted green and occluders red, as a new flat buffer."""
     image = rgba(buffer, width, height)
     check_same_size(image, target, "the image", "the target mask")
     check_same_size(image, occluder, "the image", "the occluder mask")
     out = image.copy()
-    for layer, colour in ((np.asarray(target, bool) & ~np.asarray(occluder, bool), GREEN),
-                          (np.asarray(occluder, bool), RED)):
+    for layer, colour in (
+        (np.asarray(target, bool) & ~np.asarray(occluder, bool), GREEN),
+        (np.asarray(occluder, bool), RED),
+    ):
         out[layer, :3] = (1.0 - opacity) * out[layer, :3] + opacity * np.asarray(colour, np.float32)
     out[:, :, 3] = 1.0
     return out.reshape(-1)
 
 
-def validate_view(target: np.ndarray, occluder: np.ndarray | None, width: int, height: int,
-                  where: str = "the image") -> None:
+def validate_view(
+    target: np.ndarray, occluder: np.ndarray | None, width: int, height: int, where: str = "the image"
+) -> None:
     """Raise InputError unless the masks fit the image and some of the target is visible."""
     check_size(target, width, height, f"The target mask of {where}")
     if occluder is not None:

@@ -47,8 +47,14 @@ def encode_png(pixels: np.ndarray, compression: int = 6) -> bytes:
     rows = np.zeros((height, 1 + width * channels), np.uint8)  # filter byte 0 (None) per row
     rows[:, 1:] = np.ascontiguousarray(array).reshape(height, -1)
     header = struct.pack(">IIBBBBB", width, height, 8, COLOUR_TYPE_OF_CHANNELS[channels], 0, 0, 0)
-    return b"".join((SIGNATURE, _chunk(b"IHDR", header),
-                     _chunk(b"IDAT", zlib.compress(rows.tobytes(), compression)), _chunk(b"IEND", b"")))
+    return b"".join(
+        (
+            SIGNATURE,
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(rows.tobytes(), compression)),
+            _chunk(b"IEND", b""),
+        )
+    )
 
 
 def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -56,12 +62,12 @@ def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
         raise PNGError("not a PNG file (wrong signature): save the mask as PNG")
     chunks, offset = [], len(SIGNATURE)
     while offset + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
         end = offset + 12 + length
         if end > len(data):
             break
-        body = data[offset + 8:end - 4]
-        (crc,) = struct.unpack(">I", data[end - 4:end])
+        body = data[offset + 8 : end - 4]
+        (crc,) = struct.unpack(">I", data[end - 4 : end])
         if zlib.crc32(kind + body) != crc:
             raise PNGError(f"the PNG is damaged (bad checksum in its {kind.decode(errors='replace')} chunk)")
         chunks.append((kind, body))
@@ -92,8 +98,9 @@ def _predict(kind: np.ndarray, left: np.ndarray, up: np.ndarray, up_left: np.nda
     """The filter predictors (PNG spec 9.2) for bytes whose rows use filter ``kind``."""
     estimate = left + up - up_left
     dist_left, dist_up, dist_up_left = np.abs(estimate - left), np.abs(estimate - up), np.abs(estimate - up_left)
-    paeth = np.where((dist_left <= dist_up) & (dist_left <= dist_up_left), left,
-                     np.where(dist_up <= dist_up_left, up, up_left))
+    paeth = np.where(
+        (dist_left <= dist_up) & (dist_left <= dist_up_left), left, np.where(dist_up <= dist_up_left, up, up_left)
+    )
     choices = [np.zeros_like(left), left, up, (left + up) // 2, paeth]
     return np.choose(kind, choices)
 
@@ -158,7 +165,7 @@ def _apply_palette(indices: np.ndarray, chunks: list[tuple[bytes, bytes]]) -> np
     transparency = next((body for kind, body in chunks if kind == b"tRNS"), None)
     if transparency is not None:
         alpha = np.full((len(colours), 1), 255, np.uint8)
-        alpha[:len(transparency), 0] = np.frombuffer(transparency, np.uint8)[:len(colours)]
+        alpha[: len(transparency), 0] = np.frombuffer(transparency, np.uint8)[: len(colours)]
         colours = np.concatenate([colours, alpha], axis=1)
     index = indices[:, :, 0]
     if int(index.max()) >= len(colours):

@@ -44,8 +44,9 @@ def make_api_importable() -> None:
     except ImportError:
         source = server_source_dir() or server_wheel()
     if source is None:
-        raise ImportError("the amodal3r server package is missing: reinstall the Amodal3R extension "
-                          "(its wheels/ folder holds it)") from None
+        raise ImportError(
+            "the amodal3r server package is missing: reinstall the Amodal3R extension (its wheels/ folder holds it)"
+        ) from None
     if str(source) not in sys.path:
         sys.path.insert(0, str(source))
     for name in [name for name in sys.modules if name == "amodal3r" or name.startswith("amodal3r.")]:

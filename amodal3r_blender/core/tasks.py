@@ -33,9 +33,15 @@ class Task(Generic[T]):
     so a worker never dies silently. ``Cancelled`` raised by the work ends the task cancelled.
     """
 
-    def __init__(self, title: str, work: Callable[[Task[T]], T], *,
-                 expected: tuple[type[BaseException], ...] = (),
-                 explain: Callable[[Exception], str] | None = None, echo: bool = False):
+    def __init__(
+        self,
+        title: str,
+        work: Callable[[Task[T]], T],
+        *,
+        expected: tuple[type[BaseException], ...] = (),
+        explain: Callable[[Exception], str] | None = None,
+        echo: bool = False,
+    ):
         self.title = title
         self.echo = echo  # print log lines: background mode has no window to show them
         self.state = PENDING

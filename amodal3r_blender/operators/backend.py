@@ -160,8 +160,10 @@ def _download(client: Client, task: Task[str], model_dir: str, wanted: list[str]
     if task.cancel_requested:
         return "Stopped following the download; the server finishes it in the background"
     if status.get("state") != "done":
-        raise BackendError(f"The model download failed: {status.get('error') or status}. "
-                           "Check the internet connection and disk space, then try again")
+        raise BackendError(
+            f"The model download failed: {status.get('error') or status}. "
+            "Check the internet connection and disk space, then try again"
+        )
     return f"Models downloaded into {client.models().get('model_dir', model_dir)}"
 
 

@@ -30,8 +30,9 @@ def image_size(image: bpy.types.Image) -> tuple[int, int]:
     width, height = image.size[:]
     if width == 0 or height == 0:
         where = f" from {image.filepath}" if image.filepath else ""
-        raise UserError(f"The image {image.name!r} has no pixels (could it be read{where}?): "
-                        "reload it or choose another image")
+        raise UserError(
+            f"The image {image.name!r} has no pixels (could it be read{where}?): reload it or choose another image"
+        )
     return width, height
 
 
@@ -75,16 +76,17 @@ def encode_source(image: bpy.types.Image) -> bytes:
 
 def view_image(view: AMODAL3R_PG_view) -> bpy.types.Image:
     if view.image is None:
-        raise UserError("No image to work on: choose the source image in the Source panel (or right-click an "
-                        "image in the Image Editor), or the image of an extra view in the Views panel")
+        raise UserError(
+            "No image to work on: choose the source image in the Source panel (or right-click an "
+            "image in the Image Editor), or the image of an extra view in the Views panel"
+        )
     return view.image
 
 
 def new_mask_image(source: bpy.types.Image, layer: str) -> bpy.types.Image:
     """A black, Non-Color mask image the size of ``source``."""
     width, height = image_size(source)
-    image = bpy.data.images.new(f"{source.name} {LAYER_SUFFIXES[layer]}", width, height, alpha=False,
-                                is_data=True)
+    image = bpy.data.images.new(f"{source.name} {LAYER_SUFFIXES[layer]}", width, height, alpha=False, is_data=True)
     write_layer(image, masks.empty_layer(width, height))
     return image
 
@@ -99,8 +101,10 @@ def layer_image(view: AMODAL3R_PG_view, layer: str, create: bool = False) -> bpy
         image = new_mask_image(source, layer)
         setattr(view, LAYER_ATTRIBUTES[layer], image)
     if tuple(image.size) != tuple(source.size):
-        raise UserError(f"The {LAYER_SUFFIXES[layer]} mask {image.name!r} is {image.size[0]}x{image.size[1]} but "
-                        f"{source.name!r} is {source.size[0]}x{source.size[1]}: click Create Masks to remake it")
+        raise UserError(
+            f"The {LAYER_SUFFIXES[layer]} mask {image.name!r} is {image.size[0]}x{image.size[1]} but "
+            f"{source.name!r} is {source.size[0]}x{source.size[1]}: click Create Masks to remake it"
+        )
     return image
 
 

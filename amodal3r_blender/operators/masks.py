@@ -189,8 +189,13 @@ class AMODAL3R_OT_preview_overlay(_ViewOperator, bpy.types.Operator):
         view = active_view(get_settings(context))
         source = view_image(view)
         width, height = image_size(source)
-        buffer = masks.overlay(read_pixels(source), width, height, read_layer(layer_image(view, "TARGET")),
-                               read_layer(layer_image(view, "OCCLUDER")))
+        buffer = masks.overlay(
+            read_pixels(source),
+            width,
+            height,
+            read_layer(layer_image(view, "TARGET")),
+            read_layer(layer_image(view, "OCCLUDER")),
+        )
         preview = overlay_image(source)
         write_pixels(preview, buffer)
         space = context.space_data
@@ -255,8 +260,10 @@ class AMODAL3R_OT_paint_mask(_ViewOperator, bpy.types.Operator):
         image = layer_image(active_view(get_settings(context)), self.layer, create=True)
         area = find_image_editor(context)
         if area is None:
-            raise UserError("No Image Editor to paint in: open one (or switch an area to the Image Editor) and "
-                            "click Paint again there")
+            raise UserError(
+                "No Image Editor to paint in: open one (or switch an area to the Image Editor) and "
+                "click Paint again there"
+            )
         if area.ui_type == "UV":
             area.ui_type = "IMAGE_EDITOR"
         space = area.spaces.active

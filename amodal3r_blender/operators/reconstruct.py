@@ -104,8 +104,10 @@ def view_files(view: AMODAL3R_PG_view, number: int) -> list[tuple[str, bytes]]:
 def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, str]]:
     """The views as PNG files in ``folder``, in the ``[{kind: path}]`` form the client uploads."""
     if not settings.views or settings.views[0].image is None:
-        raise UserError("No source image: choose one in the Source panel (or right-click an image in the "
-                        "Image Editor > Reconstruct occluded object)")
+        raise UserError(
+            "No source image: choose one in the Source panel (or right-click an image in the "
+            "Image Editor > Reconstruct occluded object)"
+        )
     views = []
     for index, view in enumerate(settings.views):
         paths = {}
@@ -125,11 +127,19 @@ def _chosen(settings: AMODAL3R_PG_settings, name: str) -> int | float | None:
 def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
     """The server's settings; a value whose switch is off is left to the pipeline."""
     params = JobParams(
-        seed=settings.seed, variants=settings.variants, multiview=settings.multiview_mode,
-        structure_steps=_chosen(settings, "structure_steps"), structure_cfg=_chosen(settings, "structure_guidance"),
-        slat_steps=_chosen(settings, "slat_steps"), slat_cfg=_chosen(settings, "slat_guidance"),
-        texture_size=int(settings.texture_size), faces=_chosen(settings, "faces"), gaussians=settings.gaussians,
-        preview=False, name=name[:200])
+        seed=settings.seed,
+        variants=settings.variants,
+        multiview=settings.multiview_mode,
+        structure_steps=_chosen(settings, "structure_steps"),
+        structure_cfg=_chosen(settings, "structure_guidance"),
+        slat_steps=_chosen(settings, "slat_steps"),
+        slat_cfg=_chosen(settings, "slat_guidance"),
+        texture_size=int(settings.texture_size),
+        faces=_chosen(settings, "faces"),
+        gaussians=settings.gaussians,
+        preview=False,
+        name=name[:200],
+    )
     try:
         return params.validate()
     except InputError as error:
@@ -169,8 +179,9 @@ def server_stopped(backend: Backend) -> bool:
     return backend.settings.mode == LOCAL and not backend.alive()
 
 
-def import_variants(context: bpy.types.Context, glb_paths: list[Path], name: str,
-                    location: tuple[float, float, float]) -> list[bpy.types.Object]:
+def import_variants(
+    context: bpy.types.Context, glb_paths: list[Path], name: str, location: tuple[float, float, float]
+) -> list[bpy.types.Object]:
     """Each variant as its own object at ``location``; with several, they are numbered."""
     paths = sorted(glb_paths, key=lambda path: path.name)
     if not paths:
@@ -307,8 +318,15 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         self._start(context, backend, views, params, name, folder)
         return {"FINISHED"}
 
-    def _start(self, context: bpy.types.Context, backend: Backend, views: list[dict[str, str]],
-               params: JobParams, name: str, folder: Path) -> None:
+    def _start(
+        self,
+        context: bpy.types.Context,
+        backend: Backend,
+        views: list[dict[str, str]],
+        params: JobParams,
+        name: str,
+        folder: Path,
+    ) -> None:
         global _job
         settings = get_settings(context)
         settings.running = True
@@ -319,8 +337,15 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
             bpy.app.timers.register(tick, first_interval=TICK_SECONDS)
         self.report({"INFO"}, "Reconstruction started: the Amodal3R panel shows its progress")
 
-    def _run_blocking(self, context: bpy.types.Context, backend: Backend, views: list[dict[str, str]],
-                      params: JobParams, name: str, folder: Path) -> set[str]:
+    def _run_blocking(
+        self,
+        context: bpy.types.Context,
+        backend: Backend,
+        views: list[dict[str, str]],
+        params: JobParams,
+        name: str,
+        folder: Path,
+    ) -> set[str]:
         settings = get_settings(context)
         last_stage = [""]
 

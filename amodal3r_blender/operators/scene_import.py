@@ -30,7 +30,7 @@ def _import_gltf(glb_path: Path) -> list[bpy.types.Object]:
 
 def _only_mesh(created: list[bpy.types.Object], glb_path: Path) -> bpy.types.Object:
     """The mesh of the result; empties the importer made around it are removed."""
-    meshes = [obj for obj in created if obj.type == 'MESH']
+    meshes = [obj for obj in created if obj.type == "MESH"]
     if len(meshes) != 1:
         for obj in created:
             bpy.data.objects.remove(obj)
@@ -55,7 +55,7 @@ def _rename(obj: bpy.types.Object, name: str) -> None:
         if material.node_tree is None:
             continue
         for node in material.node_tree.nodes:
-            if node.type == 'TEX_IMAGE' and node.image is not None:
+            if node.type == "TEX_IMAGE" and node.image is not None:
                 node.image.name = f"{name}_texture"
 
 
@@ -67,8 +67,9 @@ def _link_to(obj: bpy.types.Object, collection: bpy.types.Collection) -> None:
             other.objects.unlink(obj)
 
 
-def import_result(context: bpy.types.Context, glb_path: str | Path, name: str,
-                  location: Sequence[float] = (0.0, 0.0, 0.0)) -> bpy.types.Object:
+def import_result(
+    context: bpy.types.Context, glb_path: str | Path, name: str, location: Sequence[float] = (0.0, 0.0, 0.0)
+) -> bpy.types.Object:
     """Import a result GLB as one object named ``name`` at ``location``, selected and active."""
     glb_path = Path(glb_path)
     if not glb_path.is_file():

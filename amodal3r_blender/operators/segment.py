@@ -41,8 +41,19 @@ from .images import (
 )
 
 TIMER_SECONDS = 0.1
-PASS_THROUGH = {"MIDDLEMOUSE", "WHEELUPMOUSE", "WHEELDOWNMOUSE", "TRACKPADPAN", "TRACKPADZOOM", "MOUSEMOVE",
-                "NDOF_MOTION", "NUMPAD_PLUS", "NUMPAD_MINUS", "NUMPAD_PERIOD", "HOME"}
+PASS_THROUGH = {
+    "MIDDLEMOUSE",
+    "WHEELUPMOUSE",
+    "WHEELDOWNMOUSE",
+    "TRACKPADPAN",
+    "TRACKPADZOOM",
+    "MOUSEMOVE",
+    "NDOF_MOTION",
+    "NUMPAD_PLUS",
+    "NUMPAD_MINUS",
+    "NUMPAD_PERIOD",
+    "HOME",
+}
 
 
 def view_to_pixel(view_x: float, view_y: float, width: int, height: int) -> tuple[float, float] | None:
@@ -77,8 +88,9 @@ class SegmentSession:
             self.revision += 1
 
     def params(self) -> SegmentParams:
-        return SegmentParams(points=[list(p) for p in self.points], labels=list(self.labels),
-                             image_id=self.image_id, model=self.model).validate()
+        return SegmentParams(
+            points=[list(p) for p in self.points], labels=list(self.labels), image_id=self.image_id, model=self.model
+        ).validate()
 
     def apply(self, mask_png: bytes, reply: SegmentReply) -> np.ndarray:
         """The layer with SAM's mask for all clicks so far added to (or cut from) the starting layer."""
@@ -94,8 +106,12 @@ class SegmentSession:
 
 def request_mask(backend: Backend, params: SegmentParams, image_png: bytes) -> Task[tuple[bytes, SegmentReply]]:
     """One segment call in a worker thread; the modal operator's timer polls the task."""
-    return Task("Click-to-mask", lambda task: segment(backend, params, image_png), expected=(BackendError,),
-                explain=segment_error_text).start()
+    return Task(
+        "Click-to-mask",
+        lambda task: segment(backend, params, image_png),
+        expected=(BackendError,),
+        explain=segment_error_text,
+    ).start()
 
 
 def segment(backend: Backend, params: SegmentParams, image_png: bytes) -> tuple[bytes, SegmentReply]:
@@ -123,13 +139,22 @@ def segment_error_text(error: Exception) -> str:
     return f"Click-to-mask failed unexpectedly: {error!r}"
 
 
-def show_overlay(source: bpy.types.Image, preview: bpy.types.Image, target: bpy.types.Image,
-                 occluder: bpy.types.Image | None) -> None:
+def show_overlay(
+    source: bpy.types.Image, preview: bpy.types.Image, target: bpy.types.Image, occluder: bpy.types.Image | None
+) -> None:
     """Redraw the green/red overlay image from the current layers."""
     width, height = image_size(source)
     empty = masks.empty_layer(width, height)
-    write_pixels(preview, masks.overlay(read_pixels(source), width, height, read_layer(target),
-                                        read_layer(occluder) if occluder is not None else empty))
+    write_pixels(
+        preview,
+        masks.overlay(
+            read_pixels(source),
+            width,
+            height,
+            read_layer(target),
+            read_layer(occluder) if occluder is not None else empty,
+        ),
+    )
 
 
 class AMODAL3R_OT_click_mask(bpy.types.Operator):
@@ -141,8 +166,8 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
     bl_options: ClassVar[set[str]] = {"REGISTER", "UNDO"}
 
     subtract: BoolProperty(  # type: ignore[valid-type]
-        name="Subtract", default=False,
-        description="Cut the clicked region out of the layer instead of adding it")
+        name="Subtract", default=False, description="Cut the clicked region out of the layer instead of adding it"
+    )
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -184,14 +209,15 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
         self._space.image = self._preview
 
     def _refresh(self) -> None:
-        target, occluder = ((self._target, self._other) if self._layer_name == "TARGET"
-                            else (self._other, self._target))
+        target, occluder = (self._target, self._other) if self._layer_name == "TARGET" else (self._other, self._target)
         show_overlay(self._source, self._preview, target, occluder)
 
     def _status(self, context: bpy.types.Context, state: str) -> None:
         layer = LAYER_SUFFIXES[self._layer_name]
-        context.area.header_text_set(f"Click to mask ({layer}, {len(self._session.points)} points): {state}. "
-                                     "Click adds, Ctrl+click removes, Backspace undoes, Enter keeps, Esc cancels")
+        context.area.header_text_set(
+            f"Click to mask ({layer}, {len(self._session.points)} points): {state}. "
+            "Click adds, Ctrl+click removes, Backspace undoes, Enter keeps, Esc cancels"
+        )
 
     def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
         if event.type == "TIMER":
@@ -214,8 +240,7 @@ class AMODAL3R_OT_click_mask(bpy.types.Operator):
         if region is None or region.type != "WINDOW":
             return {"PASS_THROUGH"}
         width, height = image_size(self._source)
-        pixel = view_to_pixel(*region.view2d.region_to_view(event.mouse_region_x, event.mouse_region_y),
-                              width, height)
+        pixel = view_to_pixel(*region.view2d.region_to_view(event.mouse_region_x, event.mouse_region_y), width, height)
         if pixel is None:
             return {"RUNNING_MODAL"}
         self._session.add_click(*pixel, positive=not event.ctrl)

@@ -40,8 +40,12 @@ class AMODAL3R_OT_use_displayed_image(bpy.types.Operator):
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
         space = context.space_data
-        return (space is not None and space.type == "IMAGE_EDITOR" and space.image is not None
-                and hasattr(context.scene, "amodal3r"))
+        return (
+            space is not None
+            and space.type == "IMAGE_EDITOR"
+            and space.image is not None
+            and hasattr(context.scene, "amodal3r")
+        )
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         settings = get_settings(context)

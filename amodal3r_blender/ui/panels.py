@@ -19,8 +19,10 @@ from .properties import AMODAL3R_PG_settings, AMODAL3R_PG_view
 CATEGORY = "Amodal3R"
 SPACES = {"VIEW_3D": "VIEW3D", "IMAGE_EDITOR": "IMAGE"}  # space type -> class name prefix
 WRAP = 56
-LAYER_ROWS = (("TARGET", "target_mask", "Target", "Visible part of the object"),
-              ("OCCLUDER", "occluder_mask", "Occluder", "What is in front of it"))
+LAYER_ROWS = (
+    ("TARGET", "target_mask", "Target", "Visible part of the object"),
+    ("OCCLUDER", "occluder_mask", "Occluder", "What is in front of it"),
+)
 
 
 def settings_of(context: bpy.types.Context) -> AMODAL3R_PG_settings:
@@ -126,8 +128,10 @@ def draw_source(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
     image = settings.source_image
     if image is not None:
         width, height = image.size[:]
-        layout.label(text=f"{image.name}: {width}x{height}" if width else f"{image.name}: not readable",
-                     icon="IMAGE_DATA" if width else "ERROR")
+        layout.label(
+            text=f"{image.name}: {width}x{height}" if width else f"{image.name}: not readable",
+            icon="IMAGE_DATA" if width else "ERROR",
+        )
 
 
 class _SourceBody(_Amodal3RPanel):
@@ -162,8 +166,9 @@ def draw_masks(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
     row.operator("amodal3r.export_mask", icon="EXPORT")
 
 
-def draw_layer(layout: bpy.types.UILayout, view: AMODAL3R_PG_view, layer: str, attribute: str, title: str,
-               hint: str) -> None:
+def draw_layer(
+    layout: bpy.types.UILayout, view: AMODAL3R_PG_view, layer: str, attribute: str, title: str, hint: str
+) -> None:
     box = layout.box()
     image = getattr(view, attribute)
     box.label(text=f"{title}: {image.name if image is not None else 'none yet'}", icon="IMAGE_ZDEPTH")
@@ -176,8 +181,7 @@ def draw_layer(layout: bpy.types.UILayout, view: AMODAL3R_PG_view, layer: str, a
     row.operator("amodal3r.clear_mask", text="Clear", icon="X").layer = layer
 
 
-def draw_click_to_mask(layout: bpy.types.UILayout, context: bpy.types.Context,
-                       settings: AMODAL3R_PG_settings) -> None:
+def draw_click_to_mask(layout: bpy.types.UILayout, context: bpy.types.Context, settings: AMODAL3R_PG_settings) -> None:
     box = layout.box()
     box.label(text="Click to Mask", icon="RESTRICT_SELECT_OFF")
     box.row().prop(settings, "segment_layer", expand=True)

@@ -56,31 +56,40 @@ class AMODAL3R_AddonPreferences(bpy.types.AddonPreferences):
 
     backend_mode: EnumProperty(  # type: ignore[valid-type]
         name="Server",
-        items=[("LOCAL", "Local", "Run the reconstruction server on this computer"),
-               ("REMOTE", "Remote", "Use a reconstruction server running elsewhere")],
+        items=[
+            ("LOCAL", "Local", "Run the reconstruction server on this computer"),
+            ("REMOTE", "Remote", "Use a reconstruction server running elsewhere"),
+        ],
         default="LOCAL",
     )
     server_python: StringProperty(  # type: ignore[valid-type]
-        name="Server Python", subtype="FILE_PATH",
+        name="Server Python",
+        subtype="FILE_PATH",
         description="Python with PyTorch and the amodal3r package. Empty: the one Set up backend installs",
     )
     model_dir: StringProperty(  # type: ignore[valid-type]
-        name="Model Folder", subtype="DIR_PATH",
+        name="Model Folder",
+        subtype="DIR_PATH",
         description="Folder with pipeline.json and the checkpoints. Empty: where Download models saves them",
     )
     device: EnumProperty(  # type: ignore[valid-type]
         name="Device",
-        items=[("AUTO", "Auto", "The best device available: CUDA, then MPS, then CPU"),
-               ("CPU", "CPU", "The processor (slow, always works)"),
-               ("CUDA", "CUDA", "An NVIDIA GPU"),
-               ("MPS", "MPS", "Apple silicon GPU")],
+        items=[
+            ("AUTO", "Auto", "The best device available: CUDA, then MPS, then CPU"),
+            ("CPU", "CPU", "The processor (slow, always works)"),
+            ("CUDA", "CUDA", "An NVIDIA GPU"),
+            ("MPS", "MPS", "Apple silicon GPU"),
+        ],
         default="AUTO",
     )
     remote_url: StringProperty(  # type: ignore[valid-type]
-        name="URL", description="Address of the server, e.g. http://192.168.1.20:8765",
+        name="URL",
+        description="Address of the server, e.g. http://192.168.1.20:8765",
     )
     remote_token: StringProperty(  # type: ignore[valid-type]
-        name="Token", subtype="PASSWORD", description="The server's token (its AMODAL3R_TOKEN)",
+        name="Token",
+        subtype="PASSWORD",
+        description="The server's token (its AMODAL3R_TOKEN)",
     )
 
     def draw(self, context: bpy.types.Context) -> None:

@@ -48,12 +48,21 @@ TEXTURE_SIZES = [(str(size), f"{size} px", f"Bake a {size}x{size} texture") for 
 class AMODAL3R_PG_view(bpy.types.PropertyGroup):
     """One photo of the object with its two mask layers."""
 
-    image: PointerProperty(type=bpy.types.Image, name="Image",  # type: ignore[valid-type]
-                           description="The photo of this view")
-    target_mask: PointerProperty(type=bpy.types.Image, name="Target Mask",  # type: ignore[valid-type]
-                                 description="White where the object is visible")
-    occluder_mask: PointerProperty(type=bpy.types.Image, name="Occluder Mask",  # type: ignore[valid-type]
-                                   description="White where something in front hides the object")
+    image: PointerProperty(
+        type=bpy.types.Image,
+        name="Image",  # type: ignore[valid-type]
+        description="The photo of this view",
+    )
+    target_mask: PointerProperty(
+        type=bpy.types.Image,
+        name="Target Mask",  # type: ignore[valid-type]
+        description="White where the object is visible",
+    )
+    occluder_mask: PointerProperty(
+        type=bpy.types.Image,
+        name="Occluder Mask",  # type: ignore[valid-type]
+        description="White where something in front hides the object",
+    )
 
 
 def _switch_on(switch: str):
@@ -87,58 +96,118 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     # --- what to reconstruct
     source_kind: EnumProperty(name="Source", items=SOURCE_KINDS, default="IMAGE")  # type: ignore[valid-type]
     source_image: PointerProperty(  # type: ignore[valid-type]
-        type=bpy.types.Image, name="Image", update=_source_changed,
-        description="The photo showing the partly hidden object")
+        type=bpy.types.Image,
+        name="Image",
+        update=_source_changed,
+        description="The photo showing the partly hidden object",
+    )
     source_filepath: StringProperty(  # type: ignore[valid-type]
-        name="File", subtype="FILE_PATH", update=_file_changed, description="A photo on disk")
+        name="File", subtype="FILE_PATH", update=_file_changed, description="A photo on disk"
+    )
     views: CollectionProperty(type=AMODAL3R_PG_view)  # type: ignore[valid-type]
     active_view_index: IntProperty(name="View", min=0, max=MAX_VIEWS - 1)  # type: ignore[valid-type]
-    segment_layer: EnumProperty(name="Layer", items=LAYERS, default="TARGET",  # type: ignore[valid-type]
-                                description="The mask layer click-to-mask and painting work on")
+    segment_layer: EnumProperty(
+        name="Layer",
+        items=LAYERS,
+        default="TARGET",  # type: ignore[valid-type]
+        description="The mask layer click-to-mask and painting work on",
+    )
 
     # --- how
-    seed: IntProperty(name="Seed", min=0, max=2**31 - 1, default=0,  # type: ignore[valid-type]
-                      description="Random seed: another seed gives another plausible shape")
+    seed: IntProperty(
+        name="Seed",
+        min=0,
+        max=2**31 - 1,
+        default=0,  # type: ignore[valid-type]
+        description="Random seed: another seed gives another plausible shape",
+    )
     use_structure_steps: BoolProperty(  # type: ignore[valid-type]
-        name="Custom Structure Steps", default=False,
-        description="Set the sampling steps of the coarse shape (off: the model's own)")
+        name="Custom Structure Steps",
+        default=False,
+        description="Set the sampling steps of the coarse shape (off: the model's own)",
+    )
     structure_steps: IntProperty(  # type: ignore[valid-type]
-        name="Structure Steps", min=1, max=500, default=25, update=_switch_on("use_structure_steps"),
-        description="Sampling steps of the coarse shape")
+        name="Structure Steps",
+        min=1,
+        max=500,
+        default=25,
+        update=_switch_on("use_structure_steps"),
+        description="Sampling steps of the coarse shape",
+    )
     use_structure_guidance: BoolProperty(  # type: ignore[valid-type]
-        name="Custom Structure Guidance", default=False,
-        description="Set how strongly the shape follows the image (off: the model's own)")
+        name="Custom Structure Guidance",
+        default=False,
+        description="Set how strongly the shape follows the image (off: the model's own)",
+    )
     structure_guidance: FloatProperty(  # type: ignore[valid-type]
-        name="Structure Guidance", min=0.0, max=100.0, default=7.5, update=_switch_on("use_structure_guidance"),
-        description="How strongly the shape follows the image")
+        name="Structure Guidance",
+        min=0.0,
+        max=100.0,
+        default=7.5,
+        update=_switch_on("use_structure_guidance"),
+        description="How strongly the shape follows the image",
+    )
     use_slat_steps: BoolProperty(  # type: ignore[valid-type]
-        name="Custom Detail Steps", default=False,
-        description="Set the sampling steps of the detail and texture (off: the model's own)")
+        name="Custom Detail Steps",
+        default=False,
+        description="Set the sampling steps of the detail and texture (off: the model's own)",
+    )
     slat_steps: IntProperty(  # type: ignore[valid-type]
-        name="Detail Steps", min=1, max=500, default=25, update=_switch_on("use_slat_steps"),
-        description="Sampling steps of the detail and texture")
+        name="Detail Steps",
+        min=1,
+        max=500,
+        default=25,
+        update=_switch_on("use_slat_steps"),
+        description="Sampling steps of the detail and texture",
+    )
     use_slat_guidance: BoolProperty(  # type: ignore[valid-type]
-        name="Custom Detail Guidance", default=False,
-        description="Set how strongly details follow the image (off: the model's own)")
+        name="Custom Detail Guidance",
+        default=False,
+        description="Set how strongly details follow the image (off: the model's own)",
+    )
     slat_guidance: FloatProperty(  # type: ignore[valid-type]
-        name="Detail Guidance", min=0.0, max=100.0, default=3.0, update=_switch_on("use_slat_guidance"),
-        description="How strongly details follow the image")
-    variants: IntProperty(name="Variants", min=1, max=8, default=1,  # type: ignore[valid-type]
-                          description="How many different reconstructions to make (each becomes an object)")
+        name="Detail Guidance",
+        min=0.0,
+        max=100.0,
+        default=3.0,
+        update=_switch_on("use_slat_guidance"),
+        description="How strongly details follow the image",
+    )
+    variants: IntProperty(
+        name="Variants",
+        min=1,
+        max=8,
+        default=1,  # type: ignore[valid-type]
+        description="How many different reconstructions to make (each becomes an object)",
+    )
     multiview_mode: EnumProperty(  # type: ignore[valid-type]
-        name="Multi-view", default=MULTIVIEW_MODES[0], items=MULTIVIEW_ITEMS,
-        description="How several views steer the sampling")
+        name="Multi-view",
+        default=MULTIVIEW_MODES[0],
+        items=MULTIVIEW_ITEMS,
+        description="How several views steer the sampling",
+    )
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="1024")  # type: ignore[valid-type]
     use_faces: BoolProperty(  # type: ignore[valid-type]
-        name="Simplify", default=False,
-        description="Simplify the mesh to about a given number of faces (off: keep every face)")
+        name="Simplify",
+        default=False,
+        description="Simplify the mesh to about a given number of faces (off: keep every face)",
+    )
     faces: IntProperty(  # type: ignore[valid-type]
-        name="Faces", min=100, max=10_000_000, default=50_000, update=_switch_on("use_faces"),
-        description="Simplify the mesh to about this many faces")
-    gaussians: BoolProperty(name="Export Gaussians", default=False,  # type: ignore[valid-type]
-                            description="Also download the 3D Gaussians as a PLY file")
+        name="Faces",
+        min=100,
+        max=10_000_000,
+        default=50_000,
+        update=_switch_on("use_faces"),
+        description="Simplify the mesh to about this many faces",
+    )
+    gaussians: BoolProperty(
+        name="Export Gaussians",
+        default=False,  # type: ignore[valid-type]
+        description="Also download the 3D Gaussians as a PLY file",
+    )
     sam_model: EnumProperty(  # type: ignore[valid-type]
-        name="Segmentation Model", default=SAM_KINDS[0], items=SAM_ITEMS)
+        name="Segmentation Model", default=SAM_KINDS[0], items=SAM_ITEMS
+    )
 
     # --- the job, written by operators.reconstruct's timer and drawn by the panel
     running: BoolProperty(name="Running", default=False)  # type: ignore[valid-type]

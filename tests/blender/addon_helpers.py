@@ -32,7 +32,7 @@ def photo(name: str = "photo.png", width: int = W, height: int = H):
     pixels = np.zeros((height, width, 4), np.float32)
     pixels[:, :, 0] = np.linspace(0, 1, width)[None, :]
     pixels[:, :, 1] = np.linspace(0, 1, height)[:, None]
-    pixels[:, width // 2:, 3] = 1.0
+    pixels[:, width // 2 :, 3] = 1.0
     image.pixels.foreach_set(pixels.reshape(-1))
     return image
 

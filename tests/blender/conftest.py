@@ -39,6 +39,7 @@ for folder in (REPO, Path(__file__).resolve().parent):  # `import amodal3r_blend
 from addon_helpers import H, W, paint, photo, pixels  # noqa: E402
 
 import amodal3r_blender.core  # noqa: E402, F401 - after the path: it makes `import amodal3r.api` work, as in the add-on
+from amodal3r.api.environment import MODEL, SERVER_PYTHON  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -55,8 +56,12 @@ def blender_user_dir() -> Path:
 def extension_zip(tmp_path_factory) -> Path:
     """The extension built by scripts/build_extension.py, as users get it."""
     out = tmp_path_factory.mktemp("dist")
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "build_extension.py"), "--out", str(out)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_extension.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     zip_path = Path(result.stdout.strip().splitlines()[-1])
     assert zip_path.is_file()
@@ -69,8 +74,9 @@ def addon(blender_user_dir, extension_zip) -> str:
     import bpy
 
     module = f"bl_ext.{REPO_MODULE}.{EXTENSION_ID}"
-    result = bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=REPO_MODULE,
-                                                      enable_on_install=True)
+    result = bpy.ops.extensions.package_install_files(
+        filepath=str(extension_zip), repo=REPO_MODULE, enable_on_install=True
+    )
     assert result == {"FINISHED"}
     assert module in bpy.context.preferences.addons
     yield module
@@ -91,9 +97,10 @@ def clean_scene(addon) -> str:
 @pytest.fixture(scope="session")
 def server_python() -> str:
     """A Python with the amodal3r server and torch: AMODAL3R_SERVER_PYTHON, else the repo's .venv."""
-    chosen = Path(os.environ.get("AMODAL3R_SERVER_PYTHON") or DEFAULT_SERVER_PYTHON)
-    assert chosen.is_file(), (f"no server Python at {chosen}: run scripts/bootstrap (it makes .venv) "
-                              "or set AMODAL3R_SERVER_PYTHON")
+    chosen = Path(os.environ.get(SERVER_PYTHON) or DEFAULT_SERVER_PYTHON)
+    assert chosen.is_file(), (
+        f"no server Python at {chosen}: run scripts/bootstrap (it makes .venv) or set AMODAL3R_SERVER_PYTHON"
+    )
     return str(chosen)
 
 
@@ -101,8 +108,9 @@ def server_python() -> str:
 def tiny_model_dir(server_python, tmp_path_factory) -> Path:
     """A model folder of tiny random weights (a few seconds to write)."""
     out = tmp_path_factory.mktemp("tiny-model")
-    result = subprocess.run([server_python, "-m", "amodal3r.cli", "tiny-weights", str(out)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [server_python, "-m", "amodal3r.cli", "tiny-weights", str(out)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
@@ -110,8 +118,8 @@ def tiny_model_dir(server_python, tmp_path_factory) -> Path:
 @pytest.fixture
 def server_env(monkeypatch, server_python, tiny_model_dir) -> None:
     """The add-on's server settings pointed at the test server Python and the tiny weights."""
-    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", server_python)
-    monkeypatch.setenv("AMODAL3R_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv(SERVER_PYTHON, server_python)
+    monkeypatch.setenv(MODEL, str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,17 @@ SCRIPT = REPO / "amodal3r_blender" / "batch.py"
 FAST = ["--steps", "2", "--texture-size", "256", "--faces", "5000", "--device", "cpu"]
 
 
-def run_batch(*args: str, server_python: str | None = None, model: Path | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+def run_batch(
+    *args: str, server_python: str | None = None, model: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     extra = (["--server-python", server_python] if server_python else []) + (["--model", str(model)] if model else [])
-    return subprocess.run([sys.executable, str(SCRIPT), "--", *args, *extra, *FAST], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--", *args, *extra, *FAST],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def read_glb(path: Path) -> dict:
@@ -35,7 +41,7 @@ def read_glb(path: Path) -> dict:
     assert (magic, version, length) == (b"glTF", 2, len(data))
     chunk_length, chunk_type = struct.unpack_from("<I4s", data, 12)
     assert chunk_type == b"JSON"
-    return json.loads(data[20:20 + chunk_length])
+    return json.loads(data[20 : 20 + chunk_length])
 
 
 def _copy_view(example: Path, folder: Path, name: str, single_mask: bool) -> None:
@@ -53,8 +59,7 @@ def batch_run(example_dir, server_python, tiny_model_dir, tmp_path_factory):
     _copy_view(example_dir, folder, "mug", single_mask=False)
     _copy_view(example_dir, folder, "cup", single_mask=True)
     out = tmp_path_factory.mktemp("batch-out")
-    result = run_batch("--batch", str(folder), "--out-dir", str(out), server_python=server_python,
-                       model=tiny_model_dir)
+    result = run_batch("--batch", str(folder), "--out-dir", str(out), server_python=server_python, model=tiny_model_dir)
     return result, out
 
 
@@ -70,23 +75,49 @@ def test_batch_folder_writes_one_glb_per_image(batch_run):
 
 def test_missing_mask_fails_before_the_server(tmp_path, example_dir):
     started = time.monotonic()
-    result = run_batch("--image", str(example_dir / "image.png"), "--target-mask", str(tmp_path / "gone.png"),
-                       "--out", str(tmp_path / "out.glb"), server_python="/nonexistent/python")
+    result = run_batch(
+        "--image",
+        str(example_dir / "image.png"),
+        "--target-mask",
+        str(tmp_path / "gone.png"),
+        "--out",
+        str(tmp_path / "out.glb"),
+        server_python="/nonexistent/python",
+    )
     assert result.returncode == 2
     assert f"target mask {tmp_path / 'gone.png'} does not exist" in result.stderr
     assert time.monotonic() - started < 20 and not (tmp_path / "out.glb").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--image", "{ex}/image.png", "--out", "{tmp}/o.glb"], "no mask"),
-    (["--image", "{ex}/nope.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.glb"], "image {ex}/nope.png does not"),
-    (["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.obj"], ".glb or .blend"),
-    (["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--target-mask", "{ex}/target_mask.png",
-      "--out", "{tmp}/o.glb"], "give --mask alone"),
-    (["--batch", "{tmp}", "--out-dir", "{tmp}/out"], "holds no images"),
-    (["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.glb", "--model", "{tmp}"],
-     "no model folder with pipeline.json"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "{ex}/image.png", "--out", "{tmp}/o.glb"], "no mask"),
+        (
+            ["--image", "{ex}/nope.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.glb"],
+            "image {ex}/nope.png does not",
+        ),
+        (["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.obj"], ".glb or .blend"),
+        (
+            [
+                "--image",
+                "{ex}/image.png",
+                "--mask",
+                "{ex}/mask.png",
+                "--target-mask",
+                "{ex}/target_mask.png",
+                "--out",
+                "{tmp}/o.glb",
+            ],
+            "give --mask alone",
+        ),
+        (["--batch", "{tmp}", "--out-dir", "{tmp}/out"], "holds no images"),
+        (
+            ["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.glb", "--model", "{tmp}"],
+            "no model folder with pipeline.json",
+        ),
+    ],
+)
 def test_bad_inputs_are_one_clear_line(tmp_path, example_dir, server_python, args, message):
     filled = [a.format(ex=example_dir, tmp=tmp_path) for a in args]
     model = None if "--model" in args else tmp_path
@@ -102,8 +133,9 @@ def test_server_that_cannot_start_fails_the_run(tmp_path, example_dir, tiny_mode
     folder.mkdir()
     _copy_view(example_dir, folder, "a", single_mask=True)
     _copy_view(example_dir, folder, "b", single_mask=True)
-    result = run_batch("--batch", str(folder), "--out-dir", str(tmp_path / "out"), server_python=sys.executable,
-                       model=tiny_model_dir)
+    result = run_batch(
+        "--batch", str(folder), "--out-dir", str(tmp_path / "out"), server_python=sys.executable, model=tiny_model_dir
+    )
     assert result.returncode == 1
     assert "[1/2] a: FAILED: The reconstruction server did not start" in result.stderr
     assert "[2/2]" not in result.stderr and "2 of 2 reconstruction(s) failed" in result.stderr
@@ -114,12 +146,13 @@ def test_batch_csv_paths_are_relative_to_it(tmp_path, example_dir):
     _copy_view(example_dir, tmp_path / "views", "a", single_mask=False)
     shutil.copyfile(example_dir / "mask.png", tmp_path / "grey.png")
     table = tmp_path / "jobs.csv"
-    table.write_text("image,target_mask,occluder_mask,mask\nviews/a.png,views/a_target.png,,\n"
-                     "views/a.png,,,grey.png\n")
+    table.write_text("image,target_mask,occluder_mask,mask\nviews/a.png,views/a_target.png,,\nviews/a.png,,,grey.png\n")
     items = batch.csv_items(table, tmp_path / "out")
     assert [i.name for i in items] == ["a", "a_2"]
-    assert items[0].view == {"image": str(tmp_path / "views/a.png"),
-                             "target_mask": str(tmp_path / "views/a_target.png")}
+    assert items[0].view == {
+        "image": str(tmp_path / "views/a.png"),
+        "target_mask": str(tmp_path / "views/a_target.png"),
+    }
     assert list(items[1].view) == ["image", "mask"] and items[1].out == tmp_path / "out" / "a_2.glb"
     table.write_text("image,target_mask,occluder_mask,mask\nviews/a.png,,,\n")
     with pytest.raises(batch.InputError, match="line 2: .*no mask"):
@@ -133,8 +166,16 @@ def test_script_argv_after_the_separator():
 
 def test_blend_output_holds_the_object(tmp_path, example_dir, server_python, tiny_model_dir):
     out = tmp_path / "scene.blend"
-    result = run_batch("--image", str(example_dir / "image.png"), "--mask", str(example_dir / "mask.png"),
-                       "--out", str(out), server_python=server_python, model=tiny_model_dir)
+    result = run_batch(
+        "--image",
+        str(example_dir / "image.png"),
+        "--mask",
+        str(example_dir / "mask.png"),
+        "--out",
+        str(out),
+        server_python=server_python,
+        model=tiny_model_dir,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     with bpy.data.libraries.load(str(out)) as (data_from, _):
         assert data_from.objects == ["image"] and data_from.meshes == ["image"]

@@ -45,8 +45,9 @@ def test_zip_holds_the_addon_manifest_and_wheel(extension_zip):
 
 
 def test_blender_validates_the_zip(extension_zip):
-    result = subprocess.run([sys.executable, str(BLENDER_EXT), "validate", str(extension_zip)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(BLENDER_EXT), "validate", str(extension_zip)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -79,11 +80,20 @@ def test_wheel_installs_with_pip(extension_zip, tmp_path):
     wheel = tmp_path / Path(WHEEL).name
     wheel.write_bytes(_wheel_bytes(extension_zip))
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     probe = "import amodal3r.api.client, amodal3r.api.protocol; print(amodal3r.api.client.__file__)"
-    found = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(target)},
-                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(found).is_relative_to(target)
 
 
@@ -95,8 +105,12 @@ def test_build_is_reproducible(extension_zip, tmp_path):
 
 def test_build_without_bpy_says_what_to_do(tmp_path):
     script = REPO / "scripts" / "build_extension.py"
-    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--bpy-python",
-                             str(tmp_path / "python")], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--bpy-python", str(tmp_path / "python")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 1
     assert "no bpy package" in result.stderr and "--bpy-python" in result.stderr
 
@@ -155,8 +169,14 @@ def lifecycle(extension_zip, tmp_path_factory) -> tuple[dict, str]:
     work = tmp_path_factory.mktemp("lifecycle")
     module = f"bl_ext.{REPO_MODULE}.{EXTENSION_ID}"
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "user")}
-    result = subprocess.run([sys.executable, "-c", LIFECYCLE, str(extension_zip), module, REPO_MODULE, EXTENSION_ID,
-                             *RNA_TYPES], capture_output=True, text=True, cwd=work, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", LIFECYCLE, str(extension_zip), module, REPO_MODULE, EXTENSION_ID, *RNA_TYPES],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     report = json.loads(next(line for line in output.splitlines() if line.startswith("REPORT "))[7:])
@@ -182,6 +202,7 @@ def test_disable_and_uninstall_leave_nothing(lifecycle):
     assert report["ops_left"] == [] and report["still_registered"] == []
     assert all(not left for left in report["props_left"].values()), report["props_left"]
     assert not report["package_left"]
-    noise = [line for line in output.splitlines()
-             if re.search(r"error|exception|traceback|warning", line, re.IGNORECASE)]
+    noise = [
+        line for line in output.splitlines() if re.search(r"error|exception|traceback|warning", line, re.IGNORECASE)
+    ]
     assert noise == [], output

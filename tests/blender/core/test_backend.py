@@ -35,10 +35,13 @@ def _settings(tmp_path: Path, **changes) -> BackendSettings:
     return BackendSettings(**{**base, **changes})
 
 
-@pytest.mark.parametrize(("python", "message"), [
-    ("", "No server Python is set: run Set up backend"),
-    ("/nonexistent/python", "does not exist: run Set up backend"),
-])
+@pytest.mark.parametrize(
+    ("python", "message"),
+    [
+        ("", "No server Python is set: run Set up backend"),
+        ("/nonexistent/python", "does not exist: run Set up backend"),
+    ],
+)
 def test_missing_python(tmp_path, python, message):
     with pytest.raises(BackendError, match=message):
         Backend(_settings(tmp_path, python=python)).client()
@@ -94,15 +97,21 @@ def test_get_backend_is_one_per_settings(tmp_path):
 @pytest.fixture(scope="module")
 def local(server_python, tiny_model_dir, tmp_path_factory) -> Backend:
     data = tmp_path_factory.mktemp("server-data")
-    backend = Backend(BackendSettings(python=server_python, model_dir=str(tiny_model_dir), data_dir=str(data),
-                                      device="cpu"))
+    backend = Backend(
+        BackendSettings(python=server_python, model_dir=str(tiny_model_dir), data_dir=str(data), device="cpu")
+    )
     yield backend
     backend.stop()
 
 
 def _views(example_dir: Path) -> list[dict[str, str]]:
-    return [{"image": str(example_dir / "image.png"), "target_mask": str(example_dir / "target_mask.png"),
-             "occluder_mask": str(example_dir / "occluder_mask.png")}]
+    return [
+        {
+            "image": str(example_dir / "image.png"),
+            "target_mask": str(example_dir / "target_mask.png"),
+            "occluder_mask": str(example_dir / "occluder_mask.png"),
+        }
+    ]
 
 
 def test_local_server_restarts_after_dying(local):
@@ -149,8 +158,9 @@ def test_run_blocking_reports_refused_input(local, tmp_path, example_dir):
     bad_mask = tmp_path / "mask.png"
     bad_mask.write_text("not a png")
     with pytest.raises(jobs.JobError, match="refused the job"):
-        jobs.run_blocking(local, [{"image": str(example_dir / "image.png"), "mask": str(bad_mask)}], TINY_JOB,
-                          tmp_path / "out")
+        jobs.run_blocking(
+            local, [{"image": str(example_dir / "image.png"), "mask": str(bad_mask)}], TINY_JOB, tmp_path / "out"
+        )
 
 
 def test_job_task_reports_server_death(local, example_dir, tmp_path):

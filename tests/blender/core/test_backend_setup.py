@@ -30,19 +30,22 @@ def _no_index_override(monkeypatch):
     monkeypatch.delenv(TORCH_INDEX_URL, raising=False)
 
 
-@pytest.mark.parametrize(("info", "index"), [
-    (PlatformInfo("Linux", "x86_64"), "https://download.pytorch.org/whl/cpu"),
-    (PlatformInfo("Linux", "x86_64", cuda=(12, 4)), "https://download.pytorch.org/whl/cu126"),
-    (PlatformInfo("Linux", "x86_64", cuda=(12, 9)), "https://download.pytorch.org/whl/cu128"),
-    (PlatformInfo("Windows", "AMD64", cuda=(13, 0)), "https://download.pytorch.org/whl/cu130"),
-    (PlatformInfo("Windows", "AMD64"), "https://download.pytorch.org/whl/cpu"),
-    (PlatformInfo("Windows", "ARM64"), "https://download.pytorch.org/whl/cpu"),
-    (PlatformInfo("Linux", "x86_64", rocm=(6, 4)), "https://download.pytorch.org/whl/rocm6.4"),
-    (PlatformInfo("Linux", "x86_64", rocm=(6, 3)), "https://download.pytorch.org/whl/rocm6.3"),
-    (PlatformInfo("Linux", "x86_64", cuda=(11, 8)), "https://download.pytorch.org/whl/cpu"),
-    (PlatformInfo("Linux", "x86_64", rocm=(5, 7)), "https://download.pytorch.org/whl/cpu"),
-    (PlatformInfo("Darwin", "arm64"), None),
-])
+@pytest.mark.parametrize(
+    ("info", "index"),
+    [
+        (PlatformInfo("Linux", "x86_64"), "https://download.pytorch.org/whl/cpu"),
+        (PlatformInfo("Linux", "x86_64", cuda=(12, 4)), "https://download.pytorch.org/whl/cu126"),
+        (PlatformInfo("Linux", "x86_64", cuda=(12, 9)), "https://download.pytorch.org/whl/cu128"),
+        (PlatformInfo("Windows", "AMD64", cuda=(13, 0)), "https://download.pytorch.org/whl/cu130"),
+        (PlatformInfo("Windows", "AMD64"), "https://download.pytorch.org/whl/cpu"),
+        (PlatformInfo("Windows", "ARM64"), "https://download.pytorch.org/whl/cpu"),
+        (PlatformInfo("Linux", "x86_64", rocm=(6, 4)), "https://download.pytorch.org/whl/rocm6.4"),
+        (PlatformInfo("Linux", "x86_64", rocm=(6, 3)), "https://download.pytorch.org/whl/rocm6.3"),
+        (PlatformInfo("Linux", "x86_64", cuda=(11, 8)), "https://download.pytorch.org/whl/cpu"),
+        (PlatformInfo("Linux", "x86_64", rocm=(5, 7)), "https://download.pytorch.org/whl/cpu"),
+        (PlatformInfo("Darwin", "arm64"), None),
+    ],
+)
 def test_torch_index_per_platform(info, index):
     command = _torch_command(info)
     assert _index(command) == index
@@ -103,16 +106,20 @@ def test_run_command_streams_lines():
 
 def test_run_command_failure_shows_output():
     with pytest.raises(SetupError, match=r"(?s)exit code 3.*boom.*run Set up backend again"):
-        backend_setup.run_command([sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
-                                  lambda line: None, lambda: False)
+        backend_setup.run_command(
+            [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], lambda line: None, lambda: False
+        )
 
 
 def test_run_command_cancel_stops_the_child():
     started = time.monotonic()
     deadline = started + 0.5
     with pytest.raises(SetupCancelled):
-        backend_setup.run_command([sys.executable, "-c", "import time; time.sleep(60)"], lambda line: None,
-                                  lambda: time.monotonic() > deadline)
+        backend_setup.run_command(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            lambda line: None,
+            lambda: time.monotonic() > deadline,
+        )
     assert time.monotonic() - started < 15
 
 

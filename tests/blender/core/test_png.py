@@ -36,8 +36,16 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _png(raw_rows: list[bytes], width: int, depth: int, colour: int, kinds: list[int], bpp: int,
-         extra: list[tuple[bytes, bytes]] = (), interlace: int = 0) -> bytes:
+def _png(
+    raw_rows: list[bytes],
+    width: int,
+    depth: int,
+    colour: int,
+    kinds: list[int],
+    bpp: int,
+    extra: list[tuple[bytes, bytes]] = (),
+    interlace: int = 0,
+) -> bytes:
     prior = bytes(len(raw_rows[0]))
     body = b""
     for kind, row in zip(kinds, raw_rows, strict=True):
@@ -100,18 +108,20 @@ def test_one_bit_greyscale_is_scaled():
 
 def test_palette_with_transparency():
     palette = bytes([10, 20, 30, 200, 100, 0])
-    data = _png([bytes([0, 1, 1])], 3, 8, png.PALETTE, [1], 1,
-                extra=[(b"PLTE", palette), (b"tRNS", bytes([0]))])
+    data = _png([bytes([0, 1, 1])], 3, 8, png.PALETTE, [1], 1, extra=[(b"PLTE", palette), (b"tRNS", bytes([0]))])
     decoded = png.decode_png(data)
     assert decoded.shape == (1, 3, 4)
     assert decoded[0].tolist() == [[10, 20, 30, 0], [200, 100, 0, 255], [200, 100, 0, 255]]
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (lambda d: b"GIF89a" + d[6:], "not a PNG"),
-    (lambda d: d[:-20], "truncated"),
-    (lambda d: d[:40] + bytes([d[40] ^ 0xFF]) + d[41:], "damaged"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda d: b"GIF89a" + d[6:], "not a PNG"),
+        (lambda d: d[:-20], "truncated"),
+        (lambda d: d[:40] + bytes([d[40] ^ 0xFF]) + d[41:], "damaged"),
+    ],
+)
 def test_broken_files_say_what_is_wrong(mangle, message):
     data = png.encode_png(np.zeros((4, 4), np.uint8))
     with pytest.raises(png.PNGError, match=message):
@@ -124,8 +134,9 @@ def test_interlaced_is_refused_clearly():
         png.decode_png(data)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((2, 2), np.float32), np.zeros((2, 2, 5), np.uint8),
-                                 np.zeros((0, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((2, 2), np.float32), np.zeros((2, 2, 5), np.uint8), np.zeros((0, 3), np.uint8)]
+)
 def test_encode_refuses_what_it_cannot_write(bad):
     with pytest.raises(png.PNGError):
         png.encode_png(bad)

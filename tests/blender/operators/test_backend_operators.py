@@ -13,6 +13,8 @@ import bpy
 import pytest
 from addon_helpers import module
 
+from amodal3r.api.environment import MODEL, SERVER_PYTHON
+
 
 @pytest.mark.parametrize("operator", ["setup_backend", "download_models"])
 def test_downloads_need_online_access(addon, operator):
@@ -31,8 +33,8 @@ def test_restart_and_stop_server(addon, server_env):
 
 
 def test_restart_without_models_says_what_to_do(addon, monkeypatch, server_python, tmp_path):
-    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", server_python)
-    monkeypatch.setenv("AMODAL3R_MODEL", str(tmp_path / "no-models"))
+    monkeypatch.setenv(SERVER_PYTHON, server_python)
+    monkeypatch.setenv(MODEL, str(tmp_path / "no-models"))
     with pytest.raises(RuntimeError, match="Download models or set the model folder"):
         bpy.ops.amodal3r.restart_server()
 
@@ -42,14 +44,24 @@ class FakeModelServer:
 
     def __init__(self):
         self.requested: list[str] = []
-        self.polls = [{"state": "running", "progress": {"file": "ss_flow.safetensors", "bytes_done": 2 * 2**20,
-                                                        "bytes_total": 4 * 2**20}},
-                      {"state": "done", "progress": None}]
+        self.polls = [
+            {
+                "state": "running",
+                "progress": {"file": "ss_flow.safetensors", "bytes_done": 2 * 2**20, "bytes_total": 4 * 2**20},
+            },
+            {"state": "done", "progress": None},
+        ]
 
     def models(self):
-        return {"model_dir": "/models", "components": [
-            {"name": "amodal3r", "present": False}, {"name": "dinov2", "present": True},
-            {"name": "sam_vit_h", "present": False}, {"name": "sam_vit_b", "present": True}]}
+        return {
+            "model_dir": "/models",
+            "components": [
+                {"name": "amodal3r", "present": False},
+                {"name": "dinov2", "present": True},
+                {"name": "sam_vit_h", "present": False},
+                {"name": "sam_vit_b", "present": True},
+            ],
+        }
 
     def download_models(self, components):
         self.requested = components
@@ -64,8 +76,9 @@ def test_download_follows_the_server(addon, monkeypatch):
     monkeypatch.setattr(ops_backend, "DOWNLOAD_POLL_SECONDS", 0.0)
     server = FakeModelServer()
     wanted = ops_backend.wanted_components("vit_b")
-    task = ops_backend.backend_task("Download models",
-                                    lambda task: ops_backend._download(server, task, "/models", wanted)).run()
+    task = ops_backend.backend_task(
+        "Download models", lambda task: ops_backend._download(server, task, "/models", wanted)
+    ).run()
     assert task.result == "Models downloaded into /models", task.error
     assert server.requested == ["amodal3r"]
     assert task.progress == 0.5
@@ -85,7 +98,7 @@ def test_download_through_a_real_server(addon, server_env, monkeypatch, tiny_mod
     for name in ("image_encoder.json", "dinov2_vitl14_reg4_pretrain.safetensors"):
         shutil.copy(tiny_model_dir / name, model / name)
     (model / "sam" / "sam_vit_b_01ec64.pth").write_bytes(b"already here")
-    monkeypatch.setenv("AMODAL3R_MODEL", str(model))
+    monkeypatch.setenv(MODEL, str(model))
     monkeypatch.setattr(ops_backend, "DOWNLOAD_POLL_SECONDS", 0.02)
     with serve_files() as hub:
         for file in tiny_model_dir.rglob("*"):
@@ -98,8 +111,9 @@ def test_download_through_a_real_server(addon, server_env, monkeypatch, tiny_mod
         try:
             client = backend.client(require_model=False)
             wanted = ops_backend.wanted_components("vit_b")
-            task = ops_backend.backend_task("Download models",
-                                            lambda task: ops_backend._download(client, task, str(model), wanted)).run()
+            task = ops_backend.backend_task(
+                "Download models", lambda task: ops_backend._download(client, task, str(model), wanted)
+            ).run()
             assert task.result == f"Models downloaded into {model}", task.error
             present = {c["name"] for c in client.models()["components"] if c["present"]}
             assert {"amodal3r", "dinov2", "sam_vit_b"} <= present and "sam_vit_h" not in present

@@ -91,5 +91,3 @@ def test_click_mask_without_clicks_reports(with_masks):
 
     with override("IMAGE_EDITOR"), pytest.raises(RuntimeError, match="needs mouse clicks"):
         bpy.ops.amodal3r.click_mask()  # the module has no events: invoke() never runs
-
-

@@ -47,7 +47,7 @@ def test_invert_clear_and_fill_from_alpha(with_masks):
     assert not layer(view.target_mask).any()
     assert bpy.ops.amodal3r.fill_from_alpha(layer="TARGET") == {"FINISHED"}
     expected = np.zeros((H, W), bool)
-    expected[:, W // 2:] = True
+    expected[:, W // 2 :] = True
     assert np.array_equal(layer(view.target_mask), expected)
     assert np.array_equal(pixels(with_masks.photo), with_masks.before)
 
@@ -214,5 +214,3 @@ def test_add_and_remove_views(with_masks, settings):
     settings.active_view_index = 1
     assert bpy.ops.amodal3r.remove_view() == {"FINISHED"}
     assert len(settings.views) == 1 and settings.active_view_index == 0
-
-

@@ -166,8 +166,10 @@ def test_server_killed_mid_job_is_reported_then_restarted(scene, clean_scene):
     _follow(ops)
     assert not scene.last_error, scene.last_error
     _assert_result(bpy.data.objects["mug"])
-    assert backend.alive() and state["pid"] != json.loads(
-        (Path(backend.settings.data_dir) / "server.json").read_text())["pid"]
+    assert (
+        backend.alive()
+        and state["pid"] != json.loads((Path(backend.settings.data_dir) / "server.json").read_text())["pid"]
+    )
 
 
 def test_click_to_mask_round_trip(scene, clean_scene, server_python, tiny_model_dir):

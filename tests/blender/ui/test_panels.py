@@ -225,8 +225,11 @@ def _our_keymap_items():
     keymap = bpy.context.window_manager.keyconfigs.addon.keymaps.get("Image")
     if keymap is None:
         return []
-    return [item for item in keymap.keymap_items
-            if item.idname == "wm.call_menu" and item.properties.name == "IMAGE_MT_amodal3r_context"]
+    return [
+        item
+        for item in keymap.keymap_items
+        if item.idname == "wm.call_menu" and item.properties.name == "IMAGE_MT_amodal3r_context"
+    ]
 
 
 def test_right_click_menu_and_image_menu(with_masks, settings):

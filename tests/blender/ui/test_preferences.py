@@ -10,21 +10,23 @@ from unittest.mock import MagicMock
 import bpy
 from addon_helpers import module
 
+from amodal3r.api.environment import MODEL, SERVER_PYTHON
+
 EXTENSION_ID, REPO_MODULE = "amodal3r", "user_default"
 
 
 def test_backend_settings_defaults_and_overrides(addon, blender_user_dir, monkeypatch):
     preferences = module(addon, "ui.preferences")
-    monkeypatch.delenv("AMODAL3R_SERVER_PYTHON", raising=False)
-    monkeypatch.delenv("AMODAL3R_MODEL", raising=False)
+    monkeypatch.delenv(SERVER_PYTHON, raising=False)
+    monkeypatch.delenv(MODEL, raising=False)
     settings = preferences.backend_settings(bpy.context)
     user = blender_user_dir / "extensions" / ".user" / REPO_MODULE / EXTENSION_ID
     assert settings.mode == "local" and settings.device == "auto"
     assert Path(settings.python).is_relative_to(user / "backend")
     assert Path(settings.model_dir) == user / "models"
     assert Path(settings.data_dir) == user / "server-data" and Path(settings.data_dir).is_dir()
-    monkeypatch.setenv("AMODAL3R_SERVER_PYTHON", "/opt/py/bin/python")
-    monkeypatch.setenv("AMODAL3R_MODEL", "/opt/models")
+    monkeypatch.setenv(SERVER_PYTHON, "/opt/py/bin/python")
+    monkeypatch.setenv(MODEL, "/opt/models")
     settings = preferences.backend_settings(bpy.context)
     assert (settings.python, settings.model_dir) == ("/opt/py/bin/python", "/opt/models")
 
