@@ -239,10 +239,15 @@ def _split_off_image_editor(context: bpy.types.Context, area: bpy.types.Area) ->
     return new
 
 
+def unified_paint_settings(tool_settings: bpy.types.ToolSettings) -> bpy.types.UnifiedPaintSettings:
+    """The colours all brushes share: per paint mode since Blender 5.0, in the tool settings before."""
+    paint = tool_settings.image_paint
+    return getattr(paint, "unified_paint_settings", None) or tool_settings.unified_paint_settings
+
+
 def set_paint_colours(tool_settings: bpy.types.ToolSettings) -> None:
     """White paints the mask in, black (Ctrl, the secondary colour) paints it out."""
-    paint = tool_settings.image_paint
-    for holder in (paint.unified_paint_settings, paint.brush):
+    for holder in (unified_paint_settings(tool_settings), tool_settings.image_paint.brush):
         if holder is not None:
             holder.color = (1.0, 1.0, 1.0)
             holder.secondary_color = (0.0, 0.0, 0.0)
