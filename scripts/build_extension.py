@@ -30,7 +30,7 @@ SERVER = REPO / "server"
 ADDON = REPO / "amodal3r_blender"
 MANIFEST = REPO / "blender_manifest.toml"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same wheel
-BPY_PYTHON = REPO / ".venv-blender" / "bin" / "python"
+BPY_PYTHON = REPO / ".venv-blender-5.0" / "bin" / "python"
 CLI_IN_BPY = Path("5.0/scripts/addons_core/bl_pkg/cli/blender_ext.py")
 TAGS_IN_BPY = Path("5.0/scripts/modules/_bpy_internal/extensions/tags.py")
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
@@ -179,7 +179,7 @@ def _bpy_dir_of(python: Path) -> Path | None:
 
 
 def find_bpy_dir(bpy_python: Path | None) -> Path:
-    """The installed bpy package: from --bpy-python, else this interpreter or .venv-blender."""
+    """The installed bpy package: from --bpy-python, else this interpreter or .venv-blender-5.0."""
     if bpy_python is not None:
         candidates = [bpy_python]
     else:
@@ -191,7 +191,7 @@ def find_bpy_dir(bpy_python: Path | None) -> Path:
     tried = ", ".join(str(p) for p in candidates)
     raise BuildError(
         f"no bpy package with Blender's extension tools found (tried {tried}): run scripts/bootstrap "
-        "(it makes .venv-blender with bpy==5.0.1) or pass --bpy-python PATH"
+        "(it makes .venv-blender-X.Y for each Blender version) or pass --bpy-python PATH"
     )
 
 

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Fixtures of the Blender tests, which run in the bpy venv, apart from the torch suite:
 
-    .venv-blender/bin/python -m pytest -q --confcutdir=tests/blender tests/blender
+    .venv-blender-5.0/bin/python -m pytest -q --confcutdir=tests/blender tests/blender
 
 The folders follow the add-on's layers: ``core/`` (no bpy needed), ``operators/`` and ``ui/``;
 the extension and batch.py are tested here. Blender keeps one session per process, so the add-on
