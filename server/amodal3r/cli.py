@@ -24,7 +24,7 @@ from amodal3r.api.protocol import (
     check_float,
     check_int,
 )
-from amodal3r.weights.layout import HF_REPO
+from amodal3r.weights.layout import HF_REPO, RANDOM_WEIGHTS_NOTICE
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -63,7 +63,7 @@ def _slat(args: argparse.Namespace) -> int:
         args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
     )
     if pipeline.config.tiny_random_weights:
-        print(f"NOTE: {args.model} holds tiny RANDOM weights (amodal3r tiny-weights), not the Amodal3R model")
+        print(f"{RANDOM_WEIGHTS_NOTICE} ({args.model})")
     cond = _load_cond(args, pipeline.model("sparse_structure_flow_model").cond_channels)
     progress = _progress_printer()
     started = progress.started
@@ -105,12 +105,6 @@ def _run_settings(args: argparse.Namespace, formats: tuple[str, ...]):
     return RunSettings(
         seed=args.seed, variants=args.variants, multiview=args.multiview, structure=stage, slat=stage, formats=formats
     )
-
-
-RANDOM_WEIGHTS_NOTE = (
-    "NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, not a "
-    "reconstruction. For real results pass --model with the Amodal3R weights (a folder, or Sm0kyWu/Amodal3R)"
-)
 
 
 def _check_output(out: Path) -> None:
@@ -161,7 +155,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
     if pipeline.config.tiny_random_weights:
-        print(RANDOM_WEIGHTS_NOTE.format(folder=folder))
+        print(f"{RANDOM_WEIGHTS_NOTICE} ({folder})")
     return 0
 
 

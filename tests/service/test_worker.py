@@ -13,6 +13,7 @@ from amodal3r.api.protocol import CANCELLED, DONE, FAILED, JobParams
 from amodal3r.pipelines.amodal3r import Amodal3RPipeline
 from amodal3r.service.job_store import JobStore
 from amodal3r.service.worker import OUT_OF_MEMORY, ModelRuntime, Worker
+from amodal3r.weights.layout import RANDOM_WEIGHTS_NOTICE
 
 EXAMPLE = REPO_ROOT / "examples" / "mug_behind_box"
 FAST = JobParams(structure_steps=2, slat_steps=2, texture_size=256, faces=5000, preview=False)
@@ -56,6 +57,7 @@ def test_out_of_memory_fails_the_job_with_advice_and_the_next_one_runs(
         failed, done = wait_final(store, first.id), wait_final(store, second.id)
         assert failed.state == FAILED and failed.error == OUT_OF_MEMORY
         assert done.state == DONE and done.results == ["variant0.glb"]
+        assert done.notices.count(RANDOM_WEIGHTS_NOTICE) == 1  # said once, beside the result
         deadline = time.monotonic() + 10
         while runtime.loaded_models and time.monotonic() < deadline:
             time.sleep(0.05)

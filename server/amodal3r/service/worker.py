@@ -26,6 +26,7 @@ from amodal3r.api.protocol import (
 from amodal3r.io.inputs import View, load_view
 from amodal3r.io.results import OutputSettings, write_results
 from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings
+from amodal3r.weights.layout import RANDOM_WEIGHTS_NOTICE
 
 from .job_store import JobStore
 
@@ -206,6 +207,8 @@ class Worker:
 
         result = pipeline(views, run_settings(params), progress, cancelled)
         notices = [notice for view in views for notice in view.notices]
+        if pipeline.config.tiny_random_weights:
+            notices.append(RANDOM_WEIGHTS_NOTICE)
         folder = self.store.folder(job_id) / "results"
         glbs = [folder / result_name(variant, ".glb") for variant in range(len(result.meshes))]
         outputs = OutputSettings(

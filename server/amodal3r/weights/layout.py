@@ -43,6 +43,12 @@ IMAGE_ENCODER_FILES = ("dinov2_vitl14_reg4_pretrain.safetensors", "dinov2_vitl14
 IMAGE_ENCODER_SOURCE = "dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
 IMAGE_ENCODER_CONFIG = "image_encoder.json"
 
+# pipeline.json's ``args.tiny_random_weights`` marks a folder from ``amodal3r tiny-weights``.
+RANDOM_WEIGHTS_NOTICE = (
+    "NOTE: the model folder holds tiny RANDOM weights (made by amodal3r tiny-weights): the result is noise, not a "
+    f"reconstruction. Get the real weights: Download models in the add-on's preferences, or pass --model {HF_REPO}"
+)
+
 SAM_FOLDER = "sam"
 SAM_SOURCE_FOLDER = "segment_anything"
 SAM_FILES = {"vit_h": "sam_vit_h_4b8939.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_b": "sam_vit_b_01ec64.pth"}
