@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Build the Blender extension zip: ``python scripts/build_extension.py [--out dist]``.
+"""Build the Blender extension zip: ``python scripts/build_extension.py [--out dist] [--bpy-python PATH]``.
 
 The zip holds ``amodal3r_blender/`` (its ``core``, ``operators`` and ``ui`` packages) as the extension
 root, ``blender_manifest.toml`` and the server package as a pure-Python wheel (Blender puts it on
 ``sys.path``; the add-on imports its ``amodal3r.api``).
 The wheel is written here with the standard library, so the build needs no setuptools, pip or
-network. Blender's own ``blender_ext.py`` (from the installed ``bpy`` wheel) builds and validates
-the zip, with the official tag list.
+network. Blender's own ``blender_ext.py`` (from an installed ``bpy`` wheel: 4.2, 4.5 or 5.0) builds and
+validates the zip, with that release's official tag list; ``--bpy-python`` picks the environment
+(default: this interpreter if it has bpy, else the newest ``.venv-blender-X.Y``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import base64
 import csv
 import hashlib
 import io
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import tomllib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,9 +33,9 @@ SERVER = REPO / "server"
 ADDON = REPO / "amodal3r_blender"
 MANIFEST = REPO / "blender_manifest.toml"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: the same sources give the same wheel
-BPY_PYTHON = REPO / ".venv-blender-5.0" / "bin" / "python"
-CLI_IN_BPY = Path("5.0/scripts/addons_core/bl_pkg/cli/blender_ext.py")
-TAGS_IN_BPY = Path("5.0/scripts/modules/_bpy_internal/extensions/tags.py")
+# Each bpy wheel keeps Blender's scripts in a folder named after its release: bpy/4.2/, bpy/4.5/, bpy/5.0/.
+CLI_IN_RELEASE = Path("scripts/addons_core/bl_pkg/cli/blender_ext.py")
+TAGS_IN_RELEASE = Path("scripts/modules/_bpy_internal/extensions/tags.py")
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
 
 
@@ -178,16 +181,39 @@ def _bpy_dir_of(python: Path) -> Path | None:
     return Path(text) if found.returncode == 0 and text else None
 
 
-def find_bpy_dir(bpy_python: Path | None) -> Path:
-    """The installed bpy package: from --bpy-python, else this interpreter or .venv-blender-5.0."""
-    if bpy_python is not None:
-        candidates = [bpy_python]
-    else:
-        candidates = [Path(sys.executable), *([BPY_PYTHON] if BPY_PYTHON.exists() else [])]
+@dataclass(frozen=True)
+class BlenderTools:
+    """Blender's extension tools from one bpy wheel, and the Python that runs them (that wheel's)."""
+
+    python: Path
+    cli: Path
+    tags: Path
+
+
+def _release_dir(bpy_dir: Path) -> Path | None:
+    """The wheel's ``bpy/<X.Y>/`` folder that holds the extension tools (one per wheel)."""
+    releases = [d for d in bpy_dir.iterdir() if d.is_dir() and re.fullmatch(r"\d+\.\d+", d.name)]
+    return next((d for d in sorted(releases) if (d / CLI_IN_RELEASE).is_file()), None)
+
+
+def _default_pythons() -> list[Path]:
+    """This interpreter, then each bootstrapped ``.venv-blender-X.Y``, newest Blender first."""
+    venvs = sorted(REPO.glob(".venv-blender-*/bin/python"), key=lambda p: _version_key(p.parent.parent.name))
+    return [Path(sys.executable), *reversed(venvs)]
+
+
+def _version_key(venv_name: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", venv_name))
+
+
+def find_tools(bpy_python: Path | None) -> BlenderTools:
+    """Blender's extension tools: from --bpy-python, else this interpreter or a .venv-blender-X.Y."""
+    candidates = [bpy_python] if bpy_python is not None else _default_pythons()
     for python in candidates:
-        found = _bpy_dir_of(python)
-        if found is not None and (found / CLI_IN_BPY).is_file():
-            return found
+        bpy_dir = _bpy_dir_of(python)
+        release = _release_dir(bpy_dir) if bpy_dir is not None and bpy_dir.is_dir() else None
+        if release is not None:
+            return BlenderTools(python, release / CLI_IN_RELEASE, release / TAGS_IN_RELEASE)
     tried = ", ".join(str(p) for p in candidates)
     raise BuildError(
         f"no bpy package with Blender's extension tools found (tried {tried}): run scripts/bootstrap "
@@ -195,8 +221,8 @@ def find_bpy_dir(bpy_python: Path | None) -> Path:
     )
 
 
-def _run_blender_ext(bpy_dir: Path, args: list[str]) -> None:
-    command = [sys.executable, str(bpy_dir / CLI_IN_BPY), *args]
+def _run_blender_ext(tools: BlenderTools, args: list[str]) -> None:
+    command = [str(tools.python), str(tools.cli), *args]
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise BuildError(f"blender_ext.py {args[0]} failed:\n{result.stdout}{result.stderr}".rstrip())
@@ -204,7 +230,7 @@ def _run_blender_ext(bpy_dir: Path, args: list[str]) -> None:
 
 def build(out_dir: Path, bpy_python: Path | None) -> Path:
     """Build and validate the extension zip in out_dir; returns its path."""
-    bpy_dir = find_bpy_dir(bpy_python)
+    tools = find_tools(bpy_python)
     manifest = tomllib.loads(MANIFEST.read_text())
     with tempfile.TemporaryDirectory(prefix="amodal3r-ext-") as tmp:
         stage_dir = Path(tmp) / manifest["id"]
@@ -215,17 +241,17 @@ def build(out_dir: Path, bpy_python: Path | None) -> Path:
         zip_path = out_dir / f"{manifest['id']}-{manifest['version']}.zip"
         zip_path.unlink(missing_ok=True)
         _run_blender_ext(
-            bpy_dir,
+            tools,
             [
                 "build",
                 "--source-dir",
                 str(stage_dir),
                 "--output-filepath",
                 str(zip_path),
-                f"--valid-tags={bpy_dir / TAGS_IN_BPY}",
+                f"--valid-tags={tools.tags}",
             ],
         )
-    _run_blender_ext(bpy_dir, ["validate", str(zip_path)])
+    _run_blender_ext(tools, ["validate", str(zip_path)])
     return zip_path
 
 

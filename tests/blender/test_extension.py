@@ -164,13 +164,12 @@ print("REPORT " + json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def lifecycle(extension_zip, tmp_path_factory) -> tuple[dict, str]:
-    work = tmp_path_factory.mktemp("lifecycle")
+def run_lifecycle(python: str, zip_path: Path, work: Path) -> tuple[dict, str]:
+    """LIFECYCLE in a fresh Blender of that Python, with its own user folder: (report, other output)."""
     module = f"bl_ext.{REPO_MODULE}.{EXTENSION_ID}"
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(work / "user")}
     result = subprocess.run(
-        [sys.executable, "-c", LIFECYCLE, str(extension_zip), module, REPO_MODULE, EXTENSION_ID, *RNA_TYPES],
+        [python, "-c", LIFECYCLE, str(zip_path), module, REPO_MODULE, EXTENSION_ID, *RNA_TYPES],
         capture_output=True,
         text=True,
         cwd=work,
@@ -179,8 +178,17 @@ def lifecycle(extension_zip, tmp_path_factory) -> tuple[dict, str]:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    report = json.loads(next(line for line in output.splitlines() if line.startswith("REPORT "))[7:])
-    return report, output.replace(next(line for line in output.splitlines() if line.startswith("REPORT ")), "")
+    line = next(line for line in output.splitlines() if line.startswith("REPORT "))
+    return json.loads(line[len("REPORT ") :]), output.replace(line, "")
+
+
+def _noise(output: str) -> list[str]:
+    return [line for line in output.splitlines() if re.search(r"error|exception|traceback|warning", line, re.I)]
+
+
+@pytest.fixture(scope="module")
+def lifecycle(extension_zip, tmp_path_factory) -> tuple[dict, str]:
+    return run_lifecycle(sys.executable, extension_zip, tmp_path_factory.mktemp("lifecycle"))
 
 
 def test_enable_registers_everything(lifecycle):
@@ -202,7 +210,52 @@ def test_disable_and_uninstall_leave_nothing(lifecycle):
     assert report["ops_left"] == [] and report["still_registered"] == []
     assert all(not left for left in report["props_left"].values()), report["props_left"]
     assert not report["package_left"]
-    noise = [
-        line for line in output.splitlines() if re.search(r"error|exception|traceback|warning", line, re.IGNORECASE)
-    ]
-    assert noise == [], output
+    assert _noise(output) == [], output
+
+
+# --- the other Blender releases -------------------------------------------------------------------
+# Each release's suite builds its zip with its own bpy (``extension_zip``) and validates it with its
+# own blender_ext.py (above); here that zip goes through the whole life in the other releases'
+# Blender. Over scripts/test's three suites every (built with, installed in) pair runs once.
+
+
+def releases_under_test() -> list[str]:
+    """The Blender releases scripts/versions.sh tests ("4.2", "4.5", "5.0"), BLENDER_VERSIONS first."""
+    default = re.search(r'BLENDER_VERSIONS:-"([^"]+)"', (REPO / "scripts/versions.sh").read_text()).group(1)
+    return [".".join(version.split(".")[:2]) for version in os.environ.get("BLENDER_VERSIONS", default).split()]
+
+
+def release_python(release: str) -> Path:
+    """The Python of scripts/bootstrap's environment for that release; missing is a failure."""
+    python = REPO / f".venv-blender-{release}" / "bin" / "python"
+    assert python.is_file(), f"no {python}: run scripts/bootstrap (it makes one environment per Blender release)"
+    return python
+
+
+RUNNING = f"{bpy.app.version[0]}.{bpy.app.version[1]}"
+OTHERS = [release for release in releases_under_test() if release != RUNNING]
+
+
+def test_this_release_is_one_of_the_tested():
+    assert RUNNING in releases_under_test() and len(OTHERS) == len(releases_under_test()) - 1
+
+
+@pytest.mark.parametrize("release", releases_under_test())
+def test_build_finds_each_releases_tools(release, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import build_extension
+
+    tools = build_extension.find_tools(release_python(release))
+    assert tools.python == release_python(release)
+    assert tools.cli.is_file() and tools.tags.is_file()
+    assert tools.cli.parents[4].name == release  # bpy/<X.Y>/scripts/addons_core/bl_pkg/cli/blender_ext.py
+
+
+@pytest.mark.parametrize("release", OTHERS)
+def test_zip_lives_in_the_other_releases(release, extension_zip, tmp_path):
+    report, output = run_lifecycle(str(release_python(release)), extension_zip, tmp_path)
+    assert report["enabled"] and set(report["ops"]) >= OUR_OPERATORS and report["unregistered_classes"] == []
+    assert report["bundled_wheel"].endswith(Path(WHEEL).name)
+    assert report["ops_left"] == [] and report["still_registered"] == [] and not report["package_left"]
+    assert all(not left for left in report["props_left"].values()), report["props_left"]
+    assert _noise(output) == [], output
