@@ -1,0 +1,1 @@
+"""Building blocks of the models: sparse voxel tensors, attention, transformer blocks."""

@@ -1,0 +1,1 @@
+"""The Amodal3R pipeline over the models, its sampler, conditioning, click-to-mask and devices."""
