@@ -52,60 +52,84 @@ def project(vertices: torch.Tensor, fx: float, fy: float, cx: float, cy: float) 
 
 
 def rasterize_silhouette(vertices: torch.Tensor, faces: torch.Tensor, fx: float, fy: float,
-                         cx: float, cy: float, height: int, width: int, *,
-                         near: float = NEAR, facing: int = 0) -> torch.Tensor:
-    """Coverage ``bool [B, H, W]`` of one mesh seen in B poses.
+                         cx: float, cy: float, height: int, width: int, *, near: float = NEAR,
+                         facing: int = 0, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Coverage ``[B, H, W]`` of one mesh seen in B poses: bool, or 0/1 in a float ``dtype``.
 
     ``vertices`` is ``[B, V, 3]`` (or ``[V, 3]`` for one pose) in the OpenCV camera frame,
     ``faces`` ``[F, 3]`` vertex indices; intrinsics are in pixels of the ``height x width``
     output. ``facing`` +1 or -1 draws only the faces of that winding (see the module notes).
+    A float result is made in place, without the bool image and its conversion.
     """
     if vertices.dim() == 2:
         vertices = vertices[None]
     batch, device = vertices.shape[0], vertices.device
-    stride = width + 1
-    diff = torch.zeros(batch * height * stride, dtype=torch.float32, device=device)
+    # One spare element at the end takes the -1 of spans that run to the row's end (and empty spans there).
+    diff = torch.zeros(batch * height * width + 1, dtype=torch.float32, device=device)
     faces = faces.to(device=device, dtype=torch.long)
     if batch and len(faces):
         _draw(diff, vertices.float(), faces, (fx, fy, cx, cy), height, width, near, facing)
-    return diff.view(batch, height, stride).cumsum(dim=2)[..., :width] > 0.5
+    counts = diff[:-1].view(batch, height, width).cumsum_(dim=2)
+    return counts > 0.5 if dtype == torch.bool else counts.clamp_(max=1).to(dtype)
 
 
 def _draw(diff: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
           intrinsics: tuple[float, float, float, float], height: int, width: int,
           near: float, facing: int) -> None:
-    """Select the faces that can cover a pixel, sort their corners by y and scan them by height."""
-    corners = project(vertices, *intrinsics)[:, faces]  # [B, F, 3, 2]
-    xs, ys = corners[..., 0], corners[..., 1]
-    keep = (vertices[..., 2] > near)[:, faces].all(dim=-1)
-    keep &= (xs.amax(dim=-1) > 0) & (xs.amin(dim=-1) < width)
+    """Select the faces that can cover a pixel, sort their corners by y and scan them by height.
+
+    Per-face work is done on flat ``[B * F]`` tensors with ``index_select`` (torch's multi-index
+    gathers and reductions over a dimension of 3 cost several times more on the CPU).
+    """
+    batch, face_count = vertices.shape[0], len(faces)
+    fx, fy, cx, cy = intrinsics
+    depth = vertices[..., 2]
+    u, v = fx * vertices[..., 0] / depth + cx, fy * vertices[..., 1] / depth + cy  # [B, V] each
+    corner = [faces[:, k].contiguous() for k in range(3)]
+    x0, x1, x2 = (u.index_select(1, c) for c in corner)
+    y0, y1, y2 = (v.index_select(1, c) for c in corner)
+    top = torch.minimum(torch.minimum(y0, y1), y2)
+    first = torch.ceil(top - 0.5).clamp(0, height)
+    count = torch.ceil(torch.maximum(torch.maximum(y0, y1), y2) - 0.5).clamp(0, height) - first
+    keep = (count > 0) & (torch.maximum(torch.maximum(x0, x1), x2) > 0)
+    keep &= torch.minimum(torch.minimum(x0, x1), x2) < width
     if facing:
-        area = ((xs[..., 1] - xs[..., 0]) * (ys[..., 2] - ys[..., 0])
-                - (xs[..., 2] - xs[..., 0]) * (ys[..., 1] - ys[..., 0]))
-        keep &= area * facing > 0
-    ys, order = ys.sort(dim=-1)
-    first = torch.ceil(ys[..., 0] - 0.5).clamp(0, height)
-    count = torch.ceil(ys[..., 2] - 0.5).clamp(0, height) - first
-    keep &= count > 0
-    pose, face = torch.nonzero(keep, as_tuple=True)
-    ys = ys[pose, face]
-    xs = xs[pose, face].gather(1, order[pose, face])
-    params = torch.stack((xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1], _slope(xs, ys, 0, 2),
-                          _slope(xs, ys, 0, 1), _slope(xs, ys, 1, 2), first[pose, face]), dim=1)
-    row_base = pose * (height * (width + 1))
-    count = count[pose, face]
+        keep &= ((x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)) * facing > 0
+    if (depth <= near).any():
+        keep &= depth.index_select(1, faces.flatten()).view(batch, face_count, 3).amin(dim=-1) > near
+    chosen = torch.nonzero(keep.view(-1)).squeeze(1)
+    xy = [c.reshape(-1).index_select(0, chosen) for c in (x0, y0, x1, y1, x2, y2)]
+    params = _sorted_face_params(xy, first.view(-1).index_select(0, chosen))
+    count = count.view(-1).index_select(0, chosen)
+    row_base = torch.div(chosen, face_count, rounding_mode="floor") * (height * width)
     low, rows = 0, 1
     while low < height:
-        group = (count > low) & (count <= rows)
-        if group.any():
-            _scan_group(diff, params[group], count[group], row_base[group], rows, height, width)
+        group = torch.nonzero((count > low) & (count <= rows)).squeeze(1)
+        if len(group):
+            _scan_group(diff, params.index_select(0, group), count.index_select(0, group),
+                        row_base.index_select(0, group), rows, height, width)
         low, rows = rows, rows * 2
 
 
-def _slope(xs: torch.Tensor, ys: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """dx/dy of the edge from corner a to corner b (0 for a horizontal edge, never scanned)."""
-    dy = ys[:, b] - ys[:, a]
-    return (xs[:, b] - xs[:, a]) / torch.where(dy > 0, dy, torch.ones_like(dy))
+def _sorted_face_params(xy: list[torch.Tensor], first: torch.Tensor) -> torch.Tensor:
+    """Per face ``[N, 8]``: top corner x, y; middle corner x, y; slopes dx/dy of the long (top to
+    bottom), upper and lower edges; first row. Corners sorted by y with a 3-element sorting network."""
+    xa, ya, xb, yb, xc, yc = xy
+    for (p, q) in ((0, 1), (1, 2), (0, 1)):
+        pair = [(xa, ya), (xb, yb), (xc, yc)]
+        (px, py), (qx, qy) = pair[p], pair[q]
+        swap = py > qy
+        pair[p] = (torch.where(swap, qx, px), torch.where(swap, qy, py))
+        pair[q] = (torch.where(swap, px, qx), torch.where(swap, py, qy))
+        (xa, ya), (xb, yb), (xc, yc) = pair
+    return torch.stack((xa, ya, xb, yb, _slope(xa, ya, xc, yc), _slope(xa, ya, xb, yb),
+                        _slope(xb, yb, xc, yc), first), dim=1)
+
+
+def _slope(xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """dx/dy of an edge (0 for a horizontal edge, which is never scanned)."""
+    dy = yb - ya
+    return (xb - xa) / torch.where(dy > 0, dy, torch.ones_like(dy))
 
 
 def _scan_group(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, row_base: torch.Tensor,
@@ -129,7 +153,9 @@ def _scan(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, row_bas
     start = torch.ceil(torch.minimum(along_long, along_short) - 0.5).clamp(0, width)
     stop = torch.ceil(torch.maximum(along_long, along_short) - 0.5).clamp(0, width)
     stop = torch.where(offset < count[:, None], torch.maximum(start, stop), start)
-    index = row_base[:, None] + row.clamp(max=height - 1).long() * (width + 1)
+    index = row_base[:, None] + row.clamp(max=height - 1).long() * width
+    spare = diff.numel() - 1
+    start_at = torch.where(start < width, index + start.long(), spare)
+    stop_at = torch.where(stop < width, index + stop.long(), spare)
     ones = torch.ones(start.numel(), dtype=diff.dtype, device=diff.device)
-    diff.index_add_(0, torch.cat(((index + start.long()).view(-1), (index + stop.long()).view(-1))),
-                    torch.cat((ones, -ones)))
+    diff.index_add_(0, torch.cat((start_at.view(-1), stop_at.view(-1))), torch.cat((ones, -ones)))
