@@ -62,7 +62,7 @@ SCREENED, SCREEN_DEG = 16, 15.0  # coarse views screened at 64 px, at least this
 HYPOTHESES, DISTINCT_DEG = 6, 25.0  # refined at half resolution
 SAME_SILHOUETTE = 0.97
 HOPPED, HOP_DEG = 2, 12.0
-FINISHED = 3  # refined at full resolution (at least; one more than the candidates asked for)
+FINISHED = 3  # refined at full resolution; further candidates are only scored there
 SEARCH_FACES, FINAL_FACES = 1000, 2500  # faces drawn by the coarse to middle stages, and the last
 POSES_PER_BATCH = 256
 MODEL_RADII = (0.5, 1.0, 2.0, 4.0)
@@ -615,7 +615,13 @@ def fit_pose(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occlud
     hop_r, hop_t, hop_score = refine(search, stages["hop"], *_hops(r[best], t[best]))
     r, t, score = torch.cat((r, hop_r)), torch.cat((t, hop_t)), torch.cat((score, hop_score))
     keep = _distinct(r, score, max(candidates + 1, FINISHED), DISTINCT_DEG / 2)
-    r, t, score = refine(full, stages["fine"], r[keep], t[keep])
+    fine_r, fine_t, fine_score = refine(full, stages["fine"], r[keep[:FINISHED]], t[keep[:FINISHED]])
+    rest = keep[FINISHED:]
+    if rest:  # the other candidates are only scored on the final grid
+        fine_view = _view(masks, camera, window, stages["fine"].side, device)
+        fine_r, fine_t = torch.cat((fine_r, r[rest])), torch.cat((fine_t, t[rest]))
+        fine_score = torch.cat((fine_score, full.scores(fine_view, r[rest], t[rest])))
+    r, t, score = fine_r, fine_t, fine_score
     order = _distinct(r, score, candidates + 1, DISTINCT_DEG / 2)
     poses = [(_matrix(r[i], t[i], centre), float(score[i])) for i in order]
     return Placement(poses[0][0], poses[0][1], poses[1:])
