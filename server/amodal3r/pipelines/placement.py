@@ -13,29 +13,41 @@ pixels the occluder does not cover (what is behind the occluder can be anything)
 photo (beyond its border nothing is known). Background is known non-target. The IoU already counts
 background covered once; the extra PENALTY (0.25) makes it count 1.25 times a missed target pixel,
 because the true silhouette lies inside target + occluder exactly, while a missed pixel is often a
-thin mask edge. Much larger weights pull the object into the occluder, shrinking it.
+thin mask edge. It is kept small because it also rewards hiding more of the object behind the
+occluder (farther away, smaller), which the IoU alone does not.
 
-Search, in three stages that spend pixels where they matter:
+Search, coarse to fine, spending pixels and faces where they matter (counts are the constants below):
 
 1. Coarse, exhaustive over the model's training views (upright cameras on a sphere looking at the
-   object): 36 yaws x 6 pitches from -10 to 60 degrees (camera above), no roll. Each view is drawn
-   once at a depth where its size fits the masks (between "covers the target's box" and "fits the
-   target + occluder box"), at about 48 px across the working window; the best image shift and
-   depth factor for it are then found for every shift at once by FFT cross-correlation with the
-   masks rescaled about the view's centre (scaling the masks by k is moving the object k times
-   farther). The best views, at least 25 degrees apart (symmetric objects have several equally
-   good poses), go on.
-2. Each of those is refined at half the resolution by a derivative-free (1+16) evolution
-   strategy: every iteration tries +-1 step along each of 6 axes (rotation as axis-angle about the
-   object's centre in the camera frame; image-plane shift; depth along the line of sight) and 4
-   random directions, all poses of all hypotheses in one rasteriser batch; a better pose is taken,
-   otherwise the steps halve.
-3. The best few distinct ones are refined again at full resolution with smaller steps.
+   object): 36 yaws x 6 pitches from -10 to 60 degrees (camera above), no roll (the refinement's
+   turns about the optical axis take up a small roll). Each view is drawn once, about 48 px across
+   the working window, at a depth between "its silhouette covers the target's box" and "it fits in
+   the target + occluder box"; the best image shift for each of up to 9 depth factors is then found
+   for every shift at once by FFT cross-correlation with the masks rescaled about the drawn centre
+   (scaling the masks by k is moving the object k times farther away).
+2. Screening: the best 16 views at least 15 degrees apart and with different silhouettes (a
+   symmetric object's equivalent views would take every place) get 5 refinement iterations at 64 px.
+3. Middle: the best 6, at least 25 degrees apart, are refined at half ``resolution``.
+4. Hops: the best 2 are turned +-12 degrees about the object's up axis and about the camera's x
+   axis and refined again briefly: a fit can stop a few degrees beside a narrow better one (a handle
+   just round the side) where no small step improves it.
+5. Final: the best 3 distinct poses are refined at ``resolution``; further candidates are scored there.
+
+Stages 1-4 draw the mesh decimated to 1,000 faces and stage 5 to 2,500: thousands of silhouettes a
+few hundred pixels across show no finer detail, and drawing time follows the face count.
+
+Refinement (:func:`_refine`) is a derivative-free trust region: each iteration scores 44 poses
+around each pose (all in one rasteriser batch), fits a quadratic with every coupling to them and
+tries the model's maxima. A pose moves by a turn (axis-angle, camera axes), an image-plane shift and
+a depth change; turns and depth changes pivot on the visible target's centroid at the object's
+depth, since the visible part is what pins the pose. Couplings matter: a turn often pays only
+together with a shift (a narrow ridge), which coordinate steps and plain slopes crawl along.
 
 Pixels: masks are cut to a window around the target and the occluder near it (with a margin),
 and scaled so the window's longer side is ``resolution``; mask pixels are area-averaged (exactly,
-via summed-area tables), so a mask pixel half target counts half. An occluder farther from the
-target than the target's own size cannot hide any of it and is ignored.
+via summed-area tables), so a mask pixel half target counts half. Occluder pixels farther from the
+target's box than its own size are ignored (taken as background): the hidden part is assumed to lie
+within that reach, which keeps a large occluder (a table, a wall) from spreading the window.
 """
 
 from __future__ import annotations
@@ -46,11 +58,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..io.camera import Intrinsics, Pose
+from ..io.camera import MAX_CANDIDATES, Intrinsics, Pose
 from ..modules.silhouette import rasterize_silhouette
 
 PENALTY = 0.25
 MIN_TARGET_PIXELS = 16
+MIN_RESOLUTION = 64
 NEAR_OCCLUDER = 1.0  # occluder counts within this many target sizes of the target's box
 WINDOW_MARGIN = 0.2  # of the target + occluder box's longer side, on each side
 COARSE_SIDE = 48
@@ -82,8 +95,8 @@ class Placement:
     candidates: list[tuple[np.ndarray, float]] = field(default_factory=list)
 
     def pose(self, camera: Intrinsics) -> Pose:
-        """As :class:`amodal3r.io.camera.Pose`, to write ``pose.json``."""
-        return Pose(self.object_to_camera, camera, self.score, tuple(self.candidates))
+        """As :class:`amodal3r.io.camera.Pose`, to write ``pose.json`` (which keeps 3 candidates)."""
+        return Pose(self.object_to_camera, camera, self.score, tuple(self.candidates[:MAX_CANDIDATES]))
 
 
 @dataclass
@@ -143,8 +156,7 @@ class _View:
     cy: float
     height: int
     width: int
-    target: torch.Tensor  # [h, w] target fraction
-    known: torch.Tensor  # [h, w] not-occluder, inside-photo fraction
+    weights: torch.Tensor  # [h * w, 2]: each pixel's target fraction, and its known fraction
     target_total: float  # the whole target's area in this grid's pixels
 
     def scores(self, silhouettes: torch.Tensor) -> torch.Tensor:
@@ -152,11 +164,6 @@ class _View:
         hit, covered = (silhouettes.view(len(silhouettes), -1) @ self.weights).unbind(1)
         iou = hit / (covered + self.target_total - hit).clamp_min(1e-9)
         return iou - PENALTY * (covered - hit) / self.target_total
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """Target and known fractions as the two columns of one ``[h * w, 2]`` matrix."""
-        return torch.stack((self.target.flatten(), self.known.flatten()), dim=1)
 
 
 def _view(masks: _Masks, camera: Intrinsics, box: tuple[float, float, float, float], long_side: int,
@@ -167,8 +174,9 @@ def _view(masks: _Masks, camera: Intrinsics, box: tuple[float, float, float, flo
     width, height = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
     sx, sy = width / (x1 - x0), height / (y1 - y0)
     target, known = masks.sample(np.linspace(x0, x1, width + 1), np.linspace(y0, y1, height + 1))
+    weights = torch.stack((target.flatten(), known.flatten()), dim=1).to(device)
     return _View(camera.fx * sx, camera.fy * sy, (camera.cx - x0) * sx, (camera.cy - y0) * sy, height, width,
-                 target.to(device), known.to(device), masks.target_pixels * sx * sy)
+                 weights, masks.target_pixels * sx * sy)
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -252,12 +260,11 @@ def _closed(faces: np.ndarray) -> bool:
     return len(unique) == len(forward) and np.array_equal(unique, np.unique(backward))
 
 
-def look_rotations(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor | None = None) -> torch.Tensor:
+def look_rotations(yaw: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
     """Object-to-camera rotations ``[N, 3, 3]`` of upright cameras looking at the object's centre.
 
     Yaw 0 looks at the front (+Z) and grows as the camera goes round towards +X; pitch is the
-    camera's height above the object's equator (positive looks down); roll turns the image
-    clockwise. Radians.
+    camera's height above the object's equator (positive looks down). Radians.
     """
     direction = torch.stack((torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch),
                              torch.cos(yaw) * torch.cos(pitch)), dim=-1)
@@ -266,18 +273,7 @@ def look_rotations(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor | 
     down = (up * forward).sum(-1, keepdim=True) * forward - up
     down = down / down.norm(dim=-1, keepdim=True)
     right = torch.cross(down, forward, dim=-1)
-    rotation = torch.stack((right, down, forward), dim=-2)
-    if roll is not None:
-        rotation = _about_z(roll) @ rotation
-    return rotation
-
-
-def _about_z(angle: torch.Tensor) -> torch.Tensor:
-    """Rotations about the camera's optical axis."""
-    c, s = torch.cos(angle), torch.sin(angle)
-    zero, one = torch.zeros_like(angle), torch.ones_like(angle)
-    return torch.stack((torch.stack((c, -s, zero), -1), torch.stack((s, c, zero), -1),
-                        torch.stack((zero, zero, one), -1)), dim=-2)
+    return torch.stack((right, down, forward), dim=-2)
 
 
 def axis_angle(vectors: torch.Tensor) -> torch.Tensor:
@@ -348,6 +344,7 @@ def _coarse(renderer: _Renderer, masks: _Masks, camera: Intrinsics, window: tupl
     rotations = look_rotations(yaw.flatten(), pitch.flatten()).to(device)
     turned = renderer.vertices @ rotations.transpose(-1, -2)
     extents = turned[..., :2].amax(dim=1) - turned[..., :2].amin(dim=1)
+    extents = extents.clamp_min(0.05 * extents.max().item())  # a flat object seen edge-on
     near, far = _depth_range(extents, masks, camera)
     depth = (near * far).sqrt()
     spread = (far / near).sqrt().amax().item() * 1.15
@@ -449,13 +446,16 @@ def _model_steps(points: torch.Tensor, values: torch.Tensor, centre: torch.Tenso
     """Maxima of a least-squares quadratic fit to the scores, within each of ``radii`` (trust region).
 
     ``points [S, 6]``, ``values [N, S]``, ``centre [N]`` (the score at 0): steps ``[N, R, 6]``.
+    Solved on the CPU in float64 (tiny, and MPS has no float64).
     """
-    design = _quadratic_features(torch.cat((torch.zeros(1, 6, device=points.device), points))).double()
+    device = values.device
+    points, values, centre, radii = points.cpu(), values.cpu(), centre.cpu(), radii.cpu()
+    design = _quadratic_features(torch.cat((torch.zeros(1, 6), points))).double()
     scores = torch.cat((centre[:, None], values), dim=1).double()
     coefficients = torch.linalg.lstsq(design[None].expand(len(scores), -1, -1), scores[..., None]).solution[..., 0]
     gradient = coefficients[:, 1:7]
     rows, cols = torch.triu_indices(6, 6)
-    hessian = torch.zeros(len(scores), 6, 6, dtype=torch.float64, device=points.device)
+    hessian = torch.zeros(len(scores), 6, 6, dtype=torch.float64)
     hessian[:, rows, cols] = coefficients[:, 7:]
     hessian = hessian + hessian.transpose(1, 2)  # diagonal doubled: d2/dx2 of c x^2 is 2c
     curvature, basis = torch.linalg.eigh(hessian)
@@ -469,7 +469,7 @@ def _model_steps(points: torch.Tensor, values: torch.Tensor, centre: torch.Tenso
         too_long = norm > radii.double()[None]
         low, high = torch.where(too_long, middle, low), torch.where(too_long, high, middle)
     steps = (basis[:, None] @ (along[:, None] / (high[..., None] - curvature[:, None]))[..., None])[..., 0]
-    return steps.float()
+    return steps.float().to(device)
 
 
 def _refine(renderer: _Renderer, view: _View, rotations: torch.Tensor, translations: torch.Tensor,
@@ -591,6 +591,9 @@ def fit_pose(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occlud
     bool masks the size of the full photo that ``camera`` describes. Up to ``candidates`` distinct
     other poses come with the best one.
     """
+    if resolution < MIN_RESOLUTION or candidates < 0:
+        raise PlacementError(f"resolution must be at least {MIN_RESOLUTION} and candidates at least 0, got "
+                             f"{resolution} and {candidates}")
     vertices, faces, target, occluder = _check_inputs(vertices, faces, target, occluder, camera)
     device = torch.device(device or "cpu")
     centre = (vertices.min(axis=0) + vertices.max(axis=0)) / 2
