@@ -154,3 +154,15 @@ def test_degenerate_faces_draw_nothing() -> None:
     vertices = np.array([[0, 0, 2], [0.5, 0.5, 2], [1.0, 1.0, 2]], dtype=np.float64)  # collinear
     assert not draw(vertices, np.array([[0, 1, 2]])).any()
     assert math.isfinite(float(draw(vertices, np.array([[0, 0, 0]])).sum()))
+
+
+def test_faces_reaching_towards_the_camera_plane_project_far_but_draw_right() -> None:
+    rng = np.random.default_rng(5)
+    centres = np.column_stack((rng.uniform(-0.8, 0.8, 24), rng.uniform(-0.6, 0.6, 24), rng.uniform(2, 4, 24)))
+    vertices = (centres[:, None] + rng.normal(0, 0.08, (24, 3, 3))).reshape(-1, 3)
+    vertices[0::12, 2] = 1.1e-3  # just in front of the near plane: projected up to 1e5 px away
+    vertices[3::12, 2] = 1.1e-3
+    faces = np.arange(len(vertices)).reshape(-1, 3)
+    got, expected = draw(vertices, faces), reference(vertices, faces)
+    assert 0.05 < expected.mean() < 0.9
+    assert (got == expected).mean() >= 0.99

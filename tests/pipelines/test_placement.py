@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 
-from amodal3r.io.camera import Intrinsics
+from amodal3r.io.camera import Intrinsics, Pose
 from amodal3r.pipelines.placement import Placement, PlacementError, fit_pose
 
 
@@ -268,6 +269,24 @@ def test_masks_of_another_size_are_refused() -> None:
         fit_pose(vertices, faces, target[::2, ::2], occluder, camera)
     with pytest.raises(PlacementError, match="occluder mask"):
         fit_pose(vertices, faces, target, occluder.T, camera)
+
+
+def test_bad_settings_are_refused() -> None:
+    vertices, faces, target, occluder, camera = _simple_inputs()
+    with pytest.raises(PlacementError, match="resolution must be at least"):
+        fit_pose(vertices, faces, target, occluder, camera, resolution=8)
+    with pytest.raises(PlacementError, match="candidates at least 0"):
+        fit_pose(vertices, faces, target, occluder, camera, candidates=-1)
+
+
+def test_the_fit_writes_a_pose_json(tmp_path: Path) -> None:
+    vertices, faces, target, occluder, camera = _simple_inputs()
+    placement = fit_pose(vertices, faces, target, occluder, camera, resolution=64, candidates=5)
+    assert len(placement.candidates) <= 5
+    path = placement.pose(camera).write(tmp_path / "pose.json")
+    back = Pose.from_json(path)
+    np.testing.assert_allclose(back.object_to_camera, placement.object_to_camera)
+    assert back.camera == camera and len(back.candidates) == min(3, len(placement.candidates))
 
 
 def test_mesh_without_faces_is_refused() -> None:

@@ -143,16 +143,18 @@ def _scan_group(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, r
 
 def _scan(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, row_base: torch.Tensor,
           rows: int, height: int, width: int) -> None:
-    """Accumulate the spans of ``[N, rows]`` (face, row) pairs; padding rows add +1 and -1 in one place."""
+    """Accumulate the spans of ``[N, rows]`` (face, row) pairs; empty ones add +1 and -1 in one place."""
     x0, y0, x1, y1, long_slope, top_slope, bottom_slope, first = (p[:, None] for p in params.unbind(1))
     offset = torch.arange(rows, device=params.device, dtype=params.dtype)
     row = first + offset
     centre = row + 0.5
     along_long = x0 + (centre - y0) * long_slope
     along_short = torch.where(centre < y1, x0 + (centre - y0) * top_slope, x1 + (centre - y1) * bottom_slope)
-    start = torch.ceil(torch.minimum(along_long, along_short) - 0.5).clamp(0, width)
-    stop = torch.ceil(torch.maximum(along_long, along_short) - 0.5).clamp(0, width)
-    stop = torch.where(offset < count[:, None], torch.maximum(start, stop), start)
+    start = torch.ceil(torch.minimum(along_long, along_short) - 0.5).nan_to_num_(0.0).clamp_(0, width)
+    stop = torch.ceil(torch.maximum(along_long, along_short) - 0.5).nan_to_num_(0.0).clamp_(0, width)
+    # Padding rows, and nan ends (an infinite slope times zero on a nearly flat edge), draw nothing.
+    real = (offset < count[:, None]) & ~(along_long.isnan() | along_short.isnan())
+    stop = torch.where(real, torch.maximum(start, stop), start)
     index = row_base[:, None] + row.clamp(max=height - 1).long() * width
     spare = diff.numel() - 1
     start_at = torch.where(start < width, index + start.long(), spare)
