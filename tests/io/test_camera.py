@@ -95,8 +95,14 @@ def test_from_fov() -> None:
             Intrinsics.from_fov(640, 480, bad)
 
 
-def jpeg(path: Path, size: tuple[int, int], focal_35mm: int | None = None, *, sub_ifd: bool = True,
-         orientation: int | None = None) -> Path:
+def jpeg(
+    path: Path,
+    size: tuple[int, int],
+    focal_35mm: int | None = None,
+    *,
+    sub_ifd: bool = True,
+    orientation: int | None = None,
+) -> Path:
     """A JPEG with FocalLengthIn35mmFilm in the Exif sub-IFD (where cameras write it) or in IFD0."""
     exif = Image.Exif()
     if focal_35mm is not None:

@@ -62,8 +62,9 @@ MESHES = {
 
 
 def draw(vertices: np.ndarray, faces: np.ndarray, **options) -> np.ndarray:
-    out = rasterize_silhouette(torch.from_numpy(vertices).float(), torch.from_numpy(faces), FX, FY, CX, CY,
-                               HEIGHT, WIDTH, **options)
+    out = rasterize_silhouette(
+        torch.from_numpy(vertices).float(), torch.from_numpy(faces), FX, FY, CX, CY, HEIGHT, WIDTH, **options
+    )
     return out[0].numpy()
 
 
@@ -83,8 +84,9 @@ def test_matches_the_reference(name: str) -> None:
 def test_a_batch_is_every_pose_drawn_alone() -> None:
     mesh = MESHES["l_shape"]()
     poses = np.stack([posed(mesh, seed) for seed in range(5)])
-    batch = rasterize_silhouette(torch.from_numpy(poses).float(), torch.from_numpy(mesh.faces), FX, FY, CX, CY,
-                                 HEIGHT, WIDTH)
+    batch = rasterize_silhouette(
+        torch.from_numpy(poses).float(), torch.from_numpy(mesh.faces), FX, FY, CX, CY, HEIGHT, WIDTH
+    )
     assert batch.shape == (5, HEIGHT, WIDTH) and batch.dtype == torch.bool
     for i in range(5):
         np.testing.assert_array_equal(batch[i].numpy(), draw(poses[i], mesh.faces))

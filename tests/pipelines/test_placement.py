@@ -30,10 +30,10 @@ def reference_silhouette(vertices: np.ndarray, faces: np.ndarray, camera: Intrin
         if x0 >= x1 or y0 >= y1:
             continue
         px, py = np.meshgrid(np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5)
-        sides = [(xs[j] - xs[i]) * (py - ys[i]) - (ys[j] - ys[i]) * (px - xs[i])
-                 for i, j in ((0, 1), (1, 2), (2, 0))]
-        inside = ((sides[0] >= 0) & (sides[1] >= 0) & (sides[2] >= 0)) | \
-                 ((sides[0] <= 0) & (sides[1] <= 0) & (sides[2] <= 0))
+        sides = [(xs[j] - xs[i]) * (py - ys[i]) - (ys[j] - ys[i]) * (px - xs[i]) for i, j in ((0, 1), (1, 2), (2, 0))]
+        inside = ((sides[0] >= 0) & (sides[1] >= 0) & (sides[2] >= 0)) | (
+            (sides[0] <= 0) & (sides[1] <= 0) & (sides[2] <= 0)
+        )
         out[y0:y1, x0:x1] |= inside
     return out
 
@@ -60,27 +60,51 @@ def _canonical(parts: list[trimesh.Trimesh]) -> tuple[np.ndarray, np.ndarray]:
 
 def bracket() -> tuple[np.ndarray, np.ndarray]:
     """An L (base, upright at the left end) with a tab forward on the right and a block behind the upright."""
-    return _canonical([_box((0.9, 0.15, 0.5), (0.0, -0.3, 0.0)), _box((0.15, 0.6, 0.5), (-0.375, 0.075, 0.0)),
-                       _box((0.25, 0.15, 0.3), (0.3, -0.3, 0.38)), _box((0.2, 0.2, 0.2), (-0.2, 0.3, -0.15))])
+    return _canonical(
+        [
+            _box((0.9, 0.15, 0.5), (0.0, -0.3, 0.0)),
+            _box((0.15, 0.6, 0.5), (-0.375, 0.075, 0.0)),
+            _box((0.25, 0.15, 0.3), (0.3, -0.3, 0.38)),
+            _box((0.2, 0.2, 0.2), (-0.2, 0.3, -0.15)),
+        ]
+    )
 
 
 def chair() -> tuple[np.ndarray, np.ndarray]:
     """Seat, back, four legs and one armrest (on the right): no mirror symmetry."""
     legs = [_box((0.06, 0.45, 0.06), (x, -0.265, z)) for x in (-0.27, 0.27) for z in (-0.27, 0.27)]
-    return _canonical([_box((0.6, 0.08, 0.6), (0, 0, 0)), _box((0.6, 0.6, 0.08), (0, 0.34, -0.26)), *legs,
-                       _box((0.06, 0.05, 0.5), (0.3, 0.25, 0.0)), _box((0.05, 0.22, 0.05), (0.3, 0.13, 0.2))])
+    return _canonical(
+        [
+            _box((0.6, 0.08, 0.6), (0, 0, 0)),
+            _box((0.6, 0.6, 0.08), (0, 0.34, -0.26)),
+            *legs,
+            _box((0.06, 0.05, 0.5), (0.3, 0.25, 0.0)),
+            _box((0.05, 0.22, 0.05), (0.3, 0.13, 0.2)),
+        ]
+    )
 
 
 def steps() -> tuple[np.ndarray, np.ndarray]:
     """Three steps up towards +X, each set further back."""
-    return _canonical([_box((0.9, 0.25, 0.6), (0.0, -0.25, 0.1)), _box((0.6, 0.25, 0.45), (0.15, 0.0, -0.05)),
-                       _box((0.3, 0.25, 0.3), (0.3, 0.25, -0.15))])
+    return _canonical(
+        [
+            _box((0.9, 0.25, 0.6), (0.0, -0.25, 0.1)),
+            _box((0.6, 0.25, 0.45), (0.15, 0.0, -0.05)),
+            _box((0.3, 0.25, 0.3), (0.3, 0.25, -0.15)),
+        ]
+    )
 
 
 def kettle() -> tuple[np.ndarray, np.ndarray]:
     """A cylinder with a handle on the right and a spout forward-left, a lid knob off centre."""
-    return _canonical([_upright_cylinder(0.3, 0.55, (0, 0, 0)), _box((0.12, 0.35, 0.08), (0.36, 0.02, 0.0)),
-                       _box((0.3, 0.08, 0.08), (-0.36, 0.1, 0.12)), _box((0.1, 0.1, 0.1), (0.1, 0.32, -0.1))])
+    return _canonical(
+        [
+            _upright_cylinder(0.3, 0.55, (0, 0, 0)),
+            _box((0.12, 0.35, 0.08), (0.36, 0.02, 0.0)),
+            _box((0.3, 0.08, 0.08), (-0.36, 0.1, 0.12)),
+            _box((0.1, 0.1, 0.1), (0.1, 0.32, -0.1)),
+        ]
+    )
 
 
 def mug() -> tuple[np.ndarray, np.ndarray]:
@@ -164,8 +188,9 @@ def make_case(name: str, shape: tuple[np.ndarray, np.ndarray], seed: int) -> Cas
     vertices, faces = shape
     width, height = [(320, 240), (240, 320), (288, 288)][int(rng.integers(3))]
     camera = Intrinsics.from_fov(width, height, float(rng.uniform(30, 70)))
-    rotation = look_at(rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(-10, 60)),
-                       math.radians(rng.uniform(-5, 5)))
+    rotation = look_at(
+        rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(-10, 60)), math.radians(rng.uniform(-5, 5))
+    )
     across = float(rng.uniform(0.4, 0.65)) * min(width, height)
     depth = camera.fx * 1.2 / across
     u = rng.uniform(0.4, 0.6) * width
@@ -174,8 +199,9 @@ def make_case(name: str, shape: tuple[np.ndarray, np.ndarray], seed: int) -> Cas
     silhouette = reference_silhouette(vertices @ rotation.T + translation, faces, camera)
     occluder = _occluder(silhouette, float(rng.uniform(0.25, 0.55)), rng)
     hidden = float((silhouette & occluder).sum() / silhouette.sum())
-    return Case(name, vertices, faces, camera, rotation, translation, silhouette, silhouette & ~occluder,
-                occluder, hidden)
+    return Case(
+        name, vertices, faces, camera, rotation, translation, silhouette, silhouette & ~occluder, occluder, hidden
+    )
 
 
 def evaluate(case: Case, placement: Placement) -> dict[str, float]:
@@ -184,9 +210,12 @@ def evaluate(case: Case, placement: Placement) -> dict[str, float]:
     fitted = reference_silhouette(case.vertices @ matrix[:3, :3].T + matrix[:3, 3], case.faces, case.camera)
     iou = (fitted & case.silhouette).sum() / (fitted | case.silhouette).sum()
     cosine = (np.trace(matrix[:3, :3].T @ case.rotation) - 1) / 2
-    return {"iou": float(iou), "rotation_deg": math.degrees(math.acos(np.clip(cosine, -1, 1))),
-            "depth": abs(matrix[2, 3] - case.translation[2]) / case.translation[2],
-            "hidden": case.hidden}
+    return {
+        "iou": float(iou),
+        "rotation_deg": math.degrees(math.acos(np.clip(cosine, -1, 1))),
+        "depth": abs(matrix[2, 3] - case.translation[2]) / case.translation[2],
+        "hidden": case.hidden,
+    }
 
 
 SEEDS = {"bracket": 11, "chair": 12, "steps": 13, "kettle": 14, "mug": 15, "block": 16}

@@ -40,9 +40,11 @@ DEFAULT_FOCAL_35MM = 50.0
 EXIF_IFD = 0x8769
 TAG_FOCAL_35MM = 41989
 MAX_CANDIDATES = 3
-HOW_TO_FIX = ("Give intrinsics in pixels of the full photo, OpenCV convention: width and height of "
-              "the image, fx and fy positive focal lengths, cx and cy the principal point inside it "
-              "(or drop the file to use the photo's EXIF focal length)")
+HOW_TO_FIX = (
+    "Give intrinsics in pixels of the full photo, OpenCV convention: width and height of "
+    "the image, fx and fy positive focal lengths, cx and cy the principal point inside it "
+    "(or drop the file to use the photo's EXIF focal length)"
+)
 
 
 class CameraError(ValueError):
@@ -85,27 +87,31 @@ class Intrinsics:
         values = {name: _number(data, name, source) for name in FIELDS}
         for name in ("width", "height"):
             if values[name] < 1 or values[name] != int(values[name]):
-                raise CameraError(f"{source}: '{name}' is {data[name]!r}, not a positive whole number "
-                                  f"of pixels. {HOW_TO_FIX}")
+                raise CameraError(
+                    f"{source}: '{name}' is {data[name]!r}, not a positive whole number of pixels. {HOW_TO_FIX}"
+                )
         for name in ("fx", "fy"):
             if values[name] <= 0:
-                raise CameraError(f"{source}: '{name}' is {data[name]!r}; a focal length must be "
-                                  f"positive. {HOW_TO_FIX}")
+                raise CameraError(
+                    f"{source}: '{name}' is {data[name]!r}; a focal length must be positive. {HOW_TO_FIX}"
+                )
         for name, size in (("cx", "width"), ("cy", "height")):
             if not 0 <= values[name] <= values[size]:
-                raise CameraError(f"{source}: '{name}' is {data[name]!r}, outside the image (0 to "
-                                  f"{size} {values[size]:g}). {HOW_TO_FIX}")
+                raise CameraError(
+                    f"{source}: '{name}' is {data[name]!r}, outside the image (0 to "
+                    f"{size} {values[size]:g}). {HOW_TO_FIX}"
+                )
         return values
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "camera") -> Intrinsics:
         """Intrinsics from a mapping with the six fields (others are ignored)."""
         if not isinstance(data, Mapping):
-            raise CameraError(f"{source}: expected an object with {', '.join(FIELDS)}, got "
-                              f"{type(data).__name__}. {HOW_TO_FIX}")
+            raise CameraError(
+                f"{source}: expected an object with {', '.join(FIELDS)}, got {type(data).__name__}. {HOW_TO_FIX}"
+            )
         values = cls._check(data, source)
-        return cls(int(values["width"]), int(values["height"]), values["fx"], values["fy"],
-                   values["cx"], values["cy"])
+        return cls(int(values["width"]), int(values["height"]), values["fx"], values["fy"], values["cx"], values["cy"])
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Intrinsics:
@@ -198,8 +204,9 @@ class Pose:
             "object_to_camera": _matrix(self.object_to_camera, "object_to_camera").tolist(),
             "camera": self.camera.to_dict(),
             "score": float(self.score),
-            "candidates": [{"object_to_camera": _matrix(m, "candidate").tolist(), "score": float(s)}
-                           for m, s in self.candidates],
+            "candidates": [
+                {"object_to_camera": _matrix(m, "candidate").tolist(), "score": float(s)} for m, s in self.candidates
+            ],
         }
 
     def write(self, path: str | os.PathLike[str]) -> Path:
@@ -221,14 +228,18 @@ class Pose:
         """Read a ``pose.json`` back (as :meth:`write` left it)."""
         path = Path(path)
         data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(_matrix(data["object_to_camera"], f"{path}: object_to_camera"),
-                   Intrinsics.from_dict(data["camera"], f"{path}: camera"), float(data["score"]),
-                   tuple((_matrix(c["object_to_camera"], f"{path}: candidate"), float(c["score"]))
-                         for c in data.get("candidates", [])))
+        return cls(
+            _matrix(data["object_to_camera"], f"{path}: object_to_camera"),
+            Intrinsics.from_dict(data["camera"], f"{path}: camera"),
+            float(data["score"]),
+            tuple(
+                (_matrix(c["object_to_camera"], f"{path}: candidate"), float(c["score"]))
+                for c in data.get("candidates", [])
+            ),
+        )
 
 
-def load_mesh_for_placement(glb_path: str | os.PathLike[str], max_faces: int = 4000
-                            ) -> tuple[np.ndarray, np.ndarray]:
+def load_mesh_for_placement(glb_path: str | os.PathLike[str], max_faces: int = 4000) -> tuple[np.ndarray, np.ndarray]:
     """Vertices ``float32 [V, 3]`` and faces ``int64 [F, 3]`` of a GLB, welded and decimated.
 
     Welded by position (UV seams and normals split vertices that a silhouette does not care
@@ -246,8 +257,10 @@ def load_mesh_for_placement(glb_path: str | os.PathLike[str], max_faces: int = 4
         raise MeshError(f"{path}: cannot read this mesh ({e}). Export it again as GLB") from e
     faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
     if len(faces) == 0:
-        raise MeshError(f"{path}: the file holds no triangles (empty, or only points or lines). "
-                        "Placement needs the reconstructed surface mesh")
+        raise MeshError(
+            f"{path}: the file holds no triangles (empty, or only points or lines). "
+            "Placement needs the reconstructed surface mesh"
+        )
     mesh.merge_vertices(merge_tex=True, merge_norm=True)
     vertices, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
     if len(faces) > max_faces:

@@ -51,9 +51,20 @@ def project(vertices: torch.Tensor, fx: float, fy: float, cx: float, cy: float) 
     return torch.stack((fx * vertices[..., 0] / z + cx, fy * vertices[..., 1] / z + cy), dim=-1)
 
 
-def rasterize_silhouette(vertices: torch.Tensor, faces: torch.Tensor, fx: float, fy: float,
-                         cx: float, cy: float, height: int, width: int, *, near: float = NEAR,
-                         facing: int = 0, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+def rasterize_silhouette(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    fx: float,
+    fy: float,
+    cx: float,
+    cy: float,
+    height: int,
+    width: int,
+    *,
+    near: float = NEAR,
+    facing: int = 0,
+    dtype: torch.dtype = torch.bool,
+) -> torch.Tensor:
     """Coverage ``[B, H, W]`` of one mesh seen in B poses: bool, or 0/1 in a float ``dtype``.
 
     ``vertices`` is ``[B, V, 3]`` (or ``[V, 3]`` for one pose) in the OpenCV camera frame,
@@ -73,9 +84,16 @@ def rasterize_silhouette(vertices: torch.Tensor, faces: torch.Tensor, fx: float,
     return counts > 0.5 if dtype == torch.bool else counts.clamp_(max=1).to(dtype)
 
 
-def _draw(diff: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
-          intrinsics: tuple[float, float, float, float], height: int, width: int,
-          near: float, facing: int) -> None:
+def _draw(
+    diff: torch.Tensor,
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    intrinsics: tuple[float, float, float, float],
+    height: int,
+    width: int,
+    near: float,
+    facing: int,
+) -> None:
     """Select the faces that can cover a pixel, sort their corners by y and scan them by height.
 
     Per-face work is done on flat ``[B * F]`` tensors with ``index_select`` (torch's multi-index
@@ -106,8 +124,15 @@ def _draw(diff: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
     while low < height:
         group = torch.nonzero((count > low) & (count <= rows)).squeeze(1)
         if len(group):
-            _scan_group(diff, params.index_select(0, group), count.index_select(0, group),
-                        row_base.index_select(0, group), rows, height, width)
+            _scan_group(
+                diff,
+                params.index_select(0, group),
+                count.index_select(0, group),
+                row_base.index_select(0, group),
+                rows,
+                height,
+                width,
+            )
         low, rows = rows, rows * 2
 
 
@@ -115,15 +140,16 @@ def _sorted_face_params(xy: list[torch.Tensor], first: torch.Tensor) -> torch.Te
     """Per face ``[N, 8]``: top corner x, y; middle corner x, y; slopes dx/dy of the long (top to
     bottom), upper and lower edges; first row. Corners sorted by y with a 3-element sorting network."""
     xa, ya, xb, yb, xc, yc = xy
-    for (p, q) in ((0, 1), (1, 2), (0, 1)):
+    for p, q in ((0, 1), (1, 2), (0, 1)):
         pair = [(xa, ya), (xb, yb), (xc, yc)]
         (px, py), (qx, qy) = pair[p], pair[q]
         swap = py > qy
         pair[p] = (torch.where(swap, qx, px), torch.where(swap, qy, py))
         pair[q] = (torch.where(swap, px, qx), torch.where(swap, py, qy))
         (xa, ya), (xb, yb), (xc, yc) = pair
-    return torch.stack((xa, ya, xb, yb, _slope(xa, ya, xc, yc), _slope(xa, ya, xb, yb),
-                        _slope(xb, yb, xc, yc), first), dim=1)
+    return torch.stack(
+        (xa, ya, xb, yb, _slope(xa, ya, xc, yc), _slope(xa, ya, xb, yb), _slope(xb, yb, xc, yc), first), dim=1
+    )
 
 
 def _slope(xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -132,8 +158,15 @@ def _slope(xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor, yb: torch.Tenso
     return (xb - xa) / torch.where(dy > 0, dy, torch.ones_like(dy))
 
 
-def _scan_group(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, row_base: torch.Tensor,
-                rows: int, height: int, width: int) -> None:
+def _scan_group(
+    diff: torch.Tensor,
+    params: torch.Tensor,
+    count: torch.Tensor,
+    row_base: torch.Tensor,
+    rows: int,
+    height: int,
+    width: int,
+) -> None:
     """Spans of faces spanning at most ``rows`` rows, in slices of at most :data:`MAX_SPANS`."""
     step = max(1, MAX_SPANS // rows)
     for begin in range(0, len(count), step):
@@ -141,8 +174,15 @@ def _scan_group(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, r
         _scan(diff, params[part], count[part], row_base[part], rows, height, width)
 
 
-def _scan(diff: torch.Tensor, params: torch.Tensor, count: torch.Tensor, row_base: torch.Tensor,
-          rows: int, height: int, width: int) -> None:
+def _scan(
+    diff: torch.Tensor,
+    params: torch.Tensor,
+    count: torch.Tensor,
+    row_base: torch.Tensor,
+    rows: int,
+    height: int,
+    width: int,
+) -> None:
     """Accumulate the spans of ``[N, rows]`` (face, row) pairs; empty ones add +1 and -1 in one place."""
     x0, y0, x1, y1, long_slope, top_slope, bottom_slope, first = (p[:, None] for p in params.unbind(1))
     offset = torch.arange(rows, device=params.device, dtype=params.dtype)

@@ -124,8 +124,10 @@ class _Masks:
         inside = np.outer(np.diff(np.clip(y_edges, 0, self.height)), np.diff(np.clip(x_edges, 0, self.width)))
         target = _cell_sums(self.table_target, x_edges - x0, y_edges - y0)
         occluder = _cell_sums(self.table_occluder, x_edges - x0, y_edges - y0)
-        return (torch.from_numpy(target / area).float(),
-                torch.from_numpy(np.clip(inside - occluder, 0, None) / area).float())
+        return (
+            torch.from_numpy(target / area).float(),
+            torch.from_numpy(np.clip(inside - occluder, 0, None) / area).float(),
+        )
 
 
 def _interpolate(table: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
@@ -166,8 +168,9 @@ class _View:
         return iou - PENALTY * (covered - hit) / self.target_total
 
 
-def _view(masks: _Masks, camera: Intrinsics, box: tuple[float, float, float, float], long_side: int,
-          device: torch.device) -> _View:
+def _view(
+    masks: _Masks, camera: Intrinsics, box: tuple[float, float, float, float], long_side: int, device: torch.device
+) -> _View:
     """A grid with ``long_side`` pixels along the longer side of ``box`` (photo pixels)."""
     x0, y0, x1, y1 = box
     scale = long_side / max(x1 - x0, y1 - y0)
@@ -175,8 +178,16 @@ def _view(masks: _Masks, camera: Intrinsics, box: tuple[float, float, float, flo
     sx, sy = width / (x1 - x0), height / (y1 - y0)
     target, known = masks.sample(np.linspace(x0, x1, width + 1), np.linspace(y0, y1, height + 1))
     weights = torch.stack((target.flatten(), known.flatten()), dim=1).to(device)
-    return _View(camera.fx * sx, camera.fy * sy, (camera.cx - x0) * sx, (camera.cy - y0) * sy, height, width,
-                 weights, masks.target_pixels * sx * sy)
+    return _View(
+        camera.fx * sx,
+        camera.fy * sy,
+        (camera.cx - x0) * sx,
+        (camera.cy - y0) * sy,
+        height,
+        width,
+        weights,
+        masks.target_pixels * sx * sy,
+    )
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -202,26 +213,42 @@ def _prepare_masks(target: np.ndarray, occluder: np.ndarray) -> _Masks:
         table[1:, 1:] = mask[uy0:uy1, ux0:ux1].cumsum(axis=0, dtype=np.float64).cumsum(axis=1)
         tables.append(table)
     ys, xs = np.nonzero(target)
-    return _Masks(tables[0], tables[1], (ux0, uy0), width, height, (tx0, ty0, tx1, ty1),
-                  (ux0, uy0, ux1, uy1), len(xs), (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5))
+    return _Masks(
+        tables[0],
+        tables[1],
+        (ux0, uy0),
+        width,
+        height,
+        (tx0, ty0, tx1, ty1),
+        (ux0, uy0, ux1, uy1),
+        len(xs),
+        (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
+    )
 
 
 def _window(masks: _Masks) -> tuple[float, float, float, float]:
     """The target + near occluder box with a margin, kept inside the photo."""
     x0, y0, x1, y1 = masks.union_box
     margin = WINDOW_MARGIN * max(x1 - x0, y1 - y0)
-    return (max(0.0, x0 - margin), max(0.0, y0 - margin),
-            min(float(masks.width), x1 + margin), min(float(masks.height), y1 + margin))
+    return (
+        max(0.0, x0 - margin),
+        max(0.0, y0 - margin),
+        min(float(masks.width), x1 + margin),
+        min(float(masks.height), y1 + margin),
+    )
 
 
-def _check_inputs(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occluder: np.ndarray,
-                  camera: Intrinsics) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _check_inputs(
+    vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occluder: np.ndarray, camera: Intrinsics
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Arrays of the right shapes and types, or a :class:`PlacementError` saying what is wrong."""
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces)
     if faces.size == 0:
-        raise PlacementError("the mesh has no faces: placement needs the reconstructed surface (a GLB "
-                             "with triangles), not points or an empty result")
+        raise PlacementError(
+            "the mesh has no faces: placement needs the reconstructed surface (a GLB "
+            "with triangles), not points or an empty result"
+        )
     if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
         raise PlacementError(f"vertices must be [V, 3] and faces [F, 3], got {vertices.shape} and {faces.shape}")
     if not np.issubdtype(faces.dtype, np.integer) or faces.min() < 0 or faces.max() >= len(vertices):
@@ -233,18 +260,21 @@ def _check_inputs(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, o
     for name, mask in (("target", target), ("occluder", occluder)):
         mask = np.asarray(mask).astype(bool)
         if mask.shape != expected:
-            raise PlacementError(f"the {name} mask is {mask.shape[1::-1] if mask.ndim == 2 else mask.shape} "
-                                 f"(width x height) but the camera is {camera.width}x{camera.height}: masks "
-                                 "must cover the whole photo the intrinsics describe (paste a crop's mask "
-                                 "into a photo-sized one)")
+            raise PlacementError(
+                f"the {name} mask is {mask.shape[1::-1] if mask.ndim == 2 else mask.shape} "
+                f"(width x height) but the camera is {camera.width}x{camera.height}: masks "
+                "must cover the whole photo the intrinsics describe (paste a crop's mask "
+                "into a photo-sized one)"
+            )
         masks.append(mask)
     visible = int((masks[0] & ~masks[1]).sum())
     if visible == 0:
-        raise PlacementError("the target mask is empty (or all under the occluder): mark the object's "
-                             "visible pixels")
+        raise PlacementError("the target mask is empty (or all under the occluder): mark the object's visible pixels")
     if visible < MIN_TARGET_PIXELS:
-        raise PlacementError(f"the target mask has {visible} visible pixel(s), too few to fit a pose "
-                             f"(at least {MIN_TARGET_PIXELS}): mark the whole visible object")
+        raise PlacementError(
+            f"the target mask has {visible} visible pixel(s), too few to fit a pose "
+            f"(at least {MIN_TARGET_PIXELS}): mark the whole visible object"
+        )
     return vertices, faces.astype(np.int64), masks[0], masks[1]
 
 
@@ -266,8 +296,9 @@ def look_rotations(yaw: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
     Yaw 0 looks at the front (+Z) and grows as the camera goes round towards +X; pitch is the
     camera's height above the object's equator (positive looks down). Radians.
     """
-    direction = torch.stack((torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch),
-                             torch.cos(yaw) * torch.cos(pitch)), dim=-1)
+    direction = torch.stack(
+        (torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch), torch.cos(yaw) * torch.cos(pitch)), dim=-1
+    )
     forward = -direction
     up = torch.tensor([0.0, 1.0, 0.0], dtype=forward.dtype, device=forward.device).expand_as(forward)
     down = (up * forward).sum(-1, keepdim=True) * forward - up
@@ -282,8 +313,9 @@ def axis_angle(vectors: torch.Tensor) -> torch.Tensor:
     axis = vectors / angle.clamp_min(1e-12)
     x, y, z = axis.unbind(-1)
     zero = torch.zeros_like(x)
-    cross = torch.stack((torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1),
-                         torch.stack((-y, x, zero), -1)), dim=-2)
+    cross = torch.stack(
+        (torch.stack((zero, -z, y), -1), torch.stack((z, zero, -x), -1), torch.stack((-y, x, zero), -1)), dim=-2
+    )
     eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
     sin, cos = torch.sin(angle)[..., None], torch.cos(angle)[..., None]
     return eye + sin * cross + (1 - cos) * cross @ cross
@@ -304,14 +336,27 @@ class _Renderer:
     def draw(self, view: _View, rotations: torch.Tensor, translations: torch.Tensor) -> torch.Tensor:
         """Silhouettes ``[N, h, w]``."""
         points = self.vertices @ rotations.transpose(-1, -2) + translations[:, None]
-        return rasterize_silhouette(points, self.faces, view.fx, view.fy, view.cx, view.cy, view.height,
-                                    view.width, facing=self.facing, dtype=torch.float32)
+        return rasterize_silhouette(
+            points,
+            self.faces,
+            view.fx,
+            view.fy,
+            view.cx,
+            view.cy,
+            view.height,
+            view.width,
+            facing=self.facing,
+            dtype=torch.float32,
+        )
 
     def scores(self, view: _View, rotations: torch.Tensor, translations: torch.Tensor) -> torch.Tensor:
         """Scores of N poses, drawn :data:`POSES_PER_BATCH` at a time."""
-        return torch.cat([view.scores(self.draw(view, rotations[i:i + POSES_PER_BATCH],
-                                                translations[i:i + POSES_PER_BATCH]))
-                          for i in range(0, len(rotations), POSES_PER_BATCH)])
+        return torch.cat(
+            [
+                view.scores(self.draw(view, rotations[i : i + POSES_PER_BATCH], translations[i : i + POSES_PER_BATCH]))
+                for i in range(0, len(rotations), POSES_PER_BATCH)
+            ]
+        )
 
 
 def _depth_range(extents: torch.Tensor, masks: _Masks, camera: Intrinsics) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +368,7 @@ def _depth_range(extents: torch.Tensor, masks: _Masks, camera: Intrinsics) -> tu
     target = torch.tensor([tx1 - tx0, ty1 - ty0], dtype=extents.dtype, device=extents.device)
     union = torch.tensor([ux1 - ux0, uy1 - uy0], dtype=extents.dtype, device=extents.device)
     far = (focal * extents / target).amin(dim=-1)
-    bounded = torch.tensor([ux0 > 0 and ux1 < masks.width, uy0 > 0 and uy1 < masks.height],
-                           device=extents.device)
+    bounded = torch.tensor([ux0 > 0 and ux1 < masks.width, uy0 > 0 and uy1 < masks.height], device=extents.device)
     near = torch.where(bounded, focal * extents / union, torch.zeros_like(extents)).amax(dim=-1)
     near = torch.where(near > 0, near, far / 2)
     return torch.minimum(near, far), torch.maximum(near, far)
@@ -335,12 +379,20 @@ def _ray(camera: Intrinsics, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack(((u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, torch.ones_like(u)), dim=-1)
 
 
-def _coarse(renderer: _Renderer, masks: _Masks, camera: Intrinsics, window: tuple[float, float, float, float],
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _coarse(
+    renderer: _Renderer,
+    masks: _Masks,
+    camera: Intrinsics,
+    window: tuple[float, float, float, float],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every training view with its best image shift and depth: rotations, translations, scores,
     and the views' coarse silhouettes (all drawn at the same place and about the same size)."""
-    yaw, pitch = torch.meshgrid(torch.arange(YAWS, dtype=torch.float32) * (2 * math.pi / YAWS),
-                                torch.deg2rad(torch.tensor(PITCHES_DEG)), indexing="ij")
+    yaw, pitch = torch.meshgrid(
+        torch.arange(YAWS, dtype=torch.float32) * (2 * math.pi / YAWS),
+        torch.deg2rad(torch.tensor(PITCHES_DEG)),
+        indexing="ij",
+    )
     rotations = look_rotations(yaw.flatten(), pitch.flatten()).to(device)
     turned = renderer.vertices @ rotations.transpose(-1, -2)
     extents = turned[..., :2].amax(dim=1) - turned[..., :2].amin(dim=1)
@@ -358,9 +410,17 @@ def _coarse(renderer: _Renderer, masks: _Masks, camera: Intrinsics, window: tupl
     return (*_correlate(drawn, view, masks, window, rotations, depth, centre, factors, camera), drawn)
 
 
-def _correlate(drawn: torch.Tensor, view: _View, masks: _Masks, window: tuple[float, float, float, float],
-               rotations: torch.Tensor, depth: torch.Tensor, centre: torch.Tensor, factors: list[float],
-               camera: Intrinsics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _correlate(
+    drawn: torch.Tensor,
+    view: _View,
+    masks: _Masks,
+    window: tuple[float, float, float, float],
+    rotations: torch.Tensor,
+    depth: torch.Tensor,
+    centre: torch.Tensor,
+    factors: list[float],
+    camera: Intrinsics,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every shift of every drawn view against the masks scaled by each depth factor (FFT)."""
     pad_y, pad_x = math.ceil(COARSE_PAD * view.height), math.ceil(COARSE_PAD * view.width)
     size = (view.height + 2 * pad_y, view.width + 2 * pad_x)
@@ -398,11 +458,12 @@ def _correlate(drawn: torch.Tensor, view: _View, masks: _Masks, window: tuple[fl
 def _shifts(correlation: torch.Tensor, pad_y: int, pad_x: int) -> torch.Tensor:
     """The part of a circular correlation ``[N, H, W]`` for shifts -pad..pad (index 0 is -pad)."""
     rolled = correlation.roll((pad_y, pad_x), dims=(1, 2))
-    return rolled[:, :2 * pad_y + 1, :2 * pad_x + 1]
+    return rolled[:, : 2 * pad_y + 1, : 2 * pad_x + 1]
 
 
-def _distinct(rotations: torch.Tensor, scores: torch.Tensor, count: int, min_deg: float,
-              silhouettes: torch.Tensor | None = None) -> list[int]:
+def _distinct(
+    rotations: torch.Tensor, scores: torch.Tensor, count: int, min_deg: float, silhouettes: torch.Tensor | None = None
+) -> list[int]:
     """Indices of the best-scoring poses whose rotations are at least ``min_deg`` apart, best first.
 
     With ``silhouettes``, also none whose silhouette is the same as a chosen one's (IoU above
@@ -472,9 +533,16 @@ def _model_steps(points: torch.Tensor, values: torch.Tensor, centre: torch.Tenso
     return steps.float().to(device)
 
 
-def _refine(renderer: _Renderer, view: _View, rotations: torch.Tensor, translations: torch.Tensor,
-            steps: tuple[float, float, float], iterations: int, smallest: float, anchor: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _refine(
+    renderer: _Renderer,
+    view: _View,
+    rotations: torch.Tensor,
+    translations: torch.Tensor,
+    steps: tuple[float, float, float],
+    iterations: int,
+    smallest: float,
+    anchor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Derivative-free trust-region ascent of every pose at once; returns rotations, translations
     and their scores in ``view``.
 
@@ -512,8 +580,14 @@ def _refine(renderer: _Renderer, view: _View, rotations: torch.Tensor, translati
     return rotations, translations, scores
 
 
-def _moved(rotations: torch.Tensor, translations: torch.Tensor, moves: torch.Tensor,
-           steps: tuple[float, float, float], view: _View, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moved(
+    rotations: torch.Tensor,
+    translations: torch.Tensor,
+    moves: torch.Tensor,
+    steps: tuple[float, float, float],
+    view: _View,
+    anchor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Poses ``[N, P]`` moved by ``moves [N, P, 6]``: a rotation in camera axes, an image-plane shift
     in view pixels, a depth change; the rotation and the depth change keep the point ``anchor``
     (a camera-frame ray, scaled to the object's depth) in place, so that the visible part, around
@@ -523,8 +597,13 @@ def _moved(rotations: torch.Tensor, translations: torch.Tensor, moves: torch.Ten
     pivot = translations[:, 2:3] * anchor  # [N, 3]
     moved = (turned @ (translations - pivot)[:, None, :, None]).squeeze(-1) + pivot[:, None]
     z = moved[..., 2:3]
-    lateral = torch.cat((moves[..., 3:4] * shift / view.fx, moves[..., 4:5] * shift / view.fy,
-                         torch.zeros_like(moves[..., :1])), dim=-1) * z
+    lateral = (
+        torch.cat(
+            (moves[..., 3:4] * shift / view.fx, moves[..., 4:5] * shift / view.fy, torch.zeros_like(moves[..., :1])),
+            dim=-1,
+        )
+        * z
+    )
     moved = moved + lateral + torch.expm1(moves[..., 5:6] * depth) * z * anchor
     return turned @ rotations[:, None], moved
 
@@ -578,13 +657,22 @@ def _decimated(vertices: np.ndarray, faces: np.ndarray, most: int) -> tuple[np.n
 
 def _renderer(vertices: np.ndarray, faces: np.ndarray, device: torch.device) -> _Renderer:
     """A renderer for a centred mesh, one-sided when the mesh is closed."""
-    return _Renderer(torch.from_numpy(vertices).float().to(device), torch.from_numpy(faces).to(device),
-                     1 if _closed(faces) else 0)
+    return _Renderer(
+        torch.from_numpy(vertices).float().to(device), torch.from_numpy(faces).to(device), 1 if _closed(faces) else 0
+    )
 
 
-def fit_pose(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occluder: np.ndarray,
-             camera: Intrinsics, *, resolution: int = 256, candidates: int = 3,
-             device: str | torch.device | None = None) -> Placement:
+def fit_pose(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    target: np.ndarray,
+    occluder: np.ndarray,
+    camera: Intrinsics,
+    *,
+    resolution: int = 256,
+    candidates: int = 3,
+    device: str | torch.device | None = None,
+) -> Placement:
     """The pose (module notes) whose silhouette best matches ``target`` where ``occluder`` is not.
 
     ``vertices [V, 3]`` are in the GLB frame, ``faces [F, 3]``; ``target`` and ``occluder`` are
@@ -592,8 +680,9 @@ def fit_pose(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occlud
     other poses come with the best one.
     """
     if resolution < MIN_RESOLUTION or candidates < 0:
-        raise PlacementError(f"resolution must be at least {MIN_RESOLUTION} and candidates at least 0, got "
-                             f"{resolution} and {candidates}")
+        raise PlacementError(
+            f"resolution must be at least {MIN_RESOLUTION} and candidates at least 0, got {resolution} and {candidates}"
+        )
     vertices, faces, target, occluder = _check_inputs(vertices, faces, target, occluder, camera)
     device = torch.device(device or "cpu")
     centre = (vertices.min(axis=0) + vertices.max(axis=0)) / 2
@@ -604,8 +693,9 @@ def fit_pose(vertices: np.ndarray, faces: np.ndarray, target: np.ndarray, occlud
     anchor = _ray(camera, *torch.tensor(masks.target_centroid, dtype=torch.float32)).to(device)
     stages = _stages(resolution)
 
-    def refine(renderer: _Renderer, stage: _Stage, r: torch.Tensor, t: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def refine(
+        renderer: _Renderer, stage: _Stage, r: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         view = _view(masks, camera, window, stage.side, device)
         return _refine(renderer, view, r, t, stage.steps, stage.iterations, stage.smallest, anchor)
 
