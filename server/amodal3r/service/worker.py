@@ -158,6 +158,10 @@ class Worker:
             if status.state != RUNNING:
                 self.store.update(job_id, state=CANCELLED, stage=CANCELLED, finished=time.time(), eta=None)
 
+    def is_cancelled(self, job_id: str) -> bool:
+        """Asked by the sampler before each step; a subclass may look elsewhere (the Ray replicas' marker files)."""
+        return job_id in self._cancelled
+
     def _loop(self) -> None:
         while (job_id := self._queue.get()) is not None:
             with self._lock:
@@ -200,7 +204,7 @@ class Worker:
         progress("loading")
         pipeline = self.runtime.pipeline()
         progress("encoding")
-        result = pipeline(views, run_settings(params), progress, lambda: job_id in self._cancelled)
+        result = pipeline(views, run_settings(params), progress, lambda: self.is_cancelled(job_id))
         notices = [notice for view in views for notice in view.notices]
         folder = self.store.folder(job_id) / "results"
         glbs = [folder / result_name(variant, ".glb") for variant in range(len(result.meshes))]
