@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from amodal3r.pipelines.conditioning import masks_to_grey
 
 H, W = 40, 60
+FAST = ["--steps", "1", "--texture-size", "64", "--faces", "2000"]  # batch options for quick whole jobs
 
 
 def write_picture(
@@ -31,3 +33,9 @@ def write_picture(
     if masks == "grey":
         Image.fromarray(masks_to_grey(target & ~occluder, occluder)).save(folder / f"{stem}_mask.png")
     return folder / f"{stem}.png"
+
+
+def summary(out_dir: Path) -> dict[str, dict[str, str]]:
+    """``summary.csv`` of a batch run, by item name."""
+    with (out_dir / "summary.csv").open(newline="") as handle:
+        return {row["name"]: row for row in csv.DictReader(handle)}

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import socket
 import sys
 from pathlib import Path
 
 import pytest
-from batch_pictures import W, write_picture
+from batch_pictures import FAST, W, summary, write_picture
 from gltf_checks import gltf_issues
 
 from amodal3r.cli import main
 from amodal3r.service.batch import DONE, FAILED, Outcome, ProgressBar, format_eta
-
-FAST = ["--steps", "1", "--texture-size", "64", "--faces", "2000"]
-
-
-def summary(out_dir: Path) -> dict[str, dict[str, str]]:
-    with (out_dir / "summary.csv").open(newline="") as handle:
-        return {row["name"]: row for row in csv.DictReader(handle)}
 
 
 def test_local_batch_writes_reports_and_resumes(

@@ -9,6 +9,7 @@ with it: the item runs once more on another actor, and a replacement actor start
 from __future__ import annotations
 
 import math
+import os
 import socket
 import tempfile
 import time
@@ -48,7 +49,7 @@ class ItemActor:
         torch.set_num_threads(max(1, self.threads))
         dtype = getattr(torch, self.spec.dtype) if self.spec.dtype else None
         self.runtime = ModelRuntime(resolve_model(self.spec.model), self.device, dtype, idle_unload=math.inf)
-        return f"{socket.gethostname()} ({self.runtime.pipeline().device})"
+        return f"{socket.gethostname()} ({self.runtime.pipeline().device}, pid {os.getpid()})"
 
     def run(self, name: str, views: Payload) -> tuple[Outcome, dict[str, bytes]]:
         with tempfile.TemporaryDirectory(prefix="amodal3r-item-") as tmp:
