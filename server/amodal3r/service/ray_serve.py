@@ -114,6 +114,7 @@ class ReplicaWorker(Worker):
     jobs), the cancel request is the marker file in the shared folder."""
 
     store: SharedJobStore
+    _earlier_notices: list[str] = []  # the running job's notices from before this run (reassigned, never changed)
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.store.cancel_requested(job_id)
@@ -125,13 +126,19 @@ class ReplicaWorker(Worker):
             current = self.store.get(job_id)
             return current.state if current is not None else FAILED
         self.store.record_replica(job_id, replica)
-        self.current = job_id
+        self.current, self._earlier_notices = job_id, status.notices
         try:
             self._run(job_id, status.started or time.time())
         finally:
-            self.current = None
+            self.current, self._earlier_notices = None, []
         final = self.store.get(job_id)
         return final.state if final is not None else FAILED
+
+    def _finish(self, job_id: str, started: float, state: str, **changes: object) -> None:
+        """Keep what the job was told before this run (a retry's reason) ahead of this run's notices."""
+        if "notices" in changes:
+            changes["notices"] = [*self._earlier_notices, *changes["notices"]]  # type: ignore[misc]
+        super()._finish(job_id, started, state, **changes)
 
 
 class Reconstructor:
