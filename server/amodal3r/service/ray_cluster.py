@@ -83,7 +83,7 @@ def connect(address: str | None) -> ModuleType:
     check_reachable(target)
     try:
         ray.init(address=target, **options)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:  # e.g. a wrong token
         raise InputError(f"cannot join the Ray cluster at {target}: {first_line(error)}") from None
     return ray
 
