@@ -210,7 +210,8 @@ def _batch(args: argparse.Namespace) -> int:
         raise InputError(f"--out-dir {args.out_dir} is the input folder: write the results into another folder")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(args.model)
-    spec = BatchSpec(args.model, params, args.device, args.dtype)
+    local_folder = Path(args.model).expanduser().exists()  # else a Hugging Face id, resolved where it runs
+    spec = BatchSpec(str(model_dir.resolve()) if local_folder else args.model, params, args.device, args.dtype)
     plan = plan_batch(items, args.out_dir, params)
     executor = None
     if plan.todo and args.ray is not None:

@@ -1,10 +1,10 @@
 """Reading a batch: a folder of pictures with their masks, or a CSV of them, as items to reconstruct.
 
-The conventions are those of the Blender add-on's ``batch.py``. A folder holds ``NAME.png|jpg`` with
-``NAME_target.png`` [+ ``NAME_occluder.png``] or ``NAME_mask.png``. A CSV has the columns
-``image,target_mask,occluder_mask,mask`` (paths relative to the CSV) and an optional ``object``
-column: rows with the same object are views of one object. A problem with one item (a missing
-mask, an unreadable image) makes that item bad, never the whole batch.
+The conventions (``api/batch_layout.py``) are shared with the Blender add-on's ``batch.py``: a folder
+holds ``NAME.png|jpg`` with ``NAME_target.png`` [+ ``NAME_occluder.png``] or ``NAME_mask.png``; a CSV
+has the columns ``image,target_mask,occluder_mask,mask`` (paths relative to the CSV) and an optional
+``object`` column: rows with the same object are views of one object. A problem with one item (a
+missing mask, an unreadable image) makes that item bad, never the whole batch.
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from amodal3r.api.batch_layout import CSV_COLUMNS, IMAGE_SUFFIXES, MASK_SUFFIXES, OBJECT_COLUMN, unique_name
 from amodal3r.api.errors import InputError
 
 from .inputs import load_view
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MASK_SUFFIXES = {"target_mask": "_target", "occluder_mask": "_occluder", "mask": "_mask"}
-CSV_COLUMNS = ("image", "target_mask", "occluder_mask", "mask")
-OBJECT_COLUMN = "object"
 CHECK_THREADS = 4  # image decoding releases the GIL: a few threads check a large batch faster
 
 
@@ -65,7 +62,7 @@ def folder_items(folder: Path) -> list[BatchItem]:
         and not path.stem.endswith(tuple(MASK_SUFFIXES.values()))
     )
     taken: set[str] = set()
-    return [_folder_item(image, _unique(image.stem, taken)) for image in images]
+    return [_folder_item(image, unique_name(image.stem, taken)) for image in images]
 
 
 def _folder_item(image: Path, name: str) -> BatchItem:
@@ -109,7 +106,7 @@ def csv_items(table: Path) -> list[BatchItem]:
             item.views.append(view)
             item.error = item.error or error
             continue
-        item = BatchItem(_unique(group or _stem(row.get("image", ""), line), taken), [view], error)
+        item = BatchItem(unique_name(group or _stem(row.get("image", ""), line), taken), [view], error)
         if group:
             objects[group] = item
             item.error = item.error or _name_problem(group, line)
@@ -138,16 +135,6 @@ def _name_problem(name: str, line: int) -> str:
     if any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
         return f"line {line}: object name {name!r} cannot be a file name; use letters, digits, - and _"
     return ""
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    """``name``, else ``name_2``, ``name_3``...: two pictures never write the same result."""
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def check_item(item: BatchItem) -> BatchItem:

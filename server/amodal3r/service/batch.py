@@ -23,7 +23,7 @@ from amodal3r.io.batch_inputs import BatchItem, check_items
 from amodal3r.io.inputs import load_view
 from amodal3r.io.results import GAUSSIANS_SUFFIX, PREVIEW_SUFFIX, OutputSettings, write_results
 
-from .worker import ModelRuntime, _explain, run_settings
+from .worker import OUT_OF_MEMORY, ModelRuntime, run_settings
 
 DONE, FAILED, SKIPPED, PENDING = "done", "failed", "skipped", "pending"
 SUMMARY_FILE = "summary.csv"
@@ -81,9 +81,11 @@ def reconstruct_item(runtime: ModelRuntime, item: BatchItem, params: JobParams, 
         )
         written = write_results(result.meshes[:1], result.gaussians[:1], [glb], outputs)
     except Exception as error:  # noqa: BLE001 - one item's failure must never stop the batch
-        if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-            runtime.unload()
-        return Outcome(FAILED, time.perf_counter() - started, _explain(error))
+        text = str(error) or type(error).__name__
+        if isinstance(error, MemoryError) or "out of memory" in text.lower():
+            runtime.unload()  # the next item starts from a clean device
+            text = OUT_OF_MEMORY
+        return Outcome(FAILED, time.perf_counter() - started, text)
     notices = [n for view in views for n in view.notices] + [n for w in written for n in w.report.notices]
     return Outcome(DONE, time.perf_counter() - started, notices=notices)
 

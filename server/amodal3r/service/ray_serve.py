@@ -137,7 +137,8 @@ class ReplicaWorker(Worker):
     def _finish(self, job_id: str, started: float, state: str, **changes: object) -> None:
         """Keep what the job was told before this run (a retry's reason) ahead of this run's notices."""
         if "notices" in changes:
-            changes["notices"] = [*self._earlier_notices, *changes["notices"]]  # type: ignore[misc]
+            new = list(changes["notices"])  # type: ignore[call-overload]
+            changes["notices"] = [n for n in self._earlier_notices if n not in new] + new
         super()._finish(job_id, started, state, **changes)
 
 

@@ -20,6 +20,7 @@ from amodal3r.api.protocol import CANCELLED, QUEUED, RUNNING, JobStatus
 
 from .job_store import JobStore, is_job_id
 
+JOB_FILE = "job.json"  # the single-process store's record of a job, read and written here the same way
 LOCK_FILE = ".lock"
 CANCEL_FILE = "cancel"  # present: the user asked to stop this job
 REPLICA_FILE = "replica.json"  # which Ray actor runs or ran the job, for operators and fault handling
@@ -41,16 +42,28 @@ def file_lock(path: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
+def _read(path: Path) -> JobStatus | None:
+    """A record being replaced is read whole (writes are atomic); a missing or broken one is no job."""
+    try:
+        return JobStatus.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, status: JobStatus) -> None:
+    write_atomically(path, json.dumps(status.to_dict(), indent=1).encode())
+
+
 class SharedJobStore(JobStore):
     """:class:`JobStore` with the data folder as the only state, so that any process sees every job."""
 
     def get(self, job_id: str) -> JobStatus | None:
         if not is_job_id(job_id):
             return None
-        return self._read(self.folder(job_id) / "job.json")
+        return _read(self.folder(job_id) / JOB_FILE)
 
     def list(self, limit: int | None = None) -> list[JobStatus]:
-        jobs = [s for s in (self._read(p) for p in self.root.glob("*/job.json")) if s is not None]
+        jobs = [s for s in (_read(p) for p in self.root.glob(f"*/{JOB_FILE}")) if s is not None]
         return sorted(jobs, key=lambda s: s.created, reverse=True)[:limit]
 
     def update(self, job_id: str, persist: bool = True, **changes: object) -> JobStatus:
@@ -60,7 +73,7 @@ class SharedJobStore(JobStore):
             return self._changed(job_id, changes)
         with file_lock(self.folder(job_id) / LOCK_FILE):
             status = self._changed(job_id, changes)
-            self._save(status)
+            _write(self.folder(job_id) / JOB_FILE, status)
         return status
 
     def _changed(self, job_id: str, changes: dict[str, object]) -> JobStatus:
@@ -80,7 +93,7 @@ class SharedJobStore(JobStore):
                 return None
             (self.folder(job_id) / CANCEL_FILE).unlink(missing_ok=True)
             status.state, status.stage, status.started = RUNNING, "loading", time.time()
-            self._save(status)
+            _write(self.folder(job_id) / JOB_FILE, status)
         return status
 
     def requeue(self, job_id: str, notice: str) -> JobStatus | None:
@@ -92,7 +105,7 @@ class SharedJobStore(JobStore):
             status.state, status.stage, status.step, status.total = QUEUED, QUEUED, 0, 0
             status.progress, status.eta = 0.0, None
             status.notices = [*status.notices, notice]
-            self._save(status)
+            _write(self.folder(job_id) / JOB_FILE, status)
         return status
 
     def request_cancel(self, job_id: str) -> None:
@@ -104,7 +117,7 @@ class SharedJobStore(JobStore):
             write_atomically(self.folder(job_id) / CANCEL_FILE, b"")
             if status.state != RUNNING:
                 status.state, status.stage, status.finished, status.eta = CANCELLED, CANCELLED, time.time(), None
-                self._save(status)
+                _write(self.folder(job_id) / JOB_FILE, status)
 
     def cancel_requested(self, job_id: str) -> bool:
         return (self.folder(job_id) / CANCEL_FILE).exists()
