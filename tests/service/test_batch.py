@@ -74,10 +74,16 @@ def test_bad_arguments_exit_2_with_one_line(
     assert not (tmp_path / "out" / "good.glb").exists()
 
 
-def test_serve_refuses_replicas_without_ray(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
-    args = ["serve", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path), "--replicas", "2"]
-    assert main(args) == 2
-    assert "--replicas only apply with --ray" in capsys.readouterr().err
+@pytest.mark.parametrize("case", ["replicas without ray", "unreachable"])
+def test_serve_refusals_exit_2(case: str, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["serve", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path)]
+    extra, expected = {
+        "replicas without ray": (["--replicas", "2"], "--replicas only apply with --ray"),
+        "unreachable": (["--ray", f"127.0.0.1:{free_port()}"], "no Ray cluster answers at 127.0.0.1:"),
+    }[case]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
 
 
 def test_progress_lines_in_a_log_and_eta() -> None:
