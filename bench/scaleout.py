@@ -129,6 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
+    load_before = os.getloadavg()[0]
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +143,7 @@ def main() -> int:
     print(
         f"tiny random weights (occupancy {args.occupancy}), {PARAMS.structure_steps}+{PARAMS.slat_steps} steps, "
         f"{PARAMS.texture_size}px texture, <= {PARAMS.faces} faces; local Ray with {args.cpus} CPUs, "
-        f"1 thread per replica; load average at the end {load:.1f} on {os.cpu_count()} cores\n"
+        f"1 thread per replica; load average {load_before:.1f} before, {load:.1f} after, on {os.cpu_count()} cores\n"
     )
     print("| replicas | items | actor start (s) | wall (s) | work per item (s) | items/min | vs 1 replica |")
     print("|----------|-------|-----------------|----------|-------------------|-----------|--------------|")

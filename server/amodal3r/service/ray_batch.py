@@ -111,7 +111,7 @@ class RayExecutor:
                         )
                     break
                 while idle and queue:
-                    self._dispatch(idle.pop(), queue.popleft(), running, report)
+                    self._dispatch(idle.pop(), queue.popleft(), running, idle, report)
                 done, _ = self.ray.wait(list(running), num_returns=1, timeout=WAIT)
                 for ref in done:
                     self._collect(running.pop(ref), ref, queue, idle, running, report)
@@ -130,14 +130,14 @@ class RayExecutor:
         self.actors.append(actor)
         running[actor.ready.remote()] = _Running(actor, None)
 
-    def _dispatch(self, actor, item: BatchItem, running: dict, report: Reporter) -> bool:
+    def _dispatch(self, actor, item: BatchItem, running: dict, idle: list, report: Reporter) -> None:
         try:
             views = pack(item)
         except OSError as error:
             report.finished(item, Outcome(FAILED, error=f"cannot read its files any more: {error}"))
-            return False
+            idle.append(actor)
+            return
         running[actor.run.remote(item.name, views)] = _Running(actor, item)
-        return True
 
     def _collect(self, task: _Running, ref, queue: deque, idle: list, running: dict, report: Reporter) -> None:
         """One finished call: an actor ready, an item done, or an actor dead."""
@@ -174,8 +174,11 @@ class RayExecutor:
             self._start_actor(running)
 
     def _deliver(self, item: BatchItem, outcome: Outcome, files: dict[str, bytes], report: Reporter) -> None:
-        for name, data in files.items():
-            write_atomically(self.out_dir / name, data)
+        try:
+            for name, data in files.items():
+                write_atomically(self.out_dir / name, data)
+        except OSError as error:  # a full disk, a lost mount: this item failed, the next may not
+            outcome = Outcome(FAILED, outcome.seconds, f"cannot write its results into {self.out_dir}: {error}")
         report.finished(item, outcome)
 
     def _resources(self) -> str:
