@@ -5,7 +5,9 @@ thread each. Throughput: ``amodal3r batch``'s Ray executor over ``--items`` pict
 the first actor ready to the last item written (actor start and model load are shown apart); on a
 machine of N free cores the ratio, not the absolute number, is the figure. Overhead: ``--jobs``
 identical warm jobs, one at a time, through the stdlib client against the single-process server and
-against ``amodal3r serve --ray`` with one replica; both run the job on one thread.
+against ``amodal3r serve --ray`` with one replica; both run the job on one thread. The overhead of a
+path is what the client waits beyond the job's own time on the server (claimed to finished), and
+how long a submitted job waits before a worker takes it.
 
     .venv/bin/python bench/scaleout.py [--items 6] [--jobs 3] [--cpus 2] [--occupancy 0.03]
 """
@@ -85,22 +87,29 @@ def throughput(ray, model: Path, items: list[BatchItem], replicas: int, out: Pat
     }
 
 
-def time_jobs(client: Client, jobs: int) -> tuple[float, float]:
-    """Median seconds per warm job seen by the client, and on the server (one untimed job first)."""
-    seen, on_server = [], []
+def time_jobs(client: Client, jobs: int) -> dict[str, float]:
+    """Medians over warm jobs (one untimed job first): seconds seen by the client, seconds on the server
+    (claimed to finished: the work), and the submit round trip plus the wait until a worker took it."""
+    rows: dict[str, list[float]] = {"seen": [], "server": [], "submit": [], "to running": []}
     for index in range(jobs + 1):
         start = time.perf_counter()
         job = client.submit([VIEW], PARAMS)
+        submitted = time.perf_counter() - start
+        running = None
         while not (status := client.job(job.id)).final:
+            if running is None and status.state != "queued":
+                running = time.perf_counter() - start
             time.sleep(POLL)
         assert status.state == DONE, status.error
         if index:
-            seen.append(time.perf_counter() - start)
-            on_server.append(status.elapsed)
-    return statistics.median(seen), statistics.median(on_server)
+            rows["seen"].append(time.perf_counter() - start)
+            rows["server"].append(status.elapsed)
+            rows["submit"].append(submitted)
+            rows["to running"].append(running if running is not None else rows["seen"][-1])
+    return {key: statistics.median(values) for key, values in rows.items()}
 
 
-def overhead(model: Path, address: str, jobs: int, tmp: Path) -> dict[str, tuple[float, float, float]]:
+def overhead(model: Path, address: str, jobs: int, tmp: Path) -> dict[str, dict[str, float]]:
     rows = {}
     for label, extra in (("single-process server", []), ("serve --ray, 1 replica", ["--ray", address])):
         started = time.perf_counter()
@@ -114,7 +123,7 @@ def overhead(model: Path, address: str, jobs: int, tmp: Path) -> dict[str, tuple
         )
         ready = time.perf_counter() - started
         try:
-            rows[label] = (ready, *time_jobs(server.client(timeout=120), jobs))
+            rows[label] = {"start-up": ready, **time_jobs(server.client(timeout=120), jobs)}
         finally:
             server.stop(grace=60)
     return rows
@@ -153,11 +162,19 @@ def main() -> int:
             f"{row['work']:17.2f} | {row['per_minute']:9.2f} | {row['per_minute'] / rows[0]['per_minute']:11.2f}x |"
         )
     print(f"\n{args.jobs} warm jobs one at a time (medians), polling every {POLL} s:\n")
-    print("| path                    | start-up (s) | job seen by client (s) | on the server (s) | overhead (s) |")
-    print("|-------------------------|--------------|------------------------|-------------------|--------------|")
-    base = jobs["single-process server"][1]
-    for label, (ready, seen, on_server) in jobs.items():
-        print(f"| {label:<23} | {ready:12.1f} | {seen:22.2f} | {on_server:17.2f} | {seen - base:+12.2f} |")
+    print(
+        "| path                    | start-up (s) | submit (ms) | to running (ms) | job seen by client (s) "
+        "| on the server (s) | client - server (s) |"
+    )
+    print(
+        "|-------------------------|--------------|-------------|-----------------|------------------------"
+        "|-------------------|---------------------|"
+    )
+    for label, row in jobs.items():
+        print(
+            f"| {label:<23} | {row['start-up']:12.1f} | {row['submit'] * 1e3:11.0f} | {row['to running'] * 1e3:15.0f} "
+            f"| {row['seen']:22.2f} | {row['server']:17.2f} | {row['seen'] - row['server']:19.2f} |"
+        )
     return 0
 
 
