@@ -265,7 +265,8 @@ def _ray_options(parser: argparse.ArgumentParser, autoscale: bool) -> None:
         nargs="?",
         const=LOCAL,
         metavar="ADDRESS",
-        help="run on Ray: no ADDRESS starts a local Ray for the run, HOST:PORT or 'auto' joins a cluster",
+        help="run on Ray: no ADDRESS starts a local Ray for the run, HOST:PORT or 'auto' joins a cluster "
+        "(a bare --ray takes the next word as its ADDRESS: put other arguments first)",
     )
     group.add_argument("--replicas", type=int, help="pipelines to run at once (default: one per GPU, else 1)")
     if autoscale:
