@@ -95,4 +95,21 @@ def test_progress_lines_in_a_log_and_eta() -> None:
     assert lines[0].startswith("[1/3] chair: done in 2.0 s (1 done, 0 failed, ETA ")
     assert lines[1].startswith("[2/3] lamp: FAILED: mask is 30x20 but lamp.png is 60x40 (1 done, 1 failed, ETA ")
     assert [format_eta(s) for s in (None, 7, 75, 3725)] == ["?", "7s", "1m15s", "1h02m"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_redraws_one_line() -> None:
+    stream = Terminal()
+    bar = ProgressBar(4, stream)
+    bar.finished("chair", Outcome(DONE, 2.0))
+    bar.draw()
+    bar.close()
+    text = stream.getvalue()
+    assert "\r\033[Kchair: done in 2.0 s\n" in text  # the message above the bar, the bar below
+    assert text.count("\r\033[K[######..................] 1/4 1 done, 0 failed, ETA ") == 2
+    assert text.endswith("\n") and text.count("\n") == 2
     assert W == 60  # the pictures above are the helper's size; the mask message names it
