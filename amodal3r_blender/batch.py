@@ -58,16 +58,16 @@ def _import_addon() -> str:
 if not __package__:  # run as a script: name its package, so the imports below work as in the add-on (PEP 366)
     __package__ = _import_addon()
 
+from amodal3r.api.batch_layout import CSV_COLUMNS, IMAGE_SUFFIXES, unique_name
+from amodal3r.api.batch_layout import MASK_SUFFIXES as MASK_KINDS
 from amodal3r.api.environment import MODEL, SERVER_PYTHON
 from amodal3r.api.errors import InputError
 from amodal3r.api.protocol import JobParams, JobStatus
 
 from .core import backend, jobs
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MASK_SUFFIXES = ("_target", "_occluder", "_mask")
+MASK_SUFFIXES = tuple(MASK_KINDS.values())  # _target, _occluder, _mask
 OUTPUT_SUFFIXES = (".glb", ".blend")
-CSV_COLUMNS = ("image", "target_mask", "occluder_mask", "mask")
 
 
 @dataclass
@@ -156,15 +156,6 @@ def folder_items(folder: Path, out_dir: Path) -> list[Item]:
     return items
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    taken.add(candidate)
-    return candidate
-
-
 def csv_items(table: Path, out_dir: Path) -> list[Item]:
     with table.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -179,7 +170,7 @@ def csv_items(table: Path, out_dir: Path) -> list[Item]:
             view = make_view(paths["image"], paths["target_mask"], paths["occluder_mask"], paths["mask"])
         except InputError as error:
             raise InputError(f"{table} line {line}: {error}") from None
-        name = _unique(paths["image"].stem, taken)
+        name = unique_name(paths["image"].stem, taken)
         items.append(Item(name, view, out_dir / f"{name}.glb"))
     return items
 

@@ -64,6 +64,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_weights(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+SPARSE_OCCUPANCY = 0.005  # a sixth of the usual voxels: every stage after the structure is that much cheaper
+
+
+@pytest.fixture(scope="session")
+def sparse_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random weights whose structures are sparse: for the tests that run many whole jobs."""
+    from amodal3r.weights.tiny import write_tiny_weights
+
+    return write_tiny_weights(tmp_path_factory.mktemp("tiny-sparse") / "model", seed=0, occupancy=SPARSE_OCCUPANCY)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "ray: starts a local Ray cluster (2 CPUs, 2 logical GPUs); deselect with -m 'not ray'"
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A Ray cluster in this process (2 CPUs, 2 logical GPUs, no dashboard) for the whole session;
+    its address lets command-line runs in child processes join it."""
+    try:
+        import ray
+    except ImportError:
+        pytest.fail("the Ray tests need Ray: pip install -e 'server[test]' (it includes ray[serve])")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, namespace="amodal3r-tests")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.fixture
 def file_server() -> Iterator[Served]:
     """In-memory files over HTTP on loopback: a stand-in for download sites and the Hugging Face Hub."""

@@ -196,22 +196,108 @@ def _sam_checkpoint(text: str) -> tuple[str, Path]:
     return kind, Path(path)
 
 
+def _replicas(args: argparse.Namespace):
+    """The Ray replica options, refused without --ray (they would be silently ignored)."""
+    from amodal3r.service.ray_cluster import Replicas
+
+    given = [f"--{name.replace('_', '-')}" for name in RAY_ONLY if getattr(args, name, None) is not None]
+    if args.ray is None and given:
+        raise InputError(f"{', '.join(given)} only apply with --ray")
+    return Replicas(args.replicas, args.gpus_per_replica, args.cpus_per_replica or 1.0).check()
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from amodal3r.api.protocol import JobParams
+    from amodal3r.io.batch_inputs import read_batch
+    from amodal3r.service.batch import SUMMARY_FILE, BatchSpec, LocalExecutor, plan_batch, run_batch
+    from amodal3r.weights.hub import resolve_model
+
+    replicas = _replicas(args)
+    params = JobParams(
+        seed=args.seed,
+        multiview=args.multiview,
+        structure_steps=args.steps,
+        slat_steps=args.steps,
+        structure_cfg=args.cfg,
+        slat_cfg=args.cfg,
+        texture_size=args.texture_size,
+        faces=args.faces,
+        gaussians=args.gaussians,
+        preview=args.preview,
+    ).validate()
+    if args.ray is not None:
+        from amodal3r.service.ray_cluster import require_ray
+
+        require_ray()
+    items = read_batch(args.input)
+    if args.input.is_dir() and args.out_dir.resolve() == args.input.resolve():
+        raise InputError(f"--out-dir {args.out_dir} is the input folder: write the results into another folder")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(args.model)
+    local_folder = Path(args.model).expanduser().exists()  # else a Hugging Face id, resolved where it runs
+    spec = BatchSpec(str(model_dir.resolve()) if local_folder else args.model, params, args.device, args.dtype)
+    plan = plan_batch(items, args.out_dir, params)
+    executor = None
+    if plan.todo and args.ray is not None:
+        from amodal3r.service.ray_batch import RayExecutor
+        from amodal3r.service.ray_cluster import cluster_gpus, connect
+
+        ray = connect(args.ray)
+        executor = RayExecutor(ray, spec, replicas.resolved(cluster_gpus(ray)), args.out_dir)
+    elif plan.todo:
+        executor = LocalExecutor(model_dir, spec, args.out_dir)
+    failed = run_batch(plan, args.out_dir, executor, sys.stderr)
+    written = len(plan.todo) - (failed - len(plan.bad))
+    print(
+        f"{written} written, {len(plan.skipped)} already there, {failed} failed of {len(plan.items)}; "
+        f"see {args.out_dir / SUMMARY_FILE}"
+    )
+    return 1 if failed else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from amodal3r.service.app import ServerConfig, serve
 
-    return serve(
-        ServerConfig(
-            model_dir=args.model,
-            data_dir=args.data_dir,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            dtype=args.dtype,
-            idle_unload=args.idle_unload,
-            sam_checkpoints=dict(args.sam_checkpoint),
-            max_upload_bytes=int(args.max_upload_mb * 2**20),
-        )
+    replicas = _replicas(args)
+    config = ServerConfig(
+        model_dir=args.model,
+        data_dir=args.data_dir,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        idle_unload=args.idle_unload,
+        sam_checkpoints=dict(args.sam_checkpoint),
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
     )
+    if args.ray is None:
+        return serve(config)
+    from amodal3r.service.ray_serve import serve_on_ray
+
+    return serve_on_ray(config, args.ray, replicas, (args.min_replicas, args.max_replicas))
+
+
+RAY_ONLY = ("replicas", "gpus_per_replica", "cpus_per_replica", "min_replicas", "max_replicas")
+
+
+def _ray_options(parser: argparse.ArgumentParser, autoscale: bool) -> None:
+    from amodal3r.service.ray_cluster import LOCAL
+
+    group = parser.add_argument_group("Ray (pip install 'amodal3r[ray]')")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        metavar="ADDRESS",
+        help="run on Ray: no ADDRESS starts a local Ray for the run, HOST:PORT or 'auto' joins a cluster "
+        "(a bare --ray takes the next word as its ADDRESS: put other arguments first)",
+    )
+    group.add_argument("--replicas", type=int, help="pipelines to run at once (default: one per GPU, else 1)")
+    if autoscale:
+        group.add_argument("--min-replicas", type=int, help="autoscale on the job queue from this many replicas")
+        group.add_argument("--max-replicas", type=int, help="... up to this many")
+    group.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    group.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica uses (default: 1)")
 
 
 def _bounded(check: Callable, kind: type, bounds: tuple) -> Callable[[str], object]:
@@ -230,8 +316,9 @@ def _bounded(check: Callable, kind: type, bounds: tuple) -> Callable[[str], obje
     return parse
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """Seed, sampler, variants, views and device: the options of every command that runs the model."""
+def add_run_options(parser: argparse.ArgumentParser, variants: bool = True) -> None:
+    """Seed, sampler, variants, views and device: the options of every command that runs the model
+    (a batch writes one result per item, so it takes no ``--variants``)."""
     parser.add_argument("--seed", type=_bounded(check_int, int, SEED_RANGE), default=0)
     parser.add_argument(
         "--steps",
@@ -243,7 +330,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         type=_bounded(check_float, float, CFG_RANGE),
         help="guidance strength of both stages (default: pipeline.json's, 7.5 for the structure, 3.0 for the latent)",
     )
-    parser.add_argument("--variants", type=_bounded(check_int, int, VARIANTS_RANGE), default=1)
+    if variants:
+        parser.add_argument("--variants", type=_bounded(check_int, int, VARIANTS_RANGE), default=1)
     parser.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
@@ -329,7 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_UPLOAD_BYTES / 2**20,
         help="largest request body accepted (default: %(default)s)",
     )
+    _ray_options(srv, autoscale=True)
     srv.set_defaults(run=_serve)
+
+    batch = commands.add_parser(
+        "batch",
+        help="a folder or CSV of photos with masks -> one GLB each, here or over a Ray cluster",
+        description="INPUT: a folder of NAME.png|jpg with NAME_target.png [+ NAME_occluder.png] or NAME_mask.png, "
+        "or a CSV with the columns image,target_mask,occluder_mask,mask[,object] (paths relative to it; rows "
+        "with the same object are views of one object). Exit 0: all done; 1: some failed (the rest are "
+        "written); 2: bad arguments.",
+    )
+    batch.add_argument("input", type=Path, help="folder or .csv")
+    batch.add_argument("--out-dir", type=Path, required=True, help="NAME.glb per item, and summary.csv")
+    batch.add_argument("--model", required=True, help="model folder or Hugging Face id")
+    add_run_options(batch, variants=False)
+    add_output_options(batch)
+    _ray_options(batch, autoscale=False)
+    batch.set_defaults(run=_batch)
     return parser
 
 

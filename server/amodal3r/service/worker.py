@@ -159,6 +159,10 @@ class Worker:
             if status.state != RUNNING:
                 self.store.update(job_id, state=CANCELLED, stage=CANCELLED, finished=time.time(), eta=None)
 
+    def is_cancelled(self, job_id: str) -> bool:
+        """Asked by the sampler before each step; a subclass may look elsewhere (the Ray replicas' marker files)."""
+        return job_id in self._cancelled
+
     def _loop(self) -> None:
         while (job_id := self._queue.get()) is not None:
             with self._lock:
@@ -203,7 +207,7 @@ class Worker:
         progress("encoding")
 
         def cancelled() -> bool:
-            return job_id in self._cancelled
+            return self.is_cancelled(job_id)
 
         result = pipeline(views, run_settings(params), progress, cancelled)
         notices = [notice for view in views for notice in view.notices]

@@ -151,12 +151,14 @@ def randomize(model: nn.Module, generator: torch.Generator) -> None:
             p.copy_(1 + 0.1 * noise if is_scale else 0.02 * noise)
 
 
-def calibrate_occupancy(decoder: nn.Module, latent_shape: tuple[int, ...], generator: torch.Generator) -> None:
-    """Shift the final bias so that about :data:`OCCUPANCY` of the voxels of random latents are occupied."""
+def calibrate_occupancy(
+    decoder: nn.Module, latent_shape: tuple[int, ...], generator: torch.Generator, occupancy: float = OCCUPANCY
+) -> None:
+    """Shift the final bias so that about ``occupancy`` of the voxels of random latents are occupied."""
     decoder.set_torso_dtype(torch.float32)
     with torch.no_grad():
         logits = decoder(torch.randn(2, *latent_shape, generator=generator))
-        decoder.out_layer[-1].bias -= torch.quantile(logits.flatten()[::7], 1 - OCCUPANCY)
+        decoder.out_layer[-1].bias -= torch.quantile(logits.flatten()[::7], 1 - occupancy)
 
 
 def calibrate_surface(decoder: nn.Module, generator: torch.Generator) -> None:
@@ -180,8 +182,9 @@ def save_checkpoint(model: nn.Module, config: dict, stem: Path) -> None:
     save_file(state, str(stem.with_name(stem.name + ".safetensors")))
 
 
-def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """A complete model folder (``pipeline.json`` + checkpoints) of seeded random models."""
+def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny", occupancy: float = OCCUPANCY) -> Path:
+    """A complete model folder (``pipeline.json`` + checkpoints) of seeded random models; a lower
+    ``occupancy`` (share of the 64^3 grid a random structure fills) makes every later stage cheaper."""
     out_dir = Path(out_dir)
     generator = torch.Generator().manual_seed(seed)
     family = SIZES[size]
@@ -191,7 +194,7 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny") -
         model = build_model(config, out_dir / rel, device="cpu")
         randomize(model, generator)
         if key == "sparse_structure_decoder":
-            calibrate_occupancy(model, (8, 16, 16, 16), generator)
+            calibrate_occupancy(model, (8, 16, 16, 16), generator, occupancy)
             model.set_torso_dtype(torch.float16)
         if key == "slat_decoder_mesh":
             calibrate_surface(model, generator)
