@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from amodal3r.api.errors import Amodal3RError, InputError, ProtocolError
 from amodal3r.api.protocol import (
@@ -27,6 +28,7 @@ from amodal3r.api.protocol import (
 from amodal3r.weights.layout import HF_REPO, RANDOM_WEIGHTS_NOTICE
 
 DTYPES = ("float32", "float16", "bfloat16")
+KIND_NAMES = {int: "an integer", float: "a number"}
 
 
 def _tiny_weights(args: argparse.Namespace) -> int:
@@ -309,7 +311,7 @@ def _bounded(check: Callable, kind: type, bounds: tuple) -> Callable[[str], obje
             check("the value", value, bounds)
         except (ValueError, ProtocolError) as error:
             raise argparse.ArgumentTypeError(
-                str(error) if isinstance(error, ProtocolError) else f"not a {kind.__name__}: {text!r}"
+                str(error) if isinstance(error, ProtocolError) else f"not {KIND_NAMES[kind]}: {text!r}"
             ) from None
         return value
 
@@ -349,8 +351,16 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview", action="store_true", help="also write a front-view preview .png")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amodal3r", description="Amodal3R occluded-object reconstruction")
+    parser = _OneLineParser(prog="amodal3r", description="Amodal3R occluded-object reconstruction")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-weights", help="write a tiny random model folder in the official layout")
@@ -439,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or an argument error already printed
+        return int(done.code or 0)
     try:
         return args.run(args)
     except (Amodal3RError, ValueError, OSError) as e:
