@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 
 from amodal3r.api.errors import Amodal3RError
-from amodal3r.api.protocol import MAX_UPLOAD_BYTES, MULTIVIEW_MODES, SAM_KINDS
+from amodal3r.api.protocol import (
+    BODY_IDLE_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_UPLOAD_BYTES,
+    MULTIVIEW_MODES,
+    SAM_KINDS,
+)
 from amodal3r.weights.layout import HF_REPO
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -187,6 +193,9 @@ def _serve(args: argparse.Namespace) -> int:
             idle_unload=args.idle_unload,
             sam_checkpoints=dict(args.sam_checkpoint),
             max_upload_bytes=int(args.max_upload_mb * 2**20),
+            allow_hosts=args.allow_host,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
         )
     )
 
@@ -273,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=MAX_UPLOAD_BYTES / 2**20,
         help="largest request body accepted (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name to accept besides loopback and the bound address (repeatable; * for any)",
+    )
+    srv.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        help="seconds a client may take to send its request headers (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_IDLE_TIMEOUT_S,
+        help="seconds a request body may stall before the request gets 408 (default: %(default)s)",
     )
     srv.set_defaults(run=_serve)
     return parser
