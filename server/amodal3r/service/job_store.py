@@ -140,8 +140,8 @@ class JobStore:
             notices=[notice for view in views for notice in view.notices],
         )
         try:
-            private_folder(folder / "inputs")
-            private_folder(folder / "results")
+            for path in (folder, folder / "inputs", folder / "results"):
+                private_folder(path)
             for index, view in enumerate(views):
                 for path, data in zip(_input_files(folder, index), checked_pngs(view), strict=True):
                     write_atomically(path, data)

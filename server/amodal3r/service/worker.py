@@ -213,8 +213,10 @@ class Worker:
     def _fail_in_memory(self, job_id: str, reason: str) -> None:
         """The job failed and the disk may not take it: the server answers it from memory."""
         log.warning("job %s failed: %s", job_id, reason)
-        if self.store.get(job_id) is not None:
+        try:
             self.store.update(job_id, persist=False, state=FAILED, error=reason, finished=time.time(), eta=None)
+        except Exception:  # noqa: BLE001 - the store itself is broken: the log has it, the worker goes on
+            log.exception("job %s: could not record its failure", job_id)
 
     def _explain(self, error: Exception) -> str:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
