@@ -9,7 +9,7 @@ it never was a job.
 
 A record that cannot be read or does not validate is moved to ``jobs/.damaged/`` with a log line,
 and the server starts without it. A state write that fails (a full disk) is retried; when it still
-fails the new state stays in memory, answered from there, and the caller gets a ``StorageError``.
+fails the caller gets a ``StorageError`` and decides what to keep in memory (the worker: failed).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class JobStore:
         self.root = private_folder(self.data_dir / "jobs")
         self._jobs: dict[str, JobStatus] = {}
         self._lock = threading.Lock()
-        self._save_lock = threading.Lock()  # one job.json write at a time: the newest state lands last
+        self._save_lock = threading.Lock()
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith("."):
                 self._load(folder)
@@ -107,10 +107,12 @@ class JobStore:
         requeue = []
         for status in self.list():
             if status.state == RUNNING:
+                changes = {"state": FAILED, "error": INTERRUPTED, "finished": time.time(), "eta": None}
                 try:
-                    self.update(status.id, state=FAILED, error=INTERRUPTED, finished=time.time(), eta=None)
+                    self.update(status.id, **changes)
                 except StorageError as error:
                     log.warning("job %s: %s (its failure is kept in memory only)", status.id, error)
+                    self.update(status.id, persist=False, **changes)
             elif status.state == QUEUED:
                 requeue.append(status.id)
             self._remove_partials(status.id)
@@ -180,34 +182,39 @@ class JobStore:
             return [JobStatus.from_dict(s.to_dict()) for s in jobs[:limit]]
 
     def update(self, job_id: str, persist: bool = True, **changes: object) -> JobStatus:
-        """Change a job in memory, then (``persist``) on disk; a write that keeps failing raises
-        ``StorageError`` with the change already in memory."""
-        with self._lock:
-            status = self._jobs[job_id]
-            for key, value in changes.items():
-                setattr(status, key, value)
-            snapshot = JobStatus.from_dict(status.to_dict())
-        if persist:
-            self._save(job_id)
-        return snapshot
+        """Change a job: ``persist`` writes the changed record first (retrying a failed write a few
+        times: space may come back), and only what was written reaches memory. A write that keeps
+        failing raises ``StorageError`` and changes nothing: the caller decides what to answer."""
+        if not persist:
+            with self._lock:
+                return self._apply(job_id, changes)
+        with self._save_lock:  # one job.json write at a time: the newest state lands last
+            with self._lock:
+                pending = JobStatus.from_dict({**self._jobs[job_id].to_dict(), **changes})
+            failure = self._write(pending)
+            if failure is not None:
+                raise storage_error(failure, self.data_dir)
+            with self._lock:
+                return self._apply(job_id, changes)
 
-    def _save(self, job_id: str) -> None:
-        """Write the job's newest state, retrying a failed write a few times (space may come back)."""
+    def _apply(self, job_id: str, changes: dict[str, object]) -> JobStatus:
+        status = self._jobs[job_id]
+        for key, value in changes.items():
+            setattr(status, key, value)
+        return JobStatus.from_dict(status.to_dict())
+
+    def _write(self, status: JobStatus) -> OSError | None:
+        """Write a record, trying ``WRITE_ATTEMPTS`` times; the last failure, or None."""
+        failure = None
         for attempt in range(WRITE_ATTEMPTS):
-            with self._save_lock:
-                with self._lock:
-                    status = self._jobs.get(job_id)
-                    if status is None:
-                        return
-                    data = _record(status)
-                try:
-                    write_atomically(self.folder(job_id) / JOB_FILE, data)
-                    return
-                except OSError as error:
-                    failure = error
-            if attempt + 1 < WRITE_ATTEMPTS:
+            if attempt:
                 time.sleep(RETRY_PAUSE_S)
-        raise storage_error(failure, self.data_dir)
+            try:
+                write_atomically(self.folder(status.id) / JOB_FILE, _record(status))
+                return None
+            except OSError as error:
+                failure = error
+        return failure
 
     def result_path(self, job_id: str, name: str) -> Path | None:
         """Only names the job itself lists are served: clients never choose a path."""

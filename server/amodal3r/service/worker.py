@@ -203,15 +203,21 @@ class Worker:
             self._cancelled.discard(job_id)
 
     def _finish(self, job_id: str, started: float, state: str, **changes: object) -> None:
-        """The final state, on disk when it can be written, else failed in memory with the reason."""
+        """The final state, on disk when it can be written, else failed in memory with both reasons."""
         now = time.time()
         try:
             self.store.update(job_id, state=state, finished=now, elapsed=round(now - started, 2), eta=None, **changes)
         except StorageError as error:
-            self._fail_in_memory(job_id, str(error))
+            reason = str(changes.get("error", ""))
+            if not reason:
+                reason = f"its state could not be saved: {error}"
+            elif reason != str(error):
+                reason = f"{reason} (the failure could not be saved: {error})"
+            self._fail_in_memory(job_id, reason)
 
     def _fail_in_memory(self, job_id: str, reason: str) -> None:
-        """The job failed and the disk may not take it: the server answers it from memory."""
+        """The job failed and the disk may not take it: the server answers it from memory (a restart
+        reports it interrupted)."""
         log.warning("job %s failed: %s", job_id, reason)
         try:
             self.store.update(job_id, persist=False, state=FAILED, error=reason, finished=time.time(), eta=None)
