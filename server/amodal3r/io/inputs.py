@@ -15,6 +15,7 @@ with a notice. Files arrive as paths (the command line) or as ``Upload`` bytes (
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 T = TypeVar("T")
+# Pillow warns from 89 M pixels and refuses from 179 M; open_file refuses above MAX_IMAGE_PIXELS itself,
+# so the warning would only add stderr lines to a one-line error.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
