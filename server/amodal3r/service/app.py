@@ -362,7 +362,7 @@ def _add_openapi(app: FastAPI) -> None:
 
     def document() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = doc.add_security(build())
+            app.openapi_schema = doc.finish(build())
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]

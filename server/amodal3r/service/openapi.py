@@ -109,8 +109,21 @@ def segment_reply() -> dict[str, Any]:
     return json_schema(SegmentReply)
 
 
-def add_security(document: dict[str, Any]) -> dict[str, Any]:
-    """Every route, this document's included, takes the bearer token."""
-    document.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+def finish(document: dict[str, Any]) -> dict[str, Any]:
+    """The generated document made true: every route (this document's included) takes the bearer
+    token, and a 422 FastAPI adds for its own parameter checks answers the protocol's error form."""
+    components = document.setdefault("components", {})
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     document["security"] = [{"bearer": []}]
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            if "422" in operation.get("responses", {}):
+                operation["responses"]["422"] = {
+                    "description": REASONS[422],
+                    "content": {"application/json": {"schema": ERROR}},
+                }
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    if not components.get("schemas", True):
+        del components["schemas"]
     return document
