@@ -141,41 +141,35 @@ def one_bit_png(size: tuple[int, int], box: tuple[int, int, int, int] | None = N
     return out.getvalue()
 
 
-def test_the_views_of_one_request_share_a_pixel_budget(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Two 8000x7000 views are 112 M pixels: refused from their headers, before any decoding."""
-    size = (8000, 7000)
-    assert 2 * size[0] * size[1] > MAX_REQUEST_PIXELS >= size[0] * size[1]
-    (tmp_path / "big.png").write_bytes(one_bit_png(size))
-    (tmp_path / "big_target.png").write_bytes(one_bit_png(size, (100, 100, 4000, 4000)))
-    view = {"image": tmp_path / "big.png", "target_mask": tmp_path / "big_target.png"}
-    server = launch_server(sys.executable, tiny_model_dir, tmp_path / "data", extra_args=["--device", "cpu"])
+def big_view(folder: Path, size: tuple[int, int], target: tuple[int, int, int, int]) -> dict[str, Path]:
+    name = f"big_{size[0]}x{size[1]}"
+    (folder / f"{name}.png").write_bytes(one_bit_png(size))
+    (folder / f"{name}_target.png").write_bytes(one_bit_png(size, target))
+    return {"image": folder / f"{name}.png", "target_mask": folder / f"{name}_target.png"}
+
+
+def test_big_views_share_a_pixel_budget_and_are_stored_downscaled(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two 8000x7000 views are 112 M pixels: refused from their headers, before any decoding. One
+    8000x6000 view is accepted, decoded once and kept at 4096 pixels a side for the worker."""
+    refused = big_view(tmp_path, (8000, 7000), (100, 100, 4000, 4000))
+    assert 2 * 8000 * 7000 > MAX_REQUEST_PIXELS >= 8000 * 7000
+    accepted = big_view(tmp_path, (8000, 6000), (2000, 2000, 5000, 5000))
+    data = tmp_path / "data"
+    server = launch_server(sys.executable, tiny_model_dir, data, extra_args=["--device", "cpu"])
     try:
         client = server.client()
         started = time.monotonic()
         with pytest.raises(ServerError) as error:
-            client.submit([view, view], FAST)
+            client.submit([refused, refused], FAST)
         assert error.value.status == 422 and "112,000,000 pixels together (8000x7000, 8000x7000)" in error.value.detail
-        assert time.monotonic() - started < 10
-        assert list((tmp_path / "data" / "jobs").iterdir()) == []
-        assert client.health()["status"] == "ok"
-    finally:
-        server.stop()
-
-
-def test_an_accepted_big_view_is_decoded_once_and_stored_downscaled(tiny_model_dir: Path, tmp_path: Path) -> None:
-    size = (8000, 6000)
-    (tmp_path / "big.png").write_bytes(one_bit_png(size))
-    (tmp_path / "big_target.png").write_bytes(one_bit_png(size, (2000, 2000, 5000, 5000)))
-    view = {"image": tmp_path / "big.png", "target_mask": tmp_path / "big_target.png"}
-    server = launch_server(sys.executable, tiny_model_dir, tmp_path / "data", extra_args=["--device", "cpu"])
-    try:
-        client = server.client()
-        job = client.submit([view], JobParams(structure_steps=500))
-        assert job.notices == ["view0_image (big.png): downscaled from 8000x6000 to 4096x3072"]
-        stored = Image.open(tmp_path / "data" / "jobs" / job.id / "inputs" / "view0_image.png")
-        assert stored.size == (4096, 3072)
-        labels = np.asarray(Image.open(tmp_path / "data" / "jobs" / job.id / "inputs" / "view0_labels.png"))
-        assert labels.shape == (3072, 4096) and set(np.unique(labels)) == {0, 1}
+        assert time.monotonic() - started < 10 and list((data / "jobs").iterdir()) == []
+        job = client.submit([accepted], JobParams(structure_steps=500))
+        assert job.notices == ["view0_image (big_8000x6000.png): downscaled from 8000x6000 to 4096x3072"]
         client.cancel(job.id)
+        inputs = data / "jobs" / job.id / "inputs"
+        assert Image.open(inputs / "view0_image.png").size == (4096, 3072)
+        labels = np.asarray(Image.open(inputs / "view0_labels.png"))
+        assert labels.shape == (3072, 4096) and set(np.unique(labels)) == {0, 1}
+        assert client.health()["status"] == "ok"
     finally:
         server.stop()
