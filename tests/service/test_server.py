@@ -176,7 +176,11 @@ def test_bad_requests_get_clear_4xx(server: LocalServer) -> None:
     ]
     with pytest.raises(ServerError) as error:
         client.submit(wrong_size, JobParams(**FAST))
-    assert error.value.status == 422 and "60x50" in error.value.detail and "view0_target_mask (target_mask.png)" in error.value.detail
+    assert (
+        error.value.status == 422
+        and "60x50" in error.value.detail
+        and "view0_target_mask (target_mask.png)" in error.value.detail
+    )
 
     width, height = Image.open(VIEW["image"]).size
     empty_target = [
