@@ -67,7 +67,7 @@ def serving(model_dir: Path, data_dir: Path, **settings: Any) -> Iterator[Runnin
     server.start()
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    http = http_server(guarded_app(server, "127.0.0.1"))
+    http = http_server(guarded_app(server, "127.0.0.1"), config.header_timeout)
     thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="test-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -214,7 +214,6 @@ def create_app(server: Server) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.server = server
     _add_error_handlers(app)
     _add_openapi(app)
 
@@ -479,12 +478,11 @@ def guarded_app(server: Server, bound_host: str) -> Guard:
     return Guard(create_app(server), server.token, config.max_upload_bytes, hosts, config.body_timeout)
 
 
-def http_server(app: Guard):
-    """uvicorn on HTTP/1.1 (h11, on every install) with the header deadline of the app's server."""
+def http_server(app: Guard, header_timeout: float):
+    """uvicorn on HTTP/1.1 (h11, on every install), with the deadline for request headers."""
     import uvicorn
 
-    config = app.app.state.server.config  # type: ignore[attr-defined]
-    protocol = functools.partial(HeaderDeadline, header_timeout=config.header_timeout)
+    protocol = functools.partial(HeaderDeadline, header_timeout=header_timeout)
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=protocol))
 
 
@@ -520,7 +518,7 @@ def serve(config: ServerConfig) -> int:
         state = {"url": url, "pid": os.getpid(), "protocol": PROTOCOL_VERSION, "version": __version__}
         write_atomically(state_file, json.dumps({**state, "started": time.time()}).encode())
         print(f"{LISTENING_PREFIX}{url}", flush=True)
-        http_server(guarded_app(server, host)).run(sockets=[sock])
+        http_server(guarded_app(server, host), config.header_timeout).run(sockets=[sock])
     finally:
         if server is not None:
             server.worker.stop()
