@@ -134,10 +134,10 @@ def never_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--steps", "0", "argument --steps: the value must be an integer in 1..500, got 0"),
-        ("--texture-size", "0", "argument --texture-size: the value must be an integer in 64..8192, got 0"),
-        ("--variants", "9", "argument --variants: the value must be an integer in 1..8, got 9"),
-        ("--cfg", "-1", "argument --cfg: the value must be a number in 0.0..100.0, got -1.0"),
+        ("--steps", "0", "argument --steps: must be an integer in 1..500, got 0"),
+        ("--texture-size", "0", "argument --texture-size: must be an integer in 64..8192, got 0"),
+        ("--variants", "9", "argument --variants: must be an integer in 1..8, got 9"),
+        ("--cfg", "-1", "argument --cfg: must be a number in 0.0..100.0, got -1.0"),
         ("--faces", "many", "argument --faces: not an integer: 'many'"),
     ],
 )

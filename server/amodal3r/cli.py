@@ -13,17 +13,13 @@ from typing import NoReturn
 
 from amodal3r.api.errors import Amodal3RError, InputError, ProtocolError
 from amodal3r.api.protocol import (
-    CFG_RANGE,
-    FACES_RANGE,
+    BODY_IDLE_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
     MAX_UPLOAD_BYTES,
     MULTIVIEW_MODES,
     SAM_KINDS,
-    SEED_RANGE,
-    STEPS_RANGE,
-    TEXTURE_SIZE_RANGE,
-    VARIANTS_RANGE,
-    check_float,
-    check_int,
+    JobParams,
+    check_setting,
 )
 from amodal3r.weights.layout import HF_REPO, RANDOM_WEIGHTS_NOTICE
 
@@ -271,6 +267,9 @@ def _serve(args: argparse.Namespace) -> int:
         idle_unload=args.idle_unload,
         sam_checkpoints=dict(args.sam_checkpoint),
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        allow_hosts=args.allow_host,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
     )
     if args.ray is None:
         return serve(config)
@@ -302,17 +301,18 @@ def _ray_options(parser: argparse.ArgumentParser, autoscale: bool) -> None:
     group.add_argument("--cpus-per-replica", type=float, help="CPU cores each replica uses (default: 1)")
 
 
-def _bounded(check: Callable, kind: type, bounds: tuple) -> Callable[[str], object]:
-    """An argparse type that refuses a value outside the protocol's range, before any work."""
+def _setting(field: str, kind: type) -> Callable[[str], object]:
+    """An argparse type that checks a value against ``JobParams.<field>``'s bounds, before any work."""
 
     def parse(text: str) -> object:
         try:
             value = kind(text)
-            check("the value", value, bounds)
-        except (ValueError, ProtocolError) as error:
-            raise argparse.ArgumentTypeError(
-                str(error) if isinstance(error, ProtocolError) else f"not {KIND_NAMES[kind]}: {text!r}"
-            ) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {KIND_NAMES[kind]}: {text!r}") from None
+        try:
+            check_setting(JobParams, field, value)
+        except ProtocolError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
         return value
 
     return parse
@@ -321,19 +321,19 @@ def _bounded(check: Callable, kind: type, bounds: tuple) -> Callable[[str], obje
 def add_run_options(parser: argparse.ArgumentParser, variants: bool = True) -> None:
     """Seed, sampler, variants, views and device: the options of every command that runs the model
     (a batch writes one result per item, so it takes no ``--variants``)."""
-    parser.add_argument("--seed", type=_bounded(check_int, int, SEED_RANGE), default=0)
+    parser.add_argument("--seed", type=_setting("seed", int), default=0)
     parser.add_argument(
         "--steps",
-        type=_bounded(check_int, int, STEPS_RANGE),
+        type=_setting("structure_steps", int),
         help="sampler steps of both stages (default: pipeline.json's, 25)",
     )
     parser.add_argument(
         "--cfg",
-        type=_bounded(check_float, float, CFG_RANGE),
+        type=_setting("structure_cfg", float),
         help="guidance strength of both stages (default: pipeline.json's, 7.5 for the structure, 3.0 for the latent)",
     )
     if variants:
-        parser.add_argument("--variants", type=_bounded(check_int, int, VARIANTS_RANGE), default=1)
+        parser.add_argument("--variants", type=_setting("variants", int), default=1)
     parser.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
@@ -341,10 +341,10 @@ def add_run_options(parser: argparse.ArgumentParser, variants: bool = True) -> N
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """What is written per variant: texture, faces, Gaussians, preview."""
-    parser.add_argument("--texture-size", type=_bounded(check_int, int, TEXTURE_SIZE_RANGE), default=1024)
+    parser.add_argument("--texture-size", type=_setting("texture_size", int), default=1024)
     parser.add_argument(
         "--faces",
-        type=_bounded(check_int, int, FACES_RANGE),
+        type=_setting("faces", int),
         help="decimate to about this many faces before unwrapping",
     )
     parser.add_argument("--gaussians", action="store_true", help="also write the 3D Gaussians as .ply")
@@ -426,6 +426,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=MAX_UPLOAD_BYTES / 2**20,
         help="largest request body accepted (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name to accept besides loopback and the bound address (repeatable; * for any)",
+    )
+    srv.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        help="seconds a client may take to send its request headers (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_IDLE_TIMEOUT_S,
+        help="seconds a request body may stall before the request gets 408 (default: %(default)s)",
     )
     _ray_options(srv, autoscale=True)
     srv.set_defaults(run=_serve)

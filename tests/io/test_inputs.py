@@ -114,3 +114,65 @@ def test_bad_inputs_have_clear_errors(files: dict[str, Path], tmp_path: Path) ->
     for kwargs, message in cases:
         with pytest.raises(InputError, match=message):
             load_view(**kwargs)
+
+
+def encode(image: Image.Image, path: Path, fmt: str, **options) -> Path:
+    image.save(path, format=fmt, **options)
+    return path
+
+
+def test_only_accepted_formats_open_judged_by_content(files: dict[str, Path], tmp_path: Path) -> None:
+    photo = Image.open(files["image"]).convert("RGB")
+    for fmt in ("JPEG", "WEBP", "TIFF", "BMP"):
+        misnamed = encode(photo, tmp_path / f"photo_{fmt.lower()}.png", fmt)  # the name says PNG
+        assert load_view(misnamed, files["target"]).image.size == (W, H)
+    mpo = tmp_path / "phone.jpg"
+    photo.save(mpo, format="MPO", save_all=True, append_images=[photo])
+    assert Image.open(mpo).format == "MPO" and load_view(mpo, files["target"]).image.size == (W, H)
+    for fmt in ("EPS", "GIF", "QOI", "DDS", "PPM", "TGA"):
+        disguised = encode(photo, tmp_path / f"disguised_{fmt.lower()}.png", fmt)
+        with pytest.raises(InputError, match="not a readable PNG, JPEG, WebP, TIFF or BMP file"):
+            load_view(disguised, files["target"])
+    jpeg_mask = encode(Image.open(files["target"]), tmp_path / "target.jpg", "JPEG")
+    with pytest.raises(InputError, match="target.jpg: cannot read this mask: it is not a readable PNG file"):
+        load_view(files["image"], jpeg_mask)
+
+
+def exif_bytes(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def test_a_mask_without_exif_turns_with_its_image(files: dict[str, Path], tmp_path: Path) -> None:
+    """A mask painted on the stored pixels of a phone photo (Blender ignores EXIF) used to be refused
+    for its size, or, for a square photo, silently misaligned."""
+    target, _ = masks()
+    upright = Image.open(files["image"])
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+    photo = encode(stored, tmp_path / "photo.jpg", "JPEG", exif=exif_bytes(6), quality=95)
+    on_stored = save(tmp_path / "painted.png", np.rot90(target).astype(np.uint8) * 255)
+    view = load_view(photo, on_stored)
+    assert view.image.size == (W, H) and np.array_equal(view.target, target)
+    assert view.notices == [
+        "painted.png: turned with the EXIF orientation of photo.jpg (the mask has none, "
+        "and has the size of the stored image)"
+    ]
+    upright_mask = load_view(photo, files["target"])  # drawn on the upright photo: used as it is
+    assert np.array_equal(upright_mask.target, target) and upright_mask.notices == []
+
+
+def test_a_square_photo_turns_its_mask_and_a_mask_with_exif_keeps_its_own(tmp_path: Path) -> None:
+    side = 40
+    rgb = (np.random.default_rng(1).random((side, side, 3)) * 255).astype(np.uint8)
+    target = np.zeros((side, side), bool)
+    target[5:15, 2:30] = True  # not symmetric under a half turn
+    photo = encode(Image.fromarray(rgb[::-1, ::-1]), tmp_path / "square.jpg", "JPEG", exif=exif_bytes(3))
+    on_stored = save(tmp_path / "on_stored.png", target[::-1, ::-1].astype(np.uint8) * 255)
+    view = load_view(photo, on_stored)
+    assert np.array_equal(view.target, target) and "turned with the EXIF orientation" in view.notices[0]
+    own = encode(
+        Image.fromarray(target[::-1, ::-1].astype(np.uint8) * 255), tmp_path / "own.png", "PNG", exif=exif_bytes(3)
+    )
+    view = load_view(photo, own)
+    assert np.array_equal(view.target, target) and view.notices == []

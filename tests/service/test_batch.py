@@ -57,7 +57,7 @@ def test_bad_arguments_exit_2_with_one_line(
     extra, expected = {
         "replicas without ray": (["--replicas", "2"], "--replicas only apply with --ray"),
         "missing input": ([], "nowhere: expected a folder of pictures with masks or a .csv file"),
-        "texture size": (["--texture-size", "1"], "--texture-size: the value must be an integer in 64..8192"),
+        "texture size": (["--texture-size", "1"], "--texture-size: must be an integer in 64..8192"),
         "out-dir is input": ([], "is the input folder"),
         "no ray installed": (["--ray"], "pip install 'amodal3r[ray]'"),
         "unreachable": (["--ray", f"127.0.0.1:{free_port()}"], "no Ray cluster answers at 127.0.0.1:"),

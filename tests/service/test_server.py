@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 import urllib.request
@@ -175,7 +176,11 @@ def test_bad_requests_get_clear_4xx(server: LocalServer) -> None:
     ]
     with pytest.raises(ServerError) as error:
         client.submit(wrong_size, JobParams(**FAST))
-    assert error.value.status == 422 and "60x50" in error.value.detail and "view 0 target mask" in error.value.detail
+    assert (
+        error.value.status == 422
+        and "60x50" in error.value.detail
+        and "view0_target_mask (target_mask.png)" in error.value.detail
+    )
 
     width, height = Image.open(VIEW["image"]).size
     empty_target = [
@@ -310,3 +315,17 @@ def test_restart_serves_finished_results_and_fails_the_interrupted_job(tiny_mode
         assert not list((data_dir / "jobs").rglob("*.tmp"))
     finally:
         second.stop()
+    assert second.process.returncode == 0 and not (data_dir / STATE_FILE).exists(), "SIGTERM left server.json"
+
+
+def test_uploads_and_results_are_private(server: LocalServer) -> None:
+    """Files 0600 in 0700 folders: the data folder holds the user's photos and models."""
+    client = server.client()
+    job = wait_final(client, client.submit([VIEW], JobParams(**FAST)).id)
+    assert job.state == DONE, job.error
+    data_dir = Path(server.process.args[server.process.args.index("--data-dir") + 1])
+    folder = data_dir / "jobs" / job.id
+    for path in [data_dir / "jobs", folder, *folder.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+    assert {p.name for p in (folder / "results").iterdir()} == set(job.results)

@@ -31,5 +31,9 @@ class DownloadError(Amodal3RError, RuntimeError):
     """A download that failed; the message names each file and where to put it by hand."""
 
 
+class StorageError(Amodal3RError, OSError):
+    """A file the server must keep could not be written (a full disk, a read-only folder)."""
+
+
 class Cancelled(Amodal3RError):
     """The caller asked to stop; raised at the next point where stopping is safe."""

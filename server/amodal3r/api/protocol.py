@@ -4,15 +4,17 @@ Standard library only: Blender's Python imports this module (and ``client.py``) 
 extension bundles, the server imports it next to FastAPI. Every route lives under ``/v1/``; a change
 that breaks a client bumps ``PROTOCOL_VERSION`` and the prefix.
 
-Routes (all but the OpenAPI document need ``Authorization: Bearer <token>``):
+Routes (every one, the OpenAPI document ``/v1/openapi.json`` included, needs
+``Authorization: Bearer <token>``; the scheme is case-insensitive):
 
 =======  =============================  ==========================================================
-GET      /v1/health                     ``{"status": "ok", "protocol": 1, "version": ...}``
+GET      /v1/health                     ``{"status": "ok", "worker": "alive", "protocol": 1, ...}``;
+                                        503 when the job worker has stopped
 GET      /v1/info                       version, protocol, device, dtype, model_dir, models
                                         present and loaded, memory, queue length
 POST     /v1/jobs                       multipart: ``params`` (JSON ``JobParams``) and per view i
                                         ``view{i}_image`` with ``view{i}_target_mask`` [+
-                                        ``view{i}_occluder_mask``] or ``view{i}_mask`` (PNG files)
+                                        ``view{i}_occluder_mask``] or ``view{i}_mask``
                                         -> 202 ``JobStatus``
 GET      /v1/jobs                       ``{"jobs": [JobStatus, ...]}``, newest first
 GET      /v1/jobs/{id}                  ``JobStatus``
@@ -27,7 +29,21 @@ POST     /v1/models/download            JSON ``{"components": [...]}`` -> downlo
 GET      /v1/models/download            state, component, file, bytes done/total, error
 =======  =============================  ==========================================================
 
-Errors are JSON ``{"detail": "<what went wrong and what to do>"}`` with a 4xx/5xx status.
+Errors are JSON ``{"detail": "<what went wrong and what to do>"}``: 400 a malformed request (a
+multipart body that does not parse, two ``Authorization`` headers, a ``Host`` that is not this
+server), 401/403 a missing/wrong token, 404 an unknown job, result or image, 408 a body that
+stalls, 409 a missing SAM checkpoint or a download already running, 413 a body over the upload
+limit, 422 input the server cannot use (the field is named), 503 a stopped job worker, 507 a full
+data disk. A 500 is a bug.
+
+Limits: images are PNG, JPEG, WebP, TIFF or BMP and masks PNG (the decoded format counts, not the
+name); all views of one request hold at most ``MAX_REQUEST_PIXELS`` image pixels together (masks
+are the size of their image); a request body is at most ``MAX_UPLOAD_BYTES`` (the server's
+``--max-upload-mb``); a segment request has at most ``MAX_SEGMENT_POINTS`` clicks. A client that
+has not sent its headers ``HEADER_TIMEOUT_S`` seconds after connecting (or after the previous
+reply), or that sends no body bytes for ``BODY_IDLE_TIMEOUT_S`` seconds, is dropped. Images
+uploaded for click-to-mask are kept for the most recent ``KEEP_SEGMENT_IMAGES`` of them, at most
+``KEEP_SEGMENT_IMAGE_BYTES`` together; an older ``image_id`` answers 404 (upload the image again).
 Masks travel as PNGs in the formats of ``api/masks.py``.
 """
 
@@ -35,7 +51,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ProtocolError
@@ -47,21 +66,26 @@ STATE_FILE = "server.json"  # in the data folder: url, pid, protocol of the runn
 
 MAX_VIEWS = 8
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # one request body
-MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_PIXELS = 100_000_000  # one image
+MAX_REQUEST_PIXELS = 100_000_000  # the images of all views of one request together
+MAX_SEGMENT_POINTS = 64  # clicks of one segment request
+MAX_COORDINATE = 1e6  # |x| and |y| of a click or box corner, in pixels
+HEADER_TIMEOUT_S = 10.0  # seconds from connecting (or from the last reply) to the end of the headers
+BODY_IDLE_TIMEOUT_S = 30.0  # seconds a request body may stall before the request gets 408
+KEEP_SEGMENT_IMAGES = 32  # images uploaded for click-to-mask, least recently used dropped first
+KEEP_SEGMENT_IMAGE_BYTES = 512 * 1024 * 1024
+
+# Decoded file formats (Pillow's names) the server and the command line accept.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+MASK_FORMATS = ("PNG",)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
+RESULT_SUFFIXES = (".glb", ".ply", ".png")
 
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
 MULTIVIEW_MODES = ("stochastic", "multidiffusion")
-
-# The range of each run setting, for the server and the command line alike.
-SEED_RANGE = (0, 2**31 - 1)
-VARIANTS_RANGE = (1, 8)
-STEPS_RANGE = (1, 500)
-CFG_RANGE = (0.0, 100.0)
-TEXTURE_SIZE_RANGE = (64, 8192)
-FACES_RANGE = (100, 10_000_000)
 SAM_KINDS = ("vit_h", "vit_l", "vit_b")
 
 
@@ -80,25 +104,76 @@ def parse_view_field(name: str) -> tuple[int, str]:
     return int(head[4:]), kind
 
 
-def check_int(name: str, value: Any, bounds: tuple[int, int], optional: bool = False) -> None:
-    low, high = bounds
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ProtocolError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+def _range(low: float, high: float | None = None) -> dict[str, float]:
+    """Field metadata: JSON Schema bounds, read by validation and by the OpenAPI document alike."""
+    return {"minimum": low} if high is None else {"minimum": low, "maximum": high}
 
 
-def check_float(name: str, value: Any, bounds: tuple[float, float]) -> None:
-    low, high = bounds
-    if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        raise ProtocolError(f"{name} must be a number in {low}..{high}, got {value!r}")
+def _scalar(hint: Any) -> type | None:
+    """``int``, ``float``, ``bool`` or ``str`` for a field typed so (or ``X | None``); None otherwise."""
+    origin = typing.get_origin(hint)
+    if origin is None:
+        args = [hint]
+    elif origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+    else:
+        return None
+    return args[0] if len(args) == 1 and args[0] in (int, float, bool, str) else None
+
+
+def _describe(kind: type, meta: Mapping[str, Any]) -> str:
+    if "enum" in meta:
+        return f"one of {', '.join(meta['enum'])}"
+    if kind is bool:
+        return "true or false"
+    if kind is str:
+        return f"a string of at most {meta['maxLength']} characters" if "maxLength" in meta else "a string"
+    noun = "an integer" if kind is int else "a number"
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if high is not None:
+        return f"{noun} in {low}..{high}"
+    return f"{noun} >= {low}" if low is not None else noun
+
+
+def _valid_scalar(kind: type, value: Any, meta: Mapping[str, Any]) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is str:
+        return (
+            isinstance(value, str)
+            and value in meta.get("enum", (value,))
+            and len(value) <= meta.get("maxLength", len(value))
+        )
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    if not math.isfinite(value):
+        return False
+    return meta.get("minimum", value) <= value <= meta.get("maximum", value)
+
+
+def check_setting(cls: type, name: str, value: Any) -> None:
+    """One field of ``cls`` (e.g. ``JobParams.texture_size``) against its type and bounds, alone: for
+    a command line that checks its options before any work."""
+    spec = next(f for f in fields(cls) if f.name == name)
+    kind = _scalar(typing.get_type_hints(cls)[name])
+    if kind is not None and not _valid_scalar(kind, value, spec.metadata):
+        raise ProtocolError(f"must be {_describe(kind, spec.metadata)}, got {value!r}")
+
+
+def _check_fields(record: Any) -> None:
+    """Each scalar field against its type and metadata; lists of strings item by item."""
+    hints = typing.get_type_hints(type(record))
+    for f in fields(record):
+        value, hint = getattr(record, f.name), hints[f.name]
+        if value is None and f.default is None:
+            continue
+        kind = _scalar(hint)
+        if kind is not None and not _valid_scalar(kind, value, f.metadata):
+            raise ProtocolError(f"{f.name} must be {_describe(kind, f.metadata)}, got {value!r}")
+        if hint == list[str] and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ProtocolError(f"{f.name} must be a list of strings")
+        if hint is dict and not isinstance(value, dict):
+            raise ProtocolError(f"{f.name} must be a JSON object")
 
 
 def _from_dict(cls: type, data: Any, what: str):
@@ -118,34 +193,21 @@ def _from_dict(cls: type, data: Any, what: str):
 class JobParams:
     """The run settings of ``amodal3r reconstruct``; None means the pipeline's default."""
 
-    seed: int = 0
-    variants: int = 1
-    multiview: str = "stochastic"
-    structure_steps: int | None = None
-    structure_cfg: float | None = None
-    slat_steps: int | None = None
-    slat_cfg: float | None = None
-    texture_size: int = 1024
-    faces: int | None = None
+    seed: int = field(default=0, metadata=_range(0, 2**31 - 1))
+    variants: int = field(default=1, metadata=_range(1, 8))
+    multiview: str = field(default="stochastic", metadata={"enum": MULTIVIEW_MODES})
+    structure_steps: int | None = field(default=None, metadata=_range(1, 500))
+    structure_cfg: float | None = field(default=None, metadata=_range(0.0, 100.0))
+    slat_steps: int | None = field(default=None, metadata=_range(1, 500))
+    slat_cfg: float | None = field(default=None, metadata=_range(0.0, 100.0))
+    texture_size: int = field(default=1024, metadata=_range(64, 8192))
+    faces: int | None = field(default=None, metadata=_range(100, 10_000_000))
     gaussians: bool = False
     preview: bool = True
-    name: str = ""  # shown in job lists; the object name on the Blender side
+    name: str = field(default="", metadata={"maxLength": 200})  # shown in job lists; the Blender object name
 
     def validate(self) -> JobParams:
-        check_int("seed", self.seed, SEED_RANGE)
-        check_int("variants", self.variants, VARIANTS_RANGE)
-        if self.multiview not in MULTIVIEW_MODES:
-            raise ProtocolError(f"multiview must be one of {', '.join(MULTIVIEW_MODES)}, got {self.multiview!r}")
-        check_int("structure_steps", self.structure_steps, STEPS_RANGE, optional=True)
-        check_int("slat_steps", self.slat_steps, STEPS_RANGE, optional=True)
-        check_float("structure_cfg", self.structure_cfg, CFG_RANGE)
-        check_float("slat_cfg", self.slat_cfg, CFG_RANGE)
-        check_int("texture_size", self.texture_size, TEXTURE_SIZE_RANGE)
-        check_int("faces", self.faces, FACES_RANGE, optional=True)
-        if not isinstance(self.gaussians, bool) or not isinstance(self.preview, bool):
-            raise ProtocolError("gaussians and preview must be true or false")
-        if not isinstance(self.name, str) or len(self.name) > 200:
-            raise ProtocolError("name must be a string of at most 200 characters")
+        _check_fields(self)
         return self
 
     def to_json(self) -> str:
@@ -156,35 +218,46 @@ class JobParams:
         return _from_dict(cls, _loads(text, "params"), "job params").validate()
 
 
+def _coordinates_schema(count: int) -> dict[str, Any]:
+    coordinate = {"type": "number", "minimum": -MAX_COORDINATE, "maximum": MAX_COORDINATE}
+    return {"type": "array", "items": coordinate, "minItems": count, "maxItems": count}
+
+
 @dataclass
 class SegmentParams:
     """Clicks in pixel coordinates of the image (x right, y down); labels 1 add, 0 remove."""
 
-    points: list[list[float]] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    box: list[float] | None = None  # x0, y0, x1, y1
-    image_id: str | None = None  # from POST /v1/images or an earlier segment reply
-    model: str = "vit_h"
+    points: list[list[float]] = field(
+        default_factory=list, metadata={"maxItems": MAX_SEGMENT_POINTS, "items": _coordinates_schema(2)}
+    )
+    labels: list[int] = field(
+        default_factory=list, metadata={"maxItems": MAX_SEGMENT_POINTS, "items": {"type": "integer", "enum": [0, 1]}}
+    )
+    box: list[float] | None = field(
+        default=None, metadata={"anyOf": [_coordinates_schema(4), {"type": "null"}]}
+    )  # x0, y0, x1, y1
+    image_id: str | None = field(default=None, metadata={"pattern": "^[0-9a-f]{8,64}$"})  # from POST /v1/images
+    model: str = field(default="vit_h", metadata={"enum": SAM_KINDS})
 
     def validate(self) -> SegmentParams:
-        if self.model not in SAM_KINDS:
-            raise ProtocolError(f"model must be one of {', '.join(SAM_KINDS)}, got {self.model!r}")
+        _check_fields(self)
         if not isinstance(self.points, list) or not isinstance(self.labels, list):
             raise ProtocolError("points and labels must be lists")
+        if len(self.points) > MAX_SEGMENT_POINTS:
+            raise ProtocolError(f"{len(self.points)} points: give at most {MAX_SEGMENT_POINTS} clicks per request")
         if len(self.points) != len(self.labels):
             raise ProtocolError(f"{len(self.points)} points but {len(self.labels)} labels: give one label per point")
         if not self.points and self.box is None:
             raise ProtocolError("give at least one point or a box")
         for point in self.points:
-            if not isinstance(point, list) or len(point) != 2:
-                raise ProtocolError(f"a point is [x, y], got {point!r}")
-            for v in point:
-                check_float("a point coordinate", v, (-1e9, 1e9))
+            _check_coordinates("a point", point, 2)
         if any(label not in (0, 1) or isinstance(label, bool) for label in self.labels):
             raise ProtocolError("labels must be 1 (add) or 0 (remove)")
-        if self.box is not None and (not isinstance(self.box, list) or len(self.box) != 4):
-            raise ProtocolError(f"box is [x0, y0, x1, y1], got {self.box!r}")
-        if self.image_id is not None and not (isinstance(self.image_id, str) and _is_hex_id(self.image_id)):
+        if self.box is not None:
+            _check_coordinates("box", self.box, 4)
+            if not (self.box[0] < self.box[2] and self.box[1] < self.box[3]):
+                raise ProtocolError(f"box {self.box} is empty: give [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+        if self.image_id is not None and not _is_hex_id(self.image_id):
             raise ProtocolError("image_id must be the id the server returned for an upload")
         return self
 
@@ -196,6 +269,18 @@ class SegmentParams:
         return _from_dict(cls, _loads(text, "params"), "segment params").validate()
 
 
+def _check_coordinates(what: str, value: Any, count: int) -> None:
+    """``count`` finite pixel coordinates within ``MAX_COORDINATE``."""
+    names = "[x, y]" if count == 2 else "[x0, y0, x1, y1]"
+    if not isinstance(value, list) or len(value) != count:
+        raise ProtocolError(f"{what} is {names}, got {value!r}")
+    for v in value:
+        if not _valid_scalar(float, v, _range(-MAX_COORDINATE, MAX_COORDINATE)):
+            raise ProtocolError(
+                f"{what} is {names} of numbers in -{MAX_COORDINATE:,.0f}..{MAX_COORDINATE:,.0f}, got {value!r}"
+            )
+
+
 def _is_hex_id(text: str) -> bool:
     return 8 <= len(text) <= 64 and all(c in "0123456789abcdef" for c in text)
 
@@ -203,25 +288,26 @@ def _is_hex_id(text: str) -> bool:
 def _loads(text: str | bytes, what: str) -> Any:
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ProtocolError(f"{what} is not valid JSON: {error}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ProtocolError(f"{what} is not valid JSON: {reason}") from None
 
 
 @dataclass
 class JobStatus:
     id: str
-    state: str
-    created: float  # unix time
+    state: str = field(metadata={"enum": STATES})
+    created: float = field(metadata=_range(0))  # unix time
     params: dict
     views: list[str]  # the uploaded image names, in the order given
     stage: str = ""  # queued, loading, encoding, structure, slat, decoding, exporting
-    step: int = 0
-    total: int = 0
-    progress: float = 0.0  # 0..1 over the whole job
+    step: int = field(default=0, metadata=_range(0))
+    total: int = field(default=0, metadata=_range(0))
+    progress: float = field(default=0.0, metadata=_range(0.0, 1.0))  # over the whole job
     started: float | None = None
     finished: float | None = None
-    elapsed: float = 0.0  # seconds running
-    eta: float | None = None  # seconds left, once it can be estimated
+    elapsed: float = field(default=0.0, metadata=_range(0.0))  # seconds running
+    eta: float | None = field(default=None, metadata=_range(0.0))  # seconds left, once it can be estimated
     error: str = ""
     results: list[str] = field(default_factory=list)  # names for GET .../results/{name}
     notices: list[str] = field(default_factory=list)
@@ -229,6 +315,16 @@ class JobStatus:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    def validate(self) -> JobStatus:
+        """A record read back from disk: every field typed and in range, its params valid, its results
+        plain result names (a record must never make the server serve another path)."""
+        _check_fields(self)
+        _from_dict(JobParams, self.params, "job params").validate()
+        bad = [name for name in self.results if not is_result_name(name)]
+        if bad:
+            raise ProtocolError(f"results must be result file names like {result_name(0, '.glb')}, got {bad[0]!r}")
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,6 +350,34 @@ class SegmentReply:
         return _from_dict(cls, data, "segment reply")
 
 
+def json_schema(cls: type) -> dict[str, Any]:
+    """JSON Schema of a protocol dataclass, from its type hints and field metadata (for OpenAPI)."""
+    hints = typing.get_type_hints(cls)
+    properties = {f.name: {**_type_schema(hints[f.name]), **f.metadata} for f in fields(cls)}
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    return {**schema, "required": required} if required else schema
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        return {"anyOf": [_type_schema(inner[0]), {"type": "null"}]}
+    if typing.get_origin(hint) is list:
+        return {"type": "array", "items": _type_schema(args[0])}
+    return {"type": _JSON_TYPES[hint]}
+
+
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object"}
+
+
 def result_name(variant: int, suffix: str) -> str:
     """Result files of one job: ``variant0.glb``, ``variant0.ply``, ``variant0.png``."""
     return f"variant{variant}{suffix}"
+
+
+def is_result_name(name: str) -> bool:
+    """Whether ``name`` is one that :func:`result_name` makes (and so a plain file name)."""
+    stem, dot, suffix = name.partition(".")
+    return stem.startswith("variant") and stem[7:].isdigit() and f"{dot}{suffix}" in RESULT_SUFFIXES

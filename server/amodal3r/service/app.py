@@ -1,18 +1,22 @@
 """``amodal3r serve``: the reconstruction server the Blender extension talks to.
 
-FastAPI on uvicorn, loopback by default, every request authorised with a bearer token. Routes and
-payloads are defined in ``protocol.py``; jobs persist in ``job_store.py`` and run in ``worker.py``.
+FastAPI on uvicorn, loopback by default, every request checked by ``guard.py`` (Host, token,
+size, stalls). Routes and payloads are defined in ``api/protocol.py`` and described to OpenAPI by
+``openapi.py``; uploads are checked in ``uploads.py``, jobs persist in ``job_store.py`` and run in
+``worker.py``, click-to-mask images live in ``images.py``.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
+import functools
 import io
 import json
+import logging
+import math
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -23,34 +27,40 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from amodal3r import __version__
 from amodal3r.api.environment import TOKEN
-from amodal3r.api.errors import CheckpointError, InputError
+from amodal3r.api.errors import CheckpointError, InputError, StorageError
 from amodal3r.api.files import write_atomically
 from amodal3r.api.protocol import (
     API_PREFIX,
+    BODY_IDLE_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
     LISTENING_PREFIX,
-    MAX_IMAGE_PIXELS,
     MAX_UPLOAD_BYTES,
-    MAX_VIEWS,
     PROTOCOL_VERSION,
     STATE_FILE,
     JobParams,
     ProtocolError,
     SegmentParams,
     SegmentReply,
-    parse_view_field,
 )
 from amodal3r.weights.layout import PIPELINE_FILE, SAM_FOLDER, sam_checkpoints
 
+from . import openapi as doc
+from .guard import LOOPBACK_NAMES, Guard, HeaderDeadline
+from .images import ImageStore
 from .job_store import JobStore, is_job_id
-from .worker import ModelRuntime, Worker, load_job_views
+from .uploads import check_image, check_views, decode_rgb, read_form, view_uploads
+from .worker import ModelRuntime, Worker
 
 TOKEN_FILE = "token"
 LOCK_FILE = "server.lock"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+log = logging.getLogger("amodal3r")
 
 
 @dataclass
@@ -64,6 +74,9 @@ class ServerConfig:
     idle_unload: float = 900.0
     sam_checkpoints: dict[str, Path] = field(default_factory=dict)  # kind -> file, beside the model folder's
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    allow_hosts: list[str] = field(default_factory=list)  # Host names besides its own address; "*" any
+    header_timeout: float = HEADER_TIMEOUT_S
+    body_timeout: float = BODY_IDLE_TIMEOUT_S
 
 
 class Server:
@@ -78,8 +91,7 @@ class Server:
             config.model_dir, config.device, getattr(torch, config.dtype) if config.dtype else None, config.idle_unload
         )
         self.worker = Worker(self.store, self.runtime)
-        self.images = config.data_dir / "images"
-        self.images.mkdir(parents=True, exist_ok=True)
+        self.images = ImageStore(config.data_dir / "images")
         self._segmenters: dict[str, object] = {}
         self._segment_lock = threading.Lock()
         self.downloads = Downloads(config.model_dir)
@@ -129,6 +141,7 @@ class Server:
             },
             "memory": memory,
             "queue_length": self.worker.queue_length,
+            "worker": "alive" if self.worker.alive else "stopped",
             "running_job": self.worker.current,
         }
 
@@ -193,131 +206,6 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-class Guard:
-    """ASGI middleware: the bearer token on every request, and the request size limit."""
-
-    def __init__(self, app, token: str, max_bytes: int):
-        self.app, self.token, self.max_bytes = app, token.encode(), max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        refusal = self._refusal(headers)
-        if refusal is not None:
-            await self._drain(receive)
-            return await refusal(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._drain(receive)
-            await _too_large(self.max_bytes)(scope, receive, send)
-
-    async def _drain(self, receive) -> None:
-        """Read what the client still sends before refusing: a reply sent mid-upload reaches the client
-        as a connection reset instead of the reason. A client sending far past the limit is cut off."""
-        budget = DRAIN_FACTOR * self.max_bytes
-        while budget > 0:
-            message = await receive()
-            budget -= len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-
-    def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
-        auth = headers.get(b"authorization", b"")
-        if not auth.startswith(b"Bearer "):
-            return JSONResponse(
-                {
-                    "detail": f"missing token: send 'Authorization: Bearer <token>' (the token is in "
-                    f"{TOKEN} or the server's token file)"
-                },
-                401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(auth[7:].strip(), self.token):
-            return JSONResponse({"detail": "wrong token: use the token this server was started with"}, 403)
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return _too_large(self.max_bytes)
-        return None
-
-
-DRAIN_FACTOR = 4
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(
-        {
-            "detail": f"request too large: at most {limit // (1024 * 1024)} MiB. Downscale the "
-            "images (the model sees 518 pixels) or send fewer views"
-        },
-        413,
-    )
-
-
-def _check_image(name: str, data: bytes) -> None:
-    """Refuse what is not a readable image before it is stored."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ProtocolError(
-                    f"{name}: {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS:,} pixels; downscale it"
-                )
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        if isinstance(error, ProtocolError):
-            raise
-        raise ProtocolError(f"{name}: not a readable image ({error}); send a PNG or JPEG") from None
-
-
-async def _form(request: Request):
-    try:
-        return await request.form(max_files=4 * MAX_VIEWS + 1, max_fields=8)
-    except HTTPException:
-        raise
-    except Exception as error:  # noqa: BLE001 - any parse failure is the client's malformed body
-        raise HTTPException(400, f"malformed multipart body: {error}") from None
-
-
-async def _views_from_form(form) -> list[dict[str, tuple[str, bytes]]]:
-    views: dict[int, dict[str, tuple[str, bytes]]] = {}
-    for key, value in form.multi_items():
-        if key == "params":
-            continue
-        index, kind = parse_view_field(key)
-        if isinstance(value, str):
-            raise ProtocolError(f"{key} must be a file upload")
-        if index >= MAX_VIEWS:
-            raise ProtocolError(f"at most {MAX_VIEWS} views per job")
-        if kind in views.setdefault(index, {}):
-            raise ProtocolError(f"{key} given twice")
-        data = await value.read()
-        _check_image(f"{key} ({value.filename})", data)
-        views[index][kind] = (Path(value.filename or key).name, data)
-    if not views:
-        raise ProtocolError("no views: upload view0_image with view0_target_mask (or view0_mask)")
-    if sorted(views) != list(range(len(views))):
-        raise ProtocolError(f"views must be numbered 0..{len(views) - 1} without gaps, got {sorted(views)}")
-    for index, view in views.items():
-        if "image" not in view:
-            raise ProtocolError(f"view {index} has masks but no view{index}_image")
-    return [views[i] for i in range(len(views))]
-
-
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(
         title="Amodal3R reconstruction server",
@@ -326,48 +214,36 @@ def create_app(server: Server) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    _add_error_handlers(app)
+    _add_openapi(app)
 
-    @app.exception_handler(InputError)
-    @app.exception_handler(CheckpointError)
-    async def input_error(_request: Request, error: InputError | CheckpointError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, 422)
+    def worker_running() -> None:
+        if not server.worker.alive:
+            raise HTTPException(503, "the job worker has stopped: restart the server (queued jobs are kept)")
 
-    @app.exception_handler(Exception)
-    async def server_bug(_request: Request, error: Exception) -> JSONResponse:
-        """A bug, not the request: name it so that the user's report says what broke (the log has the trace)."""
-        return JSONResponse(
-            {
-                "detail": f"server error ({type(error).__name__}: {error}); the server log has "
-                "the details: please report it"
-            },
-            500,
-        )
-
-    @app.get(f"{API_PREFIX}/health")
+    @app.get(f"{API_PREFIX}/health", **doc.route(doc.HEALTH, 503))
     def health() -> dict:
-        return {"status": "ok", "protocol": PROTOCOL_VERSION, "version": __version__}
+        worker_running()
+        return {"status": "ok", "worker": "alive", "protocol": PROTOCOL_VERSION, "version": __version__}
 
-    @app.get(f"{API_PREFIX}/info")
+    @app.get(f"{API_PREFIX}/info", **doc.route(doc.OBJECT))
     def info() -> dict:
         return server.info()
 
-    @app.post(f"{API_PREFIX}/jobs", status_code=202)
+    @app.post(f"{API_PREFIX}/jobs", **doc.route(doc.job_status(), 422, 503, 507, status=202, body=doc.job_body()))
     async def submit(request: Request) -> dict:
-        form = await _form(request)
+        form = await read_form(request)
         if "params" not in form or not isinstance(form["params"], str):
             raise ProtocolError("missing the params field (JSON job settings; {} for the defaults)")
         params = JobParams.from_json(form["params"])
-        views = await _views_from_form(form)
-        status = await run_in_threadpool(server.store.create, params, views)
-        try:
-            await run_in_threadpool(load_job_views, server.store, status.id)
-        except InputError:
-            server.store.discard(status.id)
-            raise
+        uploads = await view_uploads(form)
+        worker_running()
+        views = await run_in_threadpool(check_views, uploads)
+        status = await run_in_threadpool(server.store.create, params, views, [u.filename for u in uploads])
         server.worker.submit(status.id)
         return status.to_dict()
 
-    @app.get(f"{API_PREFIX}/jobs")
+    @app.get(f"{API_PREFIX}/jobs", **doc.route(doc.JOB_LIST, 422))
     def jobs(limit: int = 50) -> dict:
         return {"jobs": [s.to_dict() for s in server.store.list(max(1, min(limit, 500)))]}
 
@@ -377,17 +253,17 @@ def create_app(server: Server) -> FastAPI:
             raise HTTPException(404, f"no job {job_id!r}: list jobs at GET {API_PREFIX}/jobs")
         return status
 
-    @app.get(f"{API_PREFIX}/jobs/{{job_id}}")
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}", **doc.route(doc.job_status(), 404))
     def job(job_id: str) -> dict:
         return job_or_404(job_id).to_dict()
 
-    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/cancel")
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/cancel", **doc.route(doc.job_status(), 404, 507))
     def cancel(job_id: str) -> dict:
         job_or_404(job_id)
         server.worker.cancel(job_id)
         return job_or_404(job_id).to_dict()
 
-    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/results/{{name}}")
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/results/{{name}}", **doc.route(None, 404, media=doc.result_media()))
     def result(job_id: str, name: str) -> FileResponse:
         status = job_or_404(job_id)
         path = server.store.result_path(job_id, name)
@@ -397,68 +273,111 @@ def create_app(server: Server) -> FastAPI:
                 f"job {job_id} has no result {name!r}; it has: "
                 f"{', '.join(status.results) or 'none yet'} (state {status.state})",
             )
-        return FileResponse(path, filename=name)
+        return FileResponse(path, filename=name, media_type=doc.RESULT_TYPES[path.suffix])
 
-    @app.post(f"{API_PREFIX}/images")
+    @app.post(f"{API_PREFIX}/images", **doc.route(doc.IMAGE_ID, 422, 507, body=doc.image_body()))
     async def upload_image(request: Request) -> dict:
-        form = await _form(request)
+        form = await read_form(request)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ProtocolError("upload the image as the multipart file field 'image'")
-        return {"image_id": await run_in_threadpool(_store_image, server, await upload.read())}
+        return {"image_id": await _store_image(server, await upload.read())}
 
-    @app.post(f"{API_PREFIX}/segment")
+    @app.post(f"{API_PREFIX}/segment", **doc.route(doc.segment_reply(), 404, 409, 422, 507, body=doc.segment_body()))
     async def segment(request: Request) -> dict:
-        form = await _form(request)
+        form = await read_form(request)
         if not isinstance(form.get("params"), str):
             raise ProtocolError("missing the params field (JSON: points, labels, box, image_id, model)")
         params = SegmentParams.from_json(form["params"])
         upload = form.get("image")
         if upload is not None and not isinstance(upload, str):
-            params.image_id = await run_in_threadpool(_store_image, server, await upload.read())
+            params.image_id = await _store_image(server, await upload.read())
         if params.image_id is None:
             raise ProtocolError("send the image (file field 'image') or the image_id of an earlier upload")
         return await run_in_threadpool(_segment, server, params)
 
-    @app.get(f"{API_PREFIX}/models")
+    @app.get(f"{API_PREFIX}/models", **doc.route(doc.OBJECT))
     def models() -> dict:
         return {"model_dir": str(server.config.model_dir), "components": server.downloads.components()}
 
-    @app.post(f"{API_PREFIX}/models/download")
+    @app.post(
+        f"{API_PREFIX}/models/download", **doc.route(doc.OBJECT, 409, 422, body=doc.download_body(_component_names()))
+    )
     async def download_models(request: Request) -> dict:
         try:
             body = json.loads(await request.body() or b"{}")
-        except ValueError as error:
-            raise ProtocolError(f"body is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:
+            raise ProtocolError(f"body is not valid JSON: {error or 'nested too deeply'}") from None
         components = body.get("components") if isinstance(body, dict) else None
-        known = [c["name"] for c in server.downloads.components()]
+        known = _component_names()
         if not isinstance(components, list) or not components or any(c not in known for c in components):
             raise ProtocolError(f"components must be a non-empty list from: {', '.join(known)}")
         return server.downloads.start(components)
 
-    @app.get(f"{API_PREFIX}/models/download")
+    @app.get(f"{API_PREFIX}/models/download", **doc.route(doc.OBJECT))
     def download_status() -> dict:
         return dict(server.downloads.status)
 
     return app
 
 
-def _store_image(server: Server, data: bytes) -> str:
-    """Content-addressed: the same image uploaded twice is one file and one cached embedding."""
-    _check_image("image", data)
-    image_id = hashlib.sha256(data).hexdigest()
-    path = server.images / f"{image_id}.bin"
-    if not path.exists():
-        write_atomically(path, data)
-    return image_id
+def _component_names() -> list[str]:
+    from amodal3r.weights.downloads import CATALOG
+
+    return list(CATALOG)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InputError)
+    @app.exception_handler(CheckpointError)
+    async def input_error(_request: Request, error: InputError | CheckpointError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, 422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(_request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's own checks (query parameters) in the protocol's one-string form."""
+        reasons = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in error.errors()]
+        return JSONResponse({"detail": "; ".join(reasons) or "invalid request"}, 422)
+
+    @app.exception_handler(StorageError)
+    async def disk_full(_request: Request, error: StorageError) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, 507)
+
+    @app.exception_handler(Exception)
+    async def server_bug(_request: Request, error: Exception) -> JSONResponse:
+        """A bug, not the request: name it so that the user's report says what broke (the log has the trace)."""
+        log.error("server error", exc_info=error)
+        return JSONResponse(
+            {
+                "detail": f"server error ({type(error).__name__}: {error}); the server log has "
+                "the details: please report it"
+            },
+            500,
+        )
+
+
+def _add_openapi(app: FastAPI) -> None:
+    build = app.openapi
+
+    def document() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = doc.finish(build())
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
+
+
+async def _store_image(server: Server, data: bytes) -> str:
+    """Checked off the event loop, stored content-addressed (one file and one embedding per image)."""
+    await run_in_threadpool(check_image, data)
+    return await run_in_threadpool(server.images.put, data)
 
 
 def _segment(server: Server, params: SegmentParams) -> dict:
-    path = server.images / f"{params.image_id}.bin"
-    if not path.is_file():
+    path = server.images.path(params.image_id) if params.image_id else None
+    if path is None:
         raise HTTPException(404, f"no image {params.image_id}: upload it again (POST {API_PREFIX}/images)")
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"))
+    rgb = decode_rgb(path)
     result = server.segmenter(params.model).segment(
         rgb,
         [tuple(p) for p in params.points],
@@ -466,6 +385,8 @@ def _segment(server: Server, params: SegmentParams) -> dict:
         tuple(params.box) if params.box is not None else None,
         image_key=params.image_id,
     )
+    if not math.isfinite(result.score):
+        raise InputError("these clicks give no usable mask: click on the object inside the image")
     png = io.BytesIO()
     Image.fromarray(result.mask.astype(np.uint8) * 255).save(png, format="PNG")
     return SegmentReply(
@@ -509,21 +430,67 @@ def lock_data_dir(data_dir: Path):
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, first of all: a wrong address fails in one line before anything starts."""
+    if not 0 <= port <= 65535:
+        raise SystemExit(f"--port {port} is not a port: give 1..65535, or 0 for a free one")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as error:
-        raise SystemExit(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or 0") from None
+        sock.close()
+        reason = error.strerror or str(error)
+        raise SystemExit(f"cannot listen on {host}:{port} ({reason}); pick another --host or --port (0: any)") from None
     sock.listen(128)
     return sock
 
 
-def serve(config: ServerConfig) -> int:
+def allowed_hosts(config: ServerConfig, bound: str) -> frozenset[str] | None:
+    """The Host header names requests may carry: loopback, the bound address, ``--allow-host`` (None: any)."""
+    if "*" in config.allow_hosts:
+        return None
+    names = set(LOOPBACK_NAMES) | {name.lower() for name in config.allow_hosts}
+    for host in (config.host, bound):
+        if host not in WILDCARD_HOSTS:
+            names.add(host.strip("[]").lower())
+    if config.host in WILDCARD_HOSTS:
+        names.add(socket.gethostname().lower())
+    return frozenset(names)
+
+
+def _stop(signum: int, _frame) -> None:
+    """SIGTERM and SIGINT end the server like a clean exit: the finally blocks remove ``server.json``."""
+    raise SystemExit(0)
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("amodal3r: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def guarded_app(server: Server, bound_host: str) -> Guard:
+    """The routes behind the request guard, as the server answers on ``bound_host``."""
+    config = server.config
+    hosts = allowed_hosts(config, bound_host)
+    return Guard(create_app(server), server.token, config.max_upload_bytes, hosts, config.body_timeout)
+
+
+def http_server(app: Guard, header_timeout: float):
+    """uvicorn on HTTP/1.1 (h11, on every install), with the deadline for request headers."""
     import uvicorn
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    protocol = functools.partial(HeaderDeadline, header_timeout=header_timeout)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=protocol))
+
+
+def serve(config: ServerConfig) -> int:
+    sock = bind(config.host, config.port)
+    _log_to_stderr()
+    os.umask(0o077)  # uploads, results, token and state: readable by the user only
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = lock_data_dir(config.data_dir)
     if not (config.model_dir / PIPELINE_FILE).is_file():
         print(
@@ -534,29 +501,28 @@ def serve(config: ServerConfig) -> int:
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: listening on {config.host}, reachable from other machines; every request still needs "
-            "the token, but traffic is not encrypted",
+            "the token, but traffic is not encrypted. Other machines must use this machine's name or an "
+            "address given with --allow-host",
             file=sys.stderr,
         )
-    token = load_token(config.data_dir)
-    server = Server(config, token)
-    server.start()
-    sock = bind(config.host, config.port)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    state = {
-        "url": url,
-        "pid": os.getpid(),
-        "protocol": PROTOCOL_VERSION,
-        "version": __version__,
-        "started": time.time(),
-    }
-    write_atomically(config.data_dir / STATE_FILE, json.dumps(state).encode())
-    print(f"{LISTENING_PREFIX}{url}", flush=True)
-    app = Guard(create_app(server), token, config.max_upload_bytes)
+    state_file = config.data_dir / STATE_FILE
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    server = None
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+        token = load_token(config.data_dir)
+        server = Server(config, token)
+        server.start()
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        state = {"url": url, "pid": os.getpid(), "protocol": PROTOCOL_VERSION, "version": __version__}
+        write_atomically(state_file, json.dumps({**state, "started": time.time()}).encode())
+        print(f"{LISTENING_PREFIX}{url}", flush=True)
+        http_server(guarded_app(server, host), config.header_timeout).run(sockets=[sock])
     finally:
-        server.worker.stop()
-        (config.data_dir / STATE_FILE).unlink(missing_ok=True)
+        if server is not None:
+            server.worker.stop()
+        state_file.unlink(missing_ok=True)
         lock.close()
+        sock.close()
     return 0

@@ -2,11 +2,15 @@
 
 Models load on the first job and stay warm; after ``idle_unload`` seconds without work they are
 dropped to give the memory back. Progress comes from the sampler's callback; a cancel request is
-seen by the sampler before its next step.
+seen by the sampler before its next step. The worker thread outlives every failure, the job
+store's own included: a job whose final state cannot be written (a full disk) is failed in memory
+and answered from there, and the next job runs.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import queue
 import threading
 import time
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from amodal3r.api.errors import Cancelled, InputError
+from amodal3r.api.errors import Cancelled, StorageError
 from amodal3r.api.protocol import (
     CANCELLED,
     DONE,
@@ -23,30 +27,20 @@ from amodal3r.api.protocol import (
     JobParams,
     result_name,
 )
-from amodal3r.io.inputs import View, load_view
 from amodal3r.io.results import OutputSettings, write_results
 from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings
 from amodal3r.weights.layout import RANDOM_WEIGHTS_NOTICE
 
-from .job_store import JobStore
+from .eta import Estimate, StageTimes, job_units, stage_fraction
+from .job_store import JobStore, storage_error
 
-# Share of the whole job each stage takes, in order: drives the progress fraction and the ETA.
-STAGE_WEIGHTS = {"loading": 0.05, "encoding": 0.05, "structure": 0.35, "slat": 0.35, "decoding": 0.1, "exporting": 0.1}
 PERSIST_EVERY = 1.0  # seconds between progress writes to job.json (state changes are written at once)
+STAGE_TIMES_FILE = "stage_times.json"  # in the data folder: seconds per unit of each stage, per device
 OUT_OF_MEMORY = (
     "the device ran out of memory. Try fewer variants, a smaller texture or face count, "
     "close other GPU programs, or start the server with --device cpu"
 )
-
-
-def stage_fraction(stage: str, step: int, total: int) -> float:
-    """Progress over the whole job when ``stage`` is ``step`` of ``total`` done."""
-    done = 0.0
-    for name, weight in STAGE_WEIGHTS.items():
-        if name == stage:
-            return done + weight * (step / total if total else 0.0)
-        done += weight
-    return done
+log = logging.getLogger(__name__)
 
 
 class ModelRuntime:
@@ -98,15 +92,14 @@ def _free_device_memory() -> None:
 class JobProgress:
     """Turns the pipeline's (stage, step, total) calls into job status updates with an ETA."""
 
-    def __init__(self, store: JobStore, job_id: str, started: float):
-        self.store, self.job_id, self.started = store, job_id, started
+    def __init__(self, store: JobStore, job_id: str, started: float, estimate: Estimate, clock=time.time):
+        self.store, self.job_id, self.started, self.estimate, self.clock = store, job_id, started, estimate, clock
+        self.estimate.started = started
         self.last_persist = 0.0
 
     def __call__(self, stage: str, step: int = 0, total: int = 0) -> None:
-        now = time.time()
-        fraction = stage_fraction(stage, step, total)
-        elapsed = now - self.started
-        eta = elapsed * (1 - fraction) / fraction if fraction >= 0.1 else None
+        now = self.clock()
+        eta = self.estimate.observe(stage, step, total, now)
         persist = now - self.last_persist >= PERSIST_EVERY or step == total
         if persist:
             self.last_persist = now
@@ -116,8 +109,8 @@ class JobProgress:
             stage=stage,
             step=step,
             total=total,
-            progress=round(fraction, 4),
-            elapsed=round(elapsed, 2),
+            progress=round(stage_fraction(stage, step, total), 4),
+            elapsed=round(now - self.started, 2),
             eta=None if eta is None else round(eta, 1),
         )
         if stage == "slat" and step == total:
@@ -146,6 +139,11 @@ class Worker:
         self._queue.put(job_id)
 
     @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs: ``/v1/health`` answers 503 when it does not."""
+        return self._thread.is_alive()
+
+    @property
     def queue_length(self) -> int:
         return self._queue.qsize()
 
@@ -165,23 +163,34 @@ class Worker:
 
     def _loop(self) -> None:
         while (job_id := self._queue.get()) is not None:
-            with self._lock:
-                status = self.store.get(job_id)
-                if status is None or status.final:
-                    continue
-                self.current = job_id
-                started = time.time()
-                self.store.update(job_id, state=RUNNING, started=started, stage="loading")
             try:
-                self._run(job_id, started)
+                self._take(job_id)
+            except Exception:  # noqa: BLE001 - a bug in one job must never stop the worker
+                log.exception("job %s: unexpected failure in the worker", job_id)
+                self._fail_in_memory(job_id, "the server failed to run this job (its log has the details)")
             finally:
                 self.current = None
                 self.runtime.last_used = time.monotonic()
 
+    def _take(self, job_id: str) -> None:
+        with self._lock:
+            status = self.store.get(job_id)
+            if status is None or status.final:
+                return
+            self.current = job_id
+            started = time.time()
+            try:
+                self.store.update(job_id, state=RUNNING, started=started, stage="loading")
+            except StorageError as error:
+                self._fail_in_memory(job_id, str(error))
+                return
+        self._run(job_id, started)
+
     def _run(self, job_id: str, started: float) -> None:
         status = self.store.get(job_id)
         assert status is not None
-        progress = JobProgress(self.store, job_id, started)
+        estimate = Estimate(StageTimes(self.store.data_dir / STAGE_TIMES_FILE, self.runtime.device))
+        progress = JobProgress(self.store, job_id, started, estimate)
         try:
             results, notices = self._reconstruct(job_id, JobParams(**status.params), progress)
         except Cancelled:
@@ -190,29 +199,59 @@ class Worker:
             self.runtime.unload()
             self._finish(job_id, started, FAILED, error=OUT_OF_MEMORY)
         except Exception as error:  # noqa: BLE001 - a failed job must never stop the worker
-            self._finish(job_id, started, FAILED, error=_explain(error))
+            self._finish(job_id, started, FAILED, error=self._explain(error))
         else:
+            estimate.finish(time.time())
+            notices = status.notices + notices
             self._finish(job_id, started, DONE, stage=DONE, results=results, notices=notices, progress=1.0)
         finally:
             self._cancelled.discard(job_id)
 
     def _finish(self, job_id: str, started: float, state: str, **changes: object) -> None:
+        """The final state, on disk when it can be written, else failed in memory with both reasons."""
         now = time.time()
-        self.store.update(job_id, state=state, finished=now, elapsed=round(now - started, 2), eta=None, **changes)
+        try:
+            self.store.update(job_id, state=state, finished=now, elapsed=round(now - started, 2), eta=None, **changes)
+        except StorageError as error:
+            reason = str(changes.get("error", ""))
+            if not reason:
+                reason = f"its state could not be saved: {error}"
+            elif reason != str(error):
+                reason = f"{reason} (the failure could not be saved: {error})"
+            self._fail_in_memory(job_id, reason)
+
+    def _fail_in_memory(self, job_id: str, reason: str) -> None:
+        """The job failed and the disk may not take it: the server answers it from memory (a restart
+        reports it interrupted)."""
+        log.warning("job %s failed: %s", job_id, reason)
+        try:
+            self.store.update(job_id, persist=False, state=FAILED, error=reason, finished=time.time(), eta=None)
+        except Exception:  # noqa: BLE001 - the store itself is broken: the log has it, the worker goes on
+            log.exception("job %s: could not record its failure", job_id)
+
+    def _explain(self, error: Exception) -> str:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(storage_error(error, self.store.data_dir))
+        text = str(error) or type(error).__name__
+        return OUT_OF_MEMORY if "out of memory" in text.lower() else text
 
     def _reconstruct(self, job_id: str, params: JobParams, progress: JobProgress) -> tuple[list[str], list[str]]:
-        views = load_job_views(self.store, job_id)
+        views = self.store.load_views(job_id)
         progress("loading")
         pipeline = self.runtime.pipeline()
+        settings = run_settings(params)
+        progress.estimate.units = job_units(
+            len(views),
+            params.variants,
+            settings.structure.apply(pipeline.config.structure_sampler).steps,
+            settings.slat.apply(pipeline.config.slat_sampler).steps,
+        )
         progress("encoding")
 
         def cancelled() -> bool:
             return self.is_cancelled(job_id)
 
-        result = pipeline(views, run_settings(params), progress, cancelled)
-        notices = [notice for view in views for notice in view.notices]
-        if pipeline.config.tiny_random_weights:
-            notices.append(RANDOM_WEIGHTS_NOTICE)
+        result = pipeline(views, settings, progress, cancelled)
         folder = self.store.folder(job_id) / "results"
         glbs = [folder / result_name(variant, ".glb") for variant in range(len(result.meshes))]
         outputs = OutputSettings(
@@ -226,37 +265,17 @@ class Worker:
             before_variant=lambda index, count: progress("exporting", index, count),
             cancelled=cancelled,
         )
+        notices = [RANDOM_WEIGHTS_NOTICE] if pipeline.config.tiny_random_weights else []
         notices += [notice for variant in written for notice in variant.report.notices]
         return [path.name for variant in written for path in variant.files], notices
 
     def _unload_when_idle(self) -> None:
         while True:
             time.sleep(min(5.0, max(self.runtime.idle_unload / 4, 0.05)))
-            self.runtime.unload_if_idle(busy=self.current is not None or self.queue_length > 0)
-
-
-def load_job_views(store: JobStore, job_id: str) -> list[View]:
-    """The stored uploads as views; errors name the upload field and the user's file name."""
-    status = store.get(job_id)
-    assert status is not None
-    views = []
-    for index, paths in enumerate(store.input_paths(job_id)):
-        try:
-            views.append(
-                load_view(paths["image"], paths.get("target_mask"), paths.get("occluder_mask"), paths.get("mask"))
-            )
-        except InputError as error:
-            raise InputError(_named(str(error), paths, status.views[index], index)) from None
-        views[-1].name = Path(status.views[index]).stem or f"view{index}"
-    return views
-
-
-def _named(message: str, paths: dict[str, Path], image_name: str, index: int) -> str:
-    """Replace the server's storage paths in a message by the upload field names."""
-    for kind, path in paths.items():
-        label = f"view {index} {kind.replace('_', ' ')}" + (f" ({image_name})" if kind == "image" else "")
-        message = message.replace(str(path), label).replace(path.name, label)
-    return message
+            try:
+                self.runtime.unload_if_idle(busy=self.current is not None or self.queue_length > 0)
+            except Exception:  # noqa: BLE001 - unloading is housekeeping: log it and keep going
+                log.exception("unloading idle models failed")
 
 
 def run_settings(params: JobParams) -> RunSettings:
@@ -269,10 +288,3 @@ def run_settings(params: JobParams) -> RunSettings:
         slat=StageSettings(params.slat_steps, params.slat_cfg),
         formats=("mesh", "gaussian") if params.gaussians else ("mesh",),
     )
-
-
-def _explain(error: Exception) -> str:
-    text = str(error) or type(error).__name__
-    if "out of memory" in text.lower():
-        return OUT_OF_MEMORY
-    return text

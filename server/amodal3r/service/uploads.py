@@ -1,0 +1,100 @@
+"""Multipart uploads: parsed, then checked and decoded off the event loop, each view exactly once.
+
+A job's views are refused as a whole, before anything is stored, when their images hold more than
+``MAX_REQUEST_PIXELS`` together (read from the headers, before decoding) or when any file fails a
+check of ``io.inputs``. The checked, downscaled views are what the job store keeps for the worker.
+At most ``DECODE_SLOTS`` requests decode at once, which bounds the memory decoding can take.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+
+from amodal3r.api.protocol import MAX_REQUEST_PIXELS, MAX_VIEWS, ProtocolError, parse_view_field
+from amodal3r.io.inputs import Upload, View, image_size, load_view, read_rgb
+
+DECODE_SLOTS = 2
+_decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+@dataclass
+class ViewUpload:
+    """The files of one view, by kind (``image``, ``target_mask``, ...), and the image's file name."""
+
+    files: dict[str, Upload]
+    filename: str
+
+
+async def read_form(request: Request):
+    """The multipart form; a body that does not parse is the client's 400, the guard's 408/413 pass on."""
+    try:
+        return await request.form(max_files=4 * MAX_VIEWS + 1, max_fields=8)
+    except HTTPException:
+        raise
+    except Exception as error:  # noqa: BLE001 - any parse failure is the client's malformed body
+        reason = str(error) or type(error).__name__
+        raise HTTPException(400, f"malformed multipart body ({reason}): send multipart/form-data fields") from None
+
+
+async def view_uploads(form) -> list[ViewUpload]:
+    """The ``view{i}_{kind}`` files of a job form, numbered from 0 without gaps, each view with an image."""
+    views: dict[int, ViewUpload] = {}
+    for key, value in form.multi_items():
+        if key == "params":
+            continue
+        index, kind = parse_view_field(key)
+        if isinstance(value, str):
+            raise ProtocolError(f"{key} must be a file upload")
+        if index >= MAX_VIEWS:
+            raise ProtocolError(f"at most {MAX_VIEWS} views per job")
+        view = views.setdefault(index, ViewUpload({}, ""))
+        if kind in view.files:
+            raise ProtocolError(f"{key} given twice")
+        filename = Path(value.filename or key).name
+        view.files[kind] = Upload(f"{key} ({filename})", await value.read())
+        if kind == "image":
+            view.filename = filename
+    if not views:
+        raise ProtocolError("no views: upload view0_image with view0_target_mask (or view0_mask)")
+    if sorted(views) != list(range(len(views))):
+        raise ProtocolError(f"views must be numbered 0..{len(views) - 1} without gaps, got {sorted(views)}")
+    for index, view in views.items():
+        if "image" not in view.files:
+            raise ProtocolError(f"view {index} has masks but no view{index}_image")
+    return [views[i] for i in range(len(views))]
+
+
+def check_views(uploads: list[ViewUpload]) -> list[View]:
+    """Every view decoded and checked once (run it in a thread: it takes seconds for large images)."""
+    sizes = [image_size(view.files["image"]) for view in uploads]
+    total = sum(width * height for width, height in sizes)
+    if total > MAX_REQUEST_PIXELS:
+        listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise ProtocolError(
+            f"the views hold {total:,} pixels together ({listed}), more than {MAX_REQUEST_PIXELS:,} per request: "
+            "downscale the images (the model sees 518 pixels) or send fewer views"
+        )
+    views = []
+    with _decoding:
+        for index, upload in enumerate(uploads):
+            files = upload.files
+            view = load_view(files["image"], files.get("target_mask"), files.get("occluder_mask"), files.get("mask"))
+            view.name = Path(upload.filename).stem or f"view{index}"
+            views.append(view)
+    return views
+
+
+def check_image(data: bytes) -> None:
+    """An image for click-to-mask must decode (run it in a thread)."""
+    with _decoding:
+        read_rgb(Upload("image", data))
+
+
+def decode_rgb(path: Path):
+    """The stored pixels of an uploaded image, for SAM (run it in a thread)."""
+    with _decoding:
+        return read_rgb(path)
