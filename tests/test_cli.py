@@ -217,3 +217,48 @@ def test_a_pickled_image_encoder_is_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds pickled Python objects" in err
     assert "use the official dinov2_vitl14_reg4_pretrain.pth" in err
+
+
+def test_place_writes_the_pose_of_a_glb_seen_in_a_photo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The command's plumbing: GLB, photo, masks and camera.json in, a pose.json whose silhouette matches out
+    (the fit's accuracy on many objects is tests/pipelines/test_placement.py's)."""
+    import json
+    import math
+
+    import torch
+    import trimesh
+
+    from amodal3r.io.camera import Pose
+    from amodal3r.modules.silhouette import rasterize_silhouette
+
+    parts = [trimesh.creation.box((0.8, 0.2, 0.3)), trimesh.creation.box((0.2, 0.6, 0.3))]
+    parts[1].apply_translation((0.3, 0.4, 0.0))
+    shape = trimesh.util.concatenate(parts)
+    shape.export(tmp_path / "object.glb")
+    camera = {"width": 240, "height": 200, "fx": 260.0, "fy": 260.0, "cx": 120.0, "cy": 100.0}
+    (tmp_path / "camera.json").write_text(json.dumps(camera))
+    c, s = math.cos(0.6), math.sin(0.6)
+    rotation = np.array([[c, 0, s], [0, -1, 0], [s, 0, -c]])  # the object turned and upright (y down)
+    pose = rotation, np.array([0.05, 0.0, 2.6])
+
+    def silhouette(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+        points = torch.from_numpy(np.asarray(shape.vertices) @ rotation.T + translation).float()
+        faces = torch.from_numpy(np.asarray(shape.faces))
+        return rasterize_silhouette(points, faces, 260.0, 260.0, 120.0, 100.0, 200, 240)[0].numpy()
+
+    truth = silhouette(*pose)
+    occluder = np.zeros_like(truth)
+    occluder[:, 140:] = True
+    Image.fromarray(np.full((200, 240, 3), 128, np.uint8)).save(tmp_path / "photo.png")
+    Image.fromarray(((truth & ~occluder) * 255).astype(np.uint8)).save(tmp_path / "target.png")
+    Image.fromarray((occluder * 255).astype(np.uint8)).save(tmp_path / "occluder.png")
+    out = tmp_path / "pose.json"
+    args = ["place", "--mesh", str(tmp_path / "object.glb"), "--image", str(tmp_path / "photo.png")]
+    args += ["--target-mask", str(tmp_path / "target.png"), "--occluder-mask", str(tmp_path / "occluder.png")]
+    assert main([*args, "--camera", str(tmp_path / "camera.json"), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    fitted = Pose.from_json(out)
+    assert fitted.camera.to_dict() == camera
+    matrix = np.asarray(fitted.object_to_camera)
+    found = silhouette(matrix[:3, :3], matrix[:3, 3])
+    assert (found & truth).sum() / (found | truth).sum() >= 0.85

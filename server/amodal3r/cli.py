@@ -105,10 +105,10 @@ def _run_settings(args: argparse.Namespace, formats: tuple[str, ...]):
     )
 
 
-def _check_output(out: Path) -> None:
+def _check_output(out: Path, suffix: str = ".glb", what: str = "a binary glTF") -> None:
     """Refuse an output the run could not write, before any model loads."""
-    if out.suffix.lower() != ".glb":
-        raise InputError(f"--out {out}: the result is a binary glTF, so the name must end in .glb")
+    if out.suffix.lower() != suffix:
+        raise InputError(f"--out {out}: the result is {what}, so the name must end in {suffix}")
     folder = out.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +116,48 @@ def _check_output(out: Path) -> None:
             pass
     except OSError as error:
         raise InputError(f"--out {out}: cannot write into {folder} ({error.strerror}); choose another folder") from None
+
+
+def _photo_camera(args: argparse.Namespace, image: Path):
+    """The photo's intrinsics: camera.json, else --fov, else its EXIF 35 mm focal length (else 50 mm)."""
+    from PIL import Image
+
+    from amodal3r.io.camera import Intrinsics
+
+    if args.camera is not None:
+        return Intrinsics.from_json(args.camera)
+    if args.fov is not None:
+        with Image.open(image) as photo:
+            return Intrinsics.from_fov(*_upright_size(photo), args.fov)
+    return Intrinsics.from_exif(image)
+
+
+def _upright_size(photo) -> tuple[int, int]:
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(photo).size
+
+
+def _fit_pose(glb: Path, view, camera, out: Path) -> None:
+    """Fit ``glb`` to the view's masks and write ``out``; masks may be a downscaled copy of the photo."""
+    from amodal3r.io.camera import load_mesh_for_placement
+    from amodal3r.pipelines.placement import fit_pose
+
+    vertices, faces = load_mesh_for_placement(glb)
+    working = camera.resized(*view.image.size) if view.image.size != (camera.width, camera.height) else camera
+    placement = fit_pose(vertices, faces, view.target, view.occluder, working)
+    placement.pose(camera).write(out)
+    print(f"wrote {out} (silhouette score {placement.score:.3f}, {len(placement.candidates)} other candidates)")
+
+
+def _place(args: argparse.Namespace) -> int:
+    from amodal3r.io.inputs import load_view
+
+    _check_output(args.out, ".json", "a pose.json")
+    view = load_view(args.image, args.target_mask, args.occluder_mask, args.mask)
+    camera = _photo_camera(args, args.image)
+    _fit_pose(args.mesh, view, camera, args.out)
+    return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -152,6 +194,10 @@ def _reconstruct(args: argparse.Namespace) -> int:
             print(f"wrote {extra}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
+    if args.place:
+        camera = _photo_camera(args, args.views[0]["image"])
+        for glb in glbs:
+            _fit_pose(glb, views[0], camera, glb.with_suffix(".pose.json"))
     if pipeline.config.tiny_random_weights:
         print(f"{RANDOM_WEIGHTS_NOTICE} ({folder})")
     return 0
@@ -359,6 +405,20 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _camera_options(parser: argparse.ArgumentParser) -> None:
+    camera = parser.add_mutually_exclusive_group()
+    camera.add_argument(
+        "--camera",
+        type=Path,
+        help="camera.json: width, height, fx, fy, cx, cy in pixels (OpenCV convention, the full photo)",
+    )
+    camera.add_argument(
+        "--fov",
+        type=float,
+        help="horizontal field of view in degrees (default: the photo's EXIF 35 mm focal length, else 50 mm)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="amodal3r", description="Amodal3R occluded-object reconstruction")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -401,6 +461,27 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, required=True, help="output .glb (variants get _0, _1, ...)")
     add_run_options(rec)
     add_output_options(rec)
+    rec.add_argument(
+        "--place",
+        action="store_true",
+        help="also fit each result's pose to the first view's photo: OUT.pose.json (see amodal3r place)",
+    )
+    _camera_options(rec)
+
+    place = commands.add_parser(
+        "place",
+        help="fit a reconstructed GLB's pose to the photo's masks -> pose.json",
+        description="Rotation and translation of the GLB (scale 1) whose silhouette matches the visible target; "
+        "occluded pixels count for nothing. pose.json maps the GLB's coordinates into the OpenCV camera frame.",
+    )
+    place.add_argument("--mesh", type=Path, required=True, help="the reconstructed .glb")
+    place.add_argument("--image", type=Path, required=True, help="the photo (the full frame the camera describes)")
+    place.add_argument("--target-mask", type=Path, help="visible part of the target (white)")
+    place.add_argument("--occluder-mask", type=Path, help="occluders in front of it (white)")
+    place.add_argument("--mask", type=Path, help="one mask: grey format or labels 0/1/2")
+    place.add_argument("--out", type=Path, required=True, help="the pose.json to write")
+    _camera_options(place)
+    place.set_defaults(run=_place)
     rec.set_defaults(run=_reconstruct)
 
     srv = commands.add_parser("serve", help="run the reconstruction server (HTTP, for the Blender extension)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from amodal3r.api.errors import InputError
+from amodal3r.api.files import write_atomically
 
 FIELDS = ("width", "height", "fx", "fy", "cx", "cy")
 FILM_LONG_SIDE_MM = 36.0
@@ -47,11 +49,11 @@ HOW_TO_FIX = (
 )
 
 
-class CameraError(ValueError):
+class CameraError(InputError):
     """A camera description that cannot be used: names the field and the fix."""
 
 
-class MeshError(ValueError):
+class MeshError(InputError):
     """A mesh file placement cannot use."""
 
 
@@ -152,6 +154,11 @@ class Intrinsics:
         width, height = image.size[::-1] if _rotated(image) else image.size
         return cls.from_focal_35mm(width, height, focal_35mm(image) or DEFAULT_FOCAL_35MM)
 
+    def resized(self, width: int, height: int) -> Intrinsics:
+        """The same camera for the photo resampled to ``width`` x ``height`` pixels."""
+        sx, sy = width / self.width, height / self.height
+        return Intrinsics(width, height, self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy)
+
     @property
     def matrix(self) -> np.ndarray:
         """The 3x3 camera matrix K."""
@@ -211,17 +218,7 @@ class Pose:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write ``pose.json`` atomically: a reader sees the old file or the new one, never a part."""
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(partial, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        return path
+        return write_atomically(path, json.dumps(self.to_dict(), indent=1).encode())
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Pose:

@@ -58,8 +58,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..io.camera import MAX_CANDIDATES, Intrinsics, Pose
-from ..modules.silhouette import rasterize_silhouette
+from amodal3r.api.errors import InputError
+from amodal3r.io.camera import MAX_CANDIDATES, Intrinsics, Pose
+from amodal3r.modules.silhouette import rasterize_silhouette
 
 PENALTY = 0.25
 MIN_TARGET_PIXELS = 16
@@ -82,7 +83,7 @@ MODEL_RADII = (0.5, 1.0, 2.0, 4.0)
 MAX_SCALE = 4.0
 
 
-class PlacementError(ValueError):
+class PlacementError(InputError):
     """Inputs a pose cannot be fitted to, with what to do."""
 
 
