@@ -7,23 +7,22 @@
     python amodal3r_blender/batch.py -- --batch FOLDER_OR_CSV --out-dir results/
 
 A folder holds NAME.png with NAME_target.png [+ NAME_occluder.png] or NAME_mask.png; a CSV has the
-columns image, target_mask, occluder_mask, mask (paths relative to the CSV). Every input is checked
-before the server starts. ``.glb`` outputs need no bpy; ``.blend`` outputs import the mesh into an
-empty scene. Exit code 0 on success, 2 for bad arguments or inputs, 1 when a reconstruction failed.
+columns image, target_mask, occluder_mask, mask (paths relative to the CSV) and optionally object:
+rows with the same object are its views, reconstructed as one job into OBJECT.glb. Every input is
+checked before the server starts (``core/batch_inputs.py``). ``.glb`` outputs need no bpy;
+``.blend`` outputs import the mesh into an empty scene. Exit code 0 on success; 2 for bad arguments
+or inputs, with one line per problem and no server started; 1 when a reconstruction failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,23 +57,14 @@ def _import_addon() -> str:
 if not __package__:  # run as a script: name its package, so the imports below work as in the add-on (PEP 366)
     __package__ = _import_addon()
 
-from amodal3r.api.batch_layout import CSV_COLUMNS, IMAGE_SUFFIXES, unique_name
-from amodal3r.api.batch_layout import MASK_SUFFIXES as MASK_KINDS
 from amodal3r.api.environment import MODEL, SERVER_PYTHON
 from amodal3r.api.errors import InputError
-from amodal3r.api.protocol import JobParams, JobStatus
+from amodal3r.api.protocol import MULTIVIEW_MODES, JobParams, JobStatus
 
 from .core import backend, jobs
+from .core.batch_inputs import Collected, Item, csv_items, folder_items, item_problems, single_item
 
-MASK_SUFFIXES = tuple(MASK_KINDS.values())  # _target, _occluder, _mask
 OUTPUT_SUFFIXES = (".glb", ".blend")
-
-
-@dataclass
-class Item:
-    name: str
-    view: dict[str, str]  # kind -> path, as the client uploads it
-    out: Path
 
 
 # --- arguments and inputs ---------------------------------------------------------------------
@@ -89,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batch.py", description="Amodal3R reconstruction without the UI")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", type=Path, help="the photo of one object")
-    source.add_argument("--batch", type=Path, help="a folder of NAME.png + NAME_target.png / NAME_mask.png, or a CSV")
+    source.add_argument(
+        "--batch", type=Path, help="a folder of NAME.png + NAME_target.png / NAME_mask.png, or a CSV of views"
+    )
     parser.add_argument("--target-mask", type=Path, help="visible part of the object (white)")
     parser.add_argument("--occluder-mask", type=Path, help="what hides the object (white)")
     parser.add_argument("--mask", type=Path, help="one mask: grey (255/188/0) or labels (0/1/2)")
     parser.add_argument("--out", type=Path, help="with --image: the result, .glb or .blend")
-    parser.add_argument("--out-dir", type=Path, help="with --batch: the folder for NAME.glb results")
+    parser.add_argument("--out-dir", type=Path, help="with --batch: the folder for OBJECT.glb results")
     parser.add_argument("--model", help="model folder with pipeline.json (default: AMODAL3R_MODEL or the add-on's)")
     parser.add_argument(
         "--server-python",
@@ -105,92 +97,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="sampler steps of both stages (default: the model's)")
     parser.add_argument("--texture-size", type=int, default=1024)
     parser.add_argument("--faces", type=int, help="decimate to about this many faces")
+    parser.add_argument(
+        "--multiview", choices=MULTIVIEW_MODES, default=MULTIVIEW_MODES[0], help="how several views are combined"
+    )
     return parser
 
 
-def _existing(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise InputError(f"{what} {path} does not exist")
-    return str(path)
-
-
-def make_view(image: Path, target: Path | None, occluder: Path | None, mask: Path | None) -> dict[str, str]:
-    """One view's files, checked: an image with a target mask (+ occluder mask) or one mask."""
-    if mask is not None and (target is not None or occluder is not None):
-        raise InputError(f"{image}: give --mask alone, or --target-mask with an optional --occluder-mask")
-    if mask is None and target is None:
-        raise InputError(f"{image}: no mask; give --target-mask (and --occluder-mask) or --mask")
-    view = {"image": _existing(image, "image")}
-    for kind, path in (("target_mask", target), ("occluder_mask", occluder), ("mask", mask)):
-        if path is not None:
-            view[kind] = _existing(path, kind.replace("_", " "))
-    return view
-
-
-def _sibling(image: Path, suffix: str) -> Path | None:
-    path = image.with_name(f"{image.stem}{suffix}.png")
-    return path if path.is_file() else None
-
-
-def folder_items(folder: Path, out_dir: Path) -> list[Item]:
-    images = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(MASK_SUFFIXES)
-    )
-    if not images:
-        raise InputError(f"{folder} holds no images (NAME.png with NAME_target.png or NAME_mask.png)")
-    items = []
-    for image in images:
-        target, occluder, mask = (_sibling(image, s) for s in MASK_SUFFIXES)
-        if target is None and mask is None:
-            raise InputError(
-                f"{image} has no mask: add {image.stem}_target.png (and {image.stem}_occluder.png) "
-                f"or {image.stem}_mask.png next to it"
-            )
-        items.append(
-            Item(
-                image.stem,
-                make_view(image, target, occluder, mask if target is None else None),
-                out_dir / f"{image.stem}.glb",
-            )
-        )
-    return items
-
-
-def csv_items(table: Path, out_dir: Path) -> list[Item]:
-    with table.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "image" not in rows[0]:
-        raise InputError(f"{table}: expected a header with the columns {', '.join(CSV_COLUMNS)}")
-    items, taken = [], set()
-    for line, row in enumerate(rows, start=2):
-        paths = {c: table.parent / row[c].strip() if (row.get(c) or "").strip() else None for c in CSV_COLUMNS}
-        if paths["image"] is None:
-            raise InputError(f"{table} line {line}: the image column is empty")
-        try:
-            view = make_view(paths["image"], paths["target_mask"], paths["occluder_mask"], paths["mask"])
-        except InputError as error:
-            raise InputError(f"{table} line {line}: {error}") from None
-        name = unique_name(paths["image"].stem, taken)
-        items.append(Item(name, view, out_dir / f"{name}.glb"))
-    return items
-
-
-def collect_items(args: argparse.Namespace) -> list[Item]:
-    """The work to do, with every input file checked."""
+def collect_items(args: argparse.Namespace) -> Collected:
+    """The objects to reconstruct and the problems of the arguments naming them (files unchecked)."""
     if args.batch is not None:
         if args.out_dir is None or args.out is not None:
-            raise InputError("--batch writes into --out-dir (not --out)")
+            return Collected([], ["--batch writes into --out-dir (not --out)"])
         if any(v is not None for v in (args.target_mask, args.occluder_mask, args.mask)):
-            raise InputError("--batch takes its masks from the folder or CSV, not from --target-mask/--mask")
+            return Collected([], ["--batch takes its masks from the folder or CSV, not from --target-mask/--mask"])
         if args.batch.is_dir():
             return folder_items(args.batch, args.out_dir)
         if args.batch.suffix.lower() == ".csv" and args.batch.is_file():
             return csv_items(args.batch, args.out_dir)
-        raise InputError(f"--batch {args.batch}: expected a folder or a .csv file")
+        return Collected([], [f"--batch {args.batch}: expected a folder or a .csv file"])
     if args.out is None or args.out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise InputError("--image needs --out ending in .glb or .blend")
-    view = make_view(args.image, args.target_mask, args.occluder_mask, args.mask)
-    return [Item(args.image.stem, view, args.out)]
+        return Collected([], ["--image needs --out ending in .glb or .blend"])
+    return Collected([single_item(args.image, args.target_mask, args.occluder_mask, args.mask, args.out)], [])
+
+
+def input_problems(args: argparse.Namespace) -> tuple[list[Item], list[str], backend.BackendSettings | None]:
+    """Every input checked before any server starts: the items, one line per problem, the server settings."""
+    collected = collect_items(args)
+    problems = list(collected.problems)
+    for item in collected.items:
+        problems += item_problems(item)
+    settings = None
+    try:
+        settings = backend_settings(args)
+    except InputError as error:
+        problems.append(str(error))
+    try:
+        job_params(args, "")
+    except InputError as error:
+        problems.append(str(error))
+    return collected.items, problems, settings
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -229,6 +174,7 @@ def job_params(args: argparse.Namespace, name: str) -> JobParams:
     """The run settings; out-of-range values raise InputError (a ProtocolError)."""
     return JobParams(
         seed=args.seed,
+        multiview=args.multiview,
         structure_steps=args.steps,
         slat_steps=args.steps,
         texture_size=args.texture_size,
@@ -241,17 +187,24 @@ def job_params(args: argparse.Namespace, name: str) -> JobParams:
 # --- running -----------------------------------------------------------------------------------
 
 
-def _progress_printer(prefix: str) -> Callable[[JobStatus], None]:
-    last: list[tuple] = [()]
+def _step(status: JobStatus) -> tuple[str, str, int]:
+    return status.state, status.stage, status.step
 
-    def progress(status: JobStatus) -> None:
-        key = (status.state, status.stage, status.step)
-        if key != last[0]:
-            last[0] = key
+
+class Progress:
+    """Prints a job's progress, a line per step, and keeps its last status (for the notices)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.last: JobStatus | None = None
+
+    def __call__(self, status: JobStatus) -> None:
+        if self.last is None:  # the server's reply to the upload: how many views it took
+            print(f"{self.prefix} submitted with {len(status.views)} view(s)", flush=True)
+        if self.last is None or _step(status) != _step(self.last):
             steps = f" {status.step}/{status.total}" if status.total and not status.final else ""
-            print(f"{prefix} {status.stage or status.state}{steps} ({status.progress:.0%})", flush=True)
-
-    return progress
+            print(f"{self.prefix} {status.stage or status.state}{steps} ({status.progress:.0%})", flush=True)
+        self.last = status
 
 
 def save_blend(glb: Path, out: Path, name: str) -> None:
@@ -282,18 +235,21 @@ def run_items(items: list[Item], args: argparse.Namespace, settings: backend.Bac
         for index, item in enumerate(items, start=1):
             prefix = f"[{index}/{len(items)}] {item.name}:"
             try:
+                progress = Progress(prefix)
                 paths = jobs.run_blocking(
                     server,
-                    [item.view],
+                    [view.files() for view in item.views],
                     job_params(args, item.name),
                     work_dir / f"job{index}",
-                    _progress_printer(prefix),
+                    progress,
                 )
                 glbs = jobs.glb_paths(paths)
                 if not glbs:
                     raise jobs.JobError("the server gave no .glb result")
                 deliver(glbs[0], item)
                 print(f"{prefix} wrote {item.out}", flush=True)
+                for notice in jobs.notices_of(progress.last):
+                    print(f"{prefix} {notice}", flush=True)
             except backend.BackendError as error:  # no server: the other items would fail alike
                 print(f"{prefix} FAILED: {error}", file=sys.stderr, flush=True)
                 return failures + len(items) - index + 1
@@ -307,12 +263,10 @@ def run_items(items: list[Item], args: argparse.Namespace, settings: backend.Bac
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        items = collect_items(args)
-        settings = backend_settings(args)
-        job_params(args, items[0].name)
-    except InputError as error:
-        print(f"batch.py: error: {error}", file=sys.stderr)
+    items, problems, settings = input_problems(args)
+    if problems or settings is None:
+        for problem in problems:
+            print(f"batch.py: error: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="amodal3r-batch-") as tmp:
         failures = run_items(items, args, settings, Path(tmp))

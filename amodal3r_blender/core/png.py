@@ -57,7 +57,8 @@ def encode_png(pixels: np.ndarray, compression: int = 6) -> bytes:
     )
 
 
-def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+def read_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``(kind, body)`` chunks of a PNG file up to IEND, their checksums checked."""
     if not data.startswith(SIGNATURE):
         raise PNGError("not a PNG file (wrong signature): save the mask as PNG")
     chunks, offset = [], len(SIGNATURE)
@@ -126,12 +127,24 @@ def _unfilter(raw: np.ndarray, height: int, stride: int, bpp: int) -> np.ndarray
     return out[1:, 1:].astype(np.uint8).reshape(height, stride)
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """``(H, W, C)`` uint8 pixels, top row first; C is 1 (grey), 2, 3 or 4, palettes become RGB(A)."""
-    chunks = _chunks(bytes(data))
+def header_size(chunks: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's chunks, without decoding its pixels."""
+    width, height, _, _ = _first_header(chunks)
+    return width, height
+
+
+def _first_header(chunks: list[tuple[bytes, bytes]]) -> tuple[int, int, int, int]:
     if not chunks or chunks[0][0] != b"IHDR":
         raise PNGError("the PNG has no header: the file is damaged")
-    width, height, depth, colour = _header(chunks[0][1])
+    return _header(chunks[0][1])
+
+
+def decode_png(data: bytes, palette_indices: bool = False) -> np.ndarray:
+    """``(H, W, C)`` uint8 pixels, top row first; C is 1 (grey), 2, 3 or 4. Palettes become RGB(A),
+    or stay ``(H, W, 1)`` indices with ``palette_indices`` unless they have transparency (the alpha
+    then counts), as the server reads label masks."""
+    chunks = read_chunks(bytes(data))
+    width, height, depth, colour = _first_header(chunks)
     bits = CHANNELS[colour] * depth
     bpp, stride = max(1, bits // 8), (width * bits + 7) // 8
     try:
@@ -146,7 +159,10 @@ def decode_png(data: bytes) -> np.ndarray:
     elif depth < 8:
         rows = _unpack(rows, width, depth, scale=colour == GREY)
     pixels = rows.reshape(height, width, CHANNELS[colour])
-    return _apply_palette(pixels, chunks) if colour == PALETTE else np.ascontiguousarray(pixels)
+    keep_indices = palette_indices and not any(kind == b"tRNS" for kind, _ in chunks)
+    if colour == PALETTE and not keep_indices:
+        return _apply_palette(pixels, chunks)
+    return np.ascontiguousarray(pixels)
 
 
 def _unpack(rows: np.ndarray, width: int, depth: int, scale: bool) -> np.ndarray:

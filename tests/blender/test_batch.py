@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""batch.py end to end (tiny weights, 2 sampler steps), its input checks, and importing results."""
+"""batch.py end to end (tiny weights, 2 sampler steps): a CSV with a two-view object, the exit codes
+(0, 1, 2; no server starts on bad input), and importing results."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import time
 from pathlib import Path
 
 import bpy
+import numpy as np
 import pytest
 
 from amodal3r_blender import batch
+from amodal3r_blender.core import png
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "amodal3r_blender" / "batch.py"
@@ -53,27 +56,47 @@ def _copy_view(example: Path, folder: Path, name: str, single_mask: bool) -> Non
         shutil.copyfile(example / "occluder_mask.png", folder / f"{name}_occluder.png")
 
 
+@pytest.fixture
+def fake_server(tmp_path) -> tuple[str, Path]:
+    """A "server Python" that only records that something started it: (its path, the record)."""
+    record = tmp_path / "server-started"
+    script = tmp_path / "fake-python"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\nexit 3\n')
+    script.chmod(0o755)
+    return str(script), record
+
+
 @pytest.fixture(scope="module")
 def batch_run(example_dir, server_python, tiny_model_dir, tmp_path_factory):
+    """A CSV of one object seen twice (a mask in each format): one job of two views (a job takes a
+    minute here, so the other rows and objects are checked without a server, in core/)."""
     folder = tmp_path_factory.mktemp("batch-in")
-    _copy_view(example_dir, folder, "mug", single_mask=False)
-    _copy_view(example_dir, folder, "cup", single_mask=True)
+    _copy_view(example_dir, folder, "front", single_mask=False)
+    _copy_view(example_dir, folder, "side", single_mask=True)
+    table = folder / "objects.csv"
+    table.write_text(
+        "object,image,target_mask,occluder_mask,mask\n"
+        "mug,front.png,front_target.png,front_occluder.png,\n"
+        "mug,side.png,,,side_mask.png\n"
+    )
     out = tmp_path_factory.mktemp("batch-out")
-    result = run_batch("--batch", str(folder), "--out-dir", str(out), server_python=server_python, model=tiny_model_dir)
+    result = run_batch("--batch", str(table), "--out-dir", str(out), server_python=server_python, model=tiny_model_dir)
     return result, out
 
 
-def test_batch_folder_writes_one_glb_per_image(batch_run):
+def test_batch_csv_object_is_one_job_of_its_views(batch_run):
     result, out = batch_run
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["cup.glb", "mug.glb"]
-    for glb in out.iterdir():
-        document = read_glb(glb)
-        assert len(document["meshes"]) == 1 and document["images"]
-    assert "[1/2] cup: structure 2/2" in result.stdout and "2 result(s) written" in result.stdout
+    assert [p.name for p in out.iterdir()] == ["mug.glb"]
+    document = read_glb(out / "mug.glb")
+    assert len(document["meshes"]) == 1 and document["images"]
+    assert "[1/1] mug: submitted with 2 view(s)" in result.stdout  # the server's count of the job's views
+    assert "[1/1] mug: structure 2/2" in result.stdout and "1 result(s) written" in result.stdout
+    assert result.stdout.count("tiny RANDOM weights") == 1  # after the result it belongs to
 
 
-def test_missing_mask_fails_before_the_server(tmp_path, example_dir):
+def test_missing_mask_fails_before_the_server(tmp_path, example_dir, tiny_model_dir, fake_server):
+    python, record = fake_server
     started = time.monotonic()
     result = run_batch(
         "--image",
@@ -82,20 +105,21 @@ def test_missing_mask_fails_before_the_server(tmp_path, example_dir):
         str(tmp_path / "gone.png"),
         "--out",
         str(tmp_path / "out.glb"),
-        server_python="/nonexistent/python",
+        server_python=python,
+        model=tiny_model_dir,
     )
     assert result.returncode == 2
-    assert f"target mask {tmp_path / 'gone.png'} does not exist" in result.stderr
-    assert time.monotonic() - started < 20 and not (tmp_path / "out.glb").exists()
+    assert result.stderr == f"batch.py: error: image: target mask {tmp_path / 'gone.png'} does not exist\n"
+    assert time.monotonic() - started < 20 and not (tmp_path / "out.glb").exists() and not record.exists()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--image", "{ex}/image.png", "--out", "{tmp}/o.glb"], "no mask"),
+        (["--image", "{ex}/image.png", "--out", "{tmp}/o.glb"], "image: image.png has no mask"),
         (
             ["--image", "{ex}/nope.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.glb"],
-            "image {ex}/nope.png does not",
+            "nope: image {ex}/nope.png does not exist",
         ),
         (["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.obj"], ".glb or .blend"),
         (
@@ -109,54 +133,71 @@ def test_missing_mask_fails_before_the_server(tmp_path, example_dir):
                 "--out",
                 "{tmp}/o.glb",
             ],
-            "give --mask alone",
+            "give one or the other",
+        ),
+        (
+            ["--image", "{ex}/image.png", "--mask", "{ex}/occluder_mask.png", "--out", "{tmp}/o.glb"],
+            "image: {ex}/occluder_mask.png: the target mask is empty",
         ),
         (["--batch", "{tmp}", "--out-dir", "{tmp}/out"], "holds no images"),
+        (["--batch", "{tmp}/x.csv", "--out-dir", "{tmp}/out"], "unknown column(s) 'target'"),
         (
             ["--image", "{ex}/image.png", "--mask", "{ex}/mask.png", "--out", "{tmp}/o.glb", "--model", "{tmp}"],
             "no model folder with pipeline.json",
         ),
     ],
 )
-def test_bad_inputs_are_one_clear_line(tmp_path, example_dir, server_python, args, message):
+def test_bad_inputs_are_one_clear_line(tmp_path, example_dir, tiny_model_dir, fake_server, args, message):
+    python, record = fake_server
+    (tmp_path / "x.csv").write_text("image,target\na.png,b.png\n")
     filled = [a.format(ex=example_dir, tmp=tmp_path) for a in args]
-    model = None if "--model" in args else tmp_path
-    result = run_batch(*filled, server_python=server_python, model=model)
+    result = run_batch(*filled, server_python=python, model=None if "--model" in args else tiny_model_dir)
     assert result.returncode == 2
     assert message.format(ex=example_dir, tmp=tmp_path) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not record.exists()
 
 
-def test_server_that_cannot_start_fails_the_run(tmp_path, example_dir, tiny_model_dir):
-    # Blender's Python has no server package: the server exits at once and the whole batch stops.
+def test_every_bad_input_is_reported_before_any_server(tmp_path, example_dir, tiny_model_dir, fake_server):
+    python, record = fake_server
+    small = tmp_path / "small.png"
+    small.write_bytes(png.encode_png(np.full((4, 4), 255, np.uint8)))
+    table = tmp_path / "jobs.csv"
+    table.write_text(
+        "object,image,target_mask,occluder_mask,mask\n"
+        f"chair,{example_dir}/image.png,{example_dir}/target_mask.png,,\n"
+        f"chair,{example_dir}/image.png,small.png,,\n"
+        f"chair,gone.png,{example_dir}/target_mask.png,,\n"
+        f"table,{example_dir}/image.png,,,{example_dir}/occluder_mask.png\n"
+        f",{example_dir}/image.png,,,{example_dir}/mask.png\n"
+    )
+    result = run_batch(
+        "--batch", str(table), "--out-dir", str(tmp_path / "out"), server_python=python, model=tiny_model_dir
+    )
+    assert result.returncode == 2 and not record.exists() and not (tmp_path / "out").exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, result.stderr
+    assert (
+        lines[0].startswith("batch.py: error: chair (jobs.csv line 3): target mask ") and "is 4x4 but image" in lines[0]
+    )
+    assert lines[1] == f"batch.py: error: chair (jobs.csv line 4): image {tmp_path / 'gone.png'} does not exist"
+    assert lines[2].startswith("batch.py: error: table (jobs.csv line 5): ") and "the target mask is empty" in lines[2]
+
+
+def test_server_that_cannot_start_fails_the_run(tmp_path, example_dir, tiny_model_dir, fake_server):
+    # The inputs are fine, so the server starts (the record shows it): it exits at once and the batch stops.
+    python, record = fake_server
     folder = tmp_path / "in"
     folder.mkdir()
     _copy_view(example_dir, folder, "a", single_mask=True)
     _copy_view(example_dir, folder, "b", single_mask=True)
     result = run_batch(
-        "--batch", str(folder), "--out-dir", str(tmp_path / "out"), server_python=sys.executable, model=tiny_model_dir
+        "--batch", str(folder), "--out-dir", str(tmp_path / "out"), server_python=python, model=tiny_model_dir
     )
     assert result.returncode == 1
+    assert "amodal3r.cli serve" in record.read_text()
     assert "[1/2] a: FAILED: The reconstruction server did not start" in result.stderr
     assert "[2/2]" not in result.stderr and "2 of 2 reconstruction(s) failed" in result.stderr
-
-
-def test_batch_csv_paths_are_relative_to_it(tmp_path, example_dir):
-    (tmp_path / "views").mkdir()
-    _copy_view(example_dir, tmp_path / "views", "a", single_mask=False)
-    shutil.copyfile(example_dir / "mask.png", tmp_path / "grey.png")
-    table = tmp_path / "jobs.csv"
-    table.write_text("image,target_mask,occluder_mask,mask\nviews/a.png,views/a_target.png,,\nviews/a.png,,,grey.png\n")
-    items = batch.csv_items(table, tmp_path / "out")
-    assert [i.name for i in items] == ["a", "a_2"]
-    assert items[0].view == {
-        "image": str(tmp_path / "views/a.png"),
-        "target_mask": str(tmp_path / "views/a_target.png"),
-    }
-    assert list(items[1].view) == ["image", "mask"] and items[1].out == tmp_path / "out" / "a_2.glb"
-    table.write_text("image,target_mask,occluder_mask,mask\nviews/a.png,,,\n")
-    with pytest.raises(batch.InputError, match="line 2: .*no mask"):
-        batch.csv_items(table, tmp_path / "out")
 
 
 def test_script_argv_after_the_separator():
