@@ -9,6 +9,7 @@ No bpy here: the operators turn preferences into ``BackendSettings`` and ask ``g
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import threading
 import urllib.parse
@@ -56,6 +57,17 @@ def _model_problem(model_dir: str) -> str | None:
     if not (Path(model_dir) / "pipeline.json").is_file():
         return f"The model folder {model_dir} has no pipeline.json: {MODEL_HINT}"
     return None
+
+
+def holds_random_weights(model_dir: str) -> bool:
+    """Whether the folder's pipeline.json marks it as ``amodal3r tiny-weights`` made it: its files are
+    all "present", so Download models would keep them, yet every result is noise."""
+    try:
+        pipeline = json.loads((Path(model_dir) / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        return False
+    args = pipeline.get("args") if isinstance(pipeline, dict) else None
+    return isinstance(args, dict) and args.get("tiny_random_weights") is True
 
 
 class Backend:

@@ -23,6 +23,9 @@ from .tasks import Task
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
 DOWNLOADED = (".glb", ".png", ".ply")
+# How the server's notice about a model folder of tiny random weights begins (RANDOM_WEIGHTS_NOTICE
+# in the server's weights/layout.py; the Blender tests check it against a real job's).
+RANDOM_WEIGHTS_START = "NOTE: the model folder holds tiny RANDOM weights"
 
 
 class JobError(RuntimeError):
@@ -134,6 +137,16 @@ def start_job(backend: Backend, views: list[dict[str, str]], params: JobParams, 
         return execute(backend, views, params, Path(out_dir), task.publish, lambda: task.cancel_requested)
 
     return Task("Reconstruction", work, expected=(JobError, BackendError)).start()
+
+
+def notices_of(status: JobStatus | None) -> list[str]:
+    """A finished job's notices, each once, in the server's order."""
+    return list(dict.fromkeys(status.notices)) if status is not None else []
+
+
+def random_weights(notices: list[str]) -> bool:
+    """Whether the server said its model folder holds random weights (the result is noise)."""
+    return any(notice.startswith(RANDOM_WEIGHTS_START) for notice in notices)
 
 
 def glb_paths(paths: list[Path]) -> list[Path]:

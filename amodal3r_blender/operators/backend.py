@@ -179,7 +179,11 @@ class AMODAL3R_OT_download_models(bpy.types.Operator):
             return {"CANCELLED"}
         if _busy(self):
             return {"CANCELLED"}
-        settings = preferences.backend_settings(context)
+        try:
+            settings = preferences.real_models_settings(context)
+        except BackendError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
         scene_settings = getattr(context.scene, "amodal3r", None)
         wanted = wanted_components(scene_settings.sam_model if scene_settings is not None else SAM_KINDS[0])
         return _start(self, backend_task("Download models", _download_work(settings, wanted)))

@@ -28,7 +28,7 @@ from amodal3r.api.protocol import JobParams, JobStatus
 
 from ..core import masks
 from ..core.backend import LOCAL, Backend, BackendError, get_backend
-from ..core.jobs import JobError, glb_paths, run_blocking, start_job
+from ..core.jobs import JobError, glb_paths, notices_of, run_blocking, start_job
 from ..core.tasks import Task
 from ..ui.preferences import backend_settings
 from ..ui.properties import AMODAL3R_PG_settings, AMODAL3R_PG_view, get_settings
@@ -244,6 +244,7 @@ def _finish(job: ActiveJob, scene: bpy.types.Scene) -> None:
         else:
             settings.progress = 1.0
             settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
+            settings.notices = "\n".join(notices_of(task.latest))
             push_undo("Reconstruct occluded object")
 
 
@@ -310,7 +311,7 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
             shutil.rmtree(folder, ignore_errors=True)
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        settings.last_error = ""
+        settings.last_error = settings.notices = ""
         settings.server_dead = False
         blocking = self.mode == "BLOCKING" or (self.mode == "AUTO" and bpy.app.background)
         if blocking:
@@ -347,12 +348,12 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         folder: Path,
     ) -> set[str]:
         settings = get_settings(context)
-        last_stage = [""]
+        seen: list[JobStatus] = []
 
         def progress(status: JobStatus) -> None:
-            if status.stage != last_stage[0]:
-                last_stage[0] = status.stage
+            if not seen or status.stage != seen[-1].stage:
                 print(f"amodal3r: {progress_text(status)}", flush=True)
+            seen[:] = [status]
 
         try:
             paths = run_blocking(backend, views, params, folder / "results", progress)
@@ -364,7 +365,10 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
+        settings.notices = "\n".join(notices_of(seen[-1] if seen else None))
         self.report({"INFO"}, settings.message)
+        for notice in settings.notices.splitlines():
+            print(f"amodal3r: {notice}", flush=True)
         return {"FINISHED"}
 
 

@@ -14,6 +14,7 @@ from typing import ClassVar
 import bpy
 
 from ..core.backend import current_backend
+from ..core.jobs import random_weights
 from .properties import AMODAL3R_PG_settings, AMODAL3R_PG_view
 
 CATEGORY = "Amodal3R"
@@ -85,9 +86,19 @@ def draw_run(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
             layout.label(text="Choose a source image below", icon="INFO")
         elif settings.message:
             layout.label(text=settings.message)
+        if settings.notices:
+            draw_notices(layout.box(), settings.notices.splitlines())
     if settings.last_error:
         draw_wrapped(layout.box(), settings.last_error, icon="ERROR")
     draw_server(layout, settings)
+
+
+def draw_notices(layout: bpy.types.UILayout, notices: list[str]) -> None:
+    """What the server said about the result, beside it; random weights get the button for real ones."""
+    for notice in notices:
+        draw_wrapped(layout, notice, icon="INFO")
+    if random_weights(notices):
+        layout.operator("amodal3r.download_models", text="Download the Real Models", icon="IMPORT")
 
 
 def draw_server(layout: bpy.types.UILayout, settings: AMODAL3R_PG_settings) -> None:

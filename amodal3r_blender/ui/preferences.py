@@ -10,6 +10,7 @@ Download models put things. The environment variables ``amodal3r.api.environment
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import bpy
@@ -17,7 +18,7 @@ from bpy.props import EnumProperty, StringProperty
 
 from amodal3r.api.environment import MODEL, SERVER_PYTHON
 
-from ..core.backend import LOCAL, REMOTE, BackendSettings, current_backend
+from ..core.backend import LOCAL, REMOTE, BackendError, BackendSettings, current_backend, holds_random_weights
 from ..core.backend_setup import venv_python
 from ..core.tasks import Task
 
@@ -164,6 +165,24 @@ def backend_settings(context: bpy.types.Context | None = None) -> BackendSetting
         device=prefs.device.lower(),
         online_access=bpy.app.online_access,
     )
+
+
+def real_models_settings(context: bpy.types.Context | None = None) -> BackendSettings:
+    """The server Download models goes through. A model folder of tiny random weights is left alone:
+    the real models go into the default folder, which the preferences then use (Model Folder cleared)."""
+    settings = backend_settings(context)
+    if settings.mode != LOCAL or not holds_random_weights(settings.model_dir):
+        return settings
+    if os.environ.get(MODEL):
+        raise BackendError(
+            f"{MODEL} points at {settings.model_dir}, a folder of tiny random weights: unset it (or point it "
+            "at the real models) and restart Blender, then Download models"
+        )
+    default = default_model_dir()
+    if Path(default).resolve() == Path(settings.model_dir).resolve():
+        raise BackendError(f"{default} holds tiny random weights: delete that folder, then Download models")
+    get_preferences(context).model_dir = ""
+    return replace(settings, model_dir=default)
 
 
 register, unregister = bpy.utils.register_classes_factory((AMODAL3R_AddonPreferences,))

@@ -217,6 +217,7 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR")  # type: ignore[valid-type]
     message: StringProperty(name="Message")  # type: ignore[valid-type]
     last_error: StringProperty(name="Error")  # type: ignore[valid-type]
+    notices: StringProperty(name="Notices")  # type: ignore[valid-type]  # the last result's, one a line
     server_dead: BoolProperty(name="Server Stopped", default=False)  # type: ignore[valid-type]
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
@@ -104,6 +105,21 @@ def test_reconstruct_imports_a_textured_object_at_the_cursor(scene, clean_scene)
     assert not folder.exists()  # the uploads and downloads were temporary
     assert photo.filepath == photo_path and np.array_equal(_pixels(photo), photo_before)
     assert ops.active_job() is None and bpy.ops.amodal3r.reconstruct.poll()
+    _assert_random_weights_notice(clean_scene, scene)
+
+
+def _assert_random_weights_notice(addon: str, settings) -> None:
+    """The tiny weights' notice, from the real server, once, beside the result with its button."""
+    import bpy
+
+    jobs = importlib.import_module(f"{addon}.core.jobs")
+    panels = importlib.import_module(f"{addon}.ui.panels")
+    (notice,) = settings.notices.splitlines()
+    assert notice.startswith(jobs.RANDOM_WEIGHTS_START) and "Download models" in notice
+    layout = MagicMock()
+    panels.draw_run(layout, bpy.context)
+    drawn = "\n".join(str(call) for call in layout.mock_calls)
+    assert drawn.count("RANDOM weights") == 1 and drawn.count("'amodal3r.download_models'") == 1
 
 
 def test_background_mode_waits_and_imports_each_variant(scene, clean_scene):
@@ -118,6 +134,7 @@ def test_background_mode_waits_and_imports_each_variant(scene, clean_scene):
         assert tuple(obj.location) == pytest.approx((1.0, 2.0, 3.0))
         assert _base_colour_image(obj) is not None
     assert bpy.context.view_layer.objects.active.name == "mug 2"
+    _assert_random_weights_notice(clean_scene, scene)  # once for the two variants
 
 
 def test_missing_target_is_reported_before_anything_starts(scene, clean_scene):

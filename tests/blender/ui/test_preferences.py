@@ -8,6 +8,7 @@ from pathlib import Path
 from unittest.mock import MagicMock
 
 import bpy
+import pytest
 from addon_helpers import module
 
 from amodal3r.api.environment import MODEL, SERVER_PYTHON
@@ -51,3 +52,29 @@ def test_preferences_draw(addon):
         assert "'remote_url'" in _drawn(layout) and "'setup_backend'" not in _drawn(layout)
     finally:
         prefs.backend_mode = "LOCAL"
+
+
+def test_real_models_never_go_into_a_folder_of_random_weights(addon, tiny_model_dir, monkeypatch, tmp_path):
+    """Tiny random weights count as present, so Download models would keep them: the real models go
+    into the default folder instead, which the preferences then use."""
+    preferences = module(addon, "ui.preferences")
+    errors = module(addon, "core.backend")
+    prefs = preferences.get_preferences(bpy.context)
+    monkeypatch.delenv(MODEL, raising=False)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "pipeline.json").write_text('{"name": "Amodal3RImageTo3DPipeline", "args": {"models": {}}}')
+    try:
+        prefs.model_dir = str(real)
+        assert preferences.real_models_settings(bpy.context).model_dir == str(real) and prefs.model_dir == str(real)
+        prefs.model_dir = str(tiny_model_dir)
+        settings = preferences.real_models_settings(bpy.context)
+        assert settings.model_dir == preferences.default_model_dir() and prefs.model_dir == ""
+        monkeypatch.setattr(preferences, "default_model_dir", lambda package=None: str(tiny_model_dir))
+        with pytest.raises(errors.BackendError, match="holds tiny random weights: delete that folder"):
+            preferences.real_models_settings(bpy.context)
+        monkeypatch.setenv(MODEL, str(tiny_model_dir))
+        with pytest.raises(errors.BackendError, match=f"{MODEL} points at .*: unset it"):
+            preferences.real_models_settings(bpy.context)
+    finally:
+        prefs.model_dir = ""
