@@ -21,6 +21,7 @@ from amodal3r.api.files import write_atomically
 from amodal3r.api.protocol import MAX_VIEWS
 
 from ..core import masks
+from ..ui.compat import png_output_settings, unified_paint_settings
 from ..ui.properties import LAYERS, active_view, get_settings, main_view
 from .images import (
     UserError,
@@ -239,15 +240,13 @@ def _split_off_image_editor(context: bpy.types.Context, area: bpy.types.Area) ->
     return new
 
 
-def unified_paint_settings(tool_settings: bpy.types.ToolSettings) -> bpy.types.UnifiedPaintSettings:
-    """The colours all brushes share: per paint mode since Blender 5.0, in the tool settings before."""
-    paint = tool_settings.image_paint
-    return getattr(paint, "unified_paint_settings", None) or tool_settings.unified_paint_settings
-
-
 def set_paint_colours(tool_settings: bpy.types.ToolSettings) -> None:
-    """White paints the mask in, black (Ctrl, the secondary colour) paints it out."""
-    for holder in (unified_paint_settings(tool_settings), tool_settings.image_paint.brush):
+    """White paints the mask in, black (Ctrl, the secondary colour) paints it out, whichever brush
+    paints: the shared colours are switched on (4.2 starts without them; since 4.3 the brush is an
+    asset the person may pick only later, so there may be no brush yet to colour)."""
+    unified = unified_paint_settings(tool_settings)
+    unified.use_unified_color = True
+    for holder in (unified, tool_settings.image_paint.brush):
         if holder is not None:
             holder.color = (1.0, 1.0, 1.0)
             holder.secondary_color = (0.0, 0.0, 0.0)
@@ -286,21 +285,17 @@ class AMODAL3R_OT_paint_mask(_ViewOperator, bpy.types.Operator):
 # --- the source ---------------------------------------------------------------------------------
 
 
-IMAGE_SETTINGS = ("media_type", "file_format", "color_mode", "color_depth")
-PNG_SETTINGS = {"media_type": "IMAGE", "file_format": "PNG", "color_mode": "RGBA", "color_depth": "8"}
-
-
 def render_camera(scene: bpy.types.Scene) -> bpy.types.Image:
     """Render the scene's camera with its own engine into a new packed image; output settings that
     saving needs are changed only for the moment and put back."""
     settings = scene.render.image_settings
-    saved = {name: getattr(settings, name) for name in IMAGE_SETTINGS if hasattr(settings, name)}
+    png = png_output_settings(settings)
+    saved = {name: getattr(settings, name) for name in png}
     with tempfile.TemporaryDirectory(prefix="amodal3r-render-") as folder:
         path = os.path.join(folder, "render.png")
         try:
-            for name, value in PNG_SETTINGS.items():
-                if name in saved:
-                    setattr(settings, name, value)
+            for name, value in png.items():
+                setattr(settings, name, value)
             bpy.ops.render.render(scene=scene.name)
             result = bpy.data.images.get("Render Result")
             if result is None:

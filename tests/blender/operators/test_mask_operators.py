@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from addon_helpers import H, W, area, layer, override, paint, photo, pixels
+from addon_helpers import H, W, addon_of, area, layer, module, override, paint, photo, pixels
 
 from amodal3r.api.masks import masks_to_grey
 from amodal3r_blender.core import masks, png
@@ -145,7 +145,7 @@ def test_overlay_is_a_separate_image(with_masks):
     assert np.array_equal(pixels(with_masks.photo), with_masks.before)
 
 
-def test_paint_mask_sets_up_the_image_editor(with_masks):
+def test_paint_mask_sets_up_the_image_editor(with_masks, settings):
     import bpy
 
     with override("IMAGE_EDITOR"):
@@ -155,8 +155,8 @@ def test_paint_mask_sets_up_the_image_editor(with_masks):
         assert space.ui_mode == "PAINT"
     tool_settings = bpy.context.scene.tool_settings
     assert tool_settings.image_paint.canvas == with_masks.view.occluder_mask
-    # Blender 5.0 keeps the shared colours per paint mode, 4.x in the tool settings
-    unified = getattr(tool_settings.image_paint, "unified_paint_settings", None) or tool_settings.unified_paint_settings
+    unified = module(addon_of(settings), "ui.compat").unified_paint_settings(tool_settings)
+    assert unified.use_unified_color  # off in 4.2's factory settings: then the brush's own colour paints
     assert tuple(unified.color) == (1.0, 1.0, 1.0)
     assert tuple(unified.secondary_color) == (0.0, 0.0, 0.0)
 
