@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 FIELDS = ("width", "height", "fx", "fy", "cx", "cy")
 FILM_LONG_SIDE_MM = 36.0
@@ -77,7 +77,9 @@ class Intrinsics:
     cy: float
 
     def __post_init__(self) -> None:
-        self._check(dict(self.__dict__), "camera")
+        values = self._check(dict(self.__dict__), "camera")
+        for name in FIELDS:  # sizes as int, the rest as float, whatever numbers came in
+            object.__setattr__(self, name, int(values[name]) if name in ("width", "height") else values[name])
 
     @staticmethod
     def _check(data: Mapping[str, Any], source: str) -> dict[str, float]:
@@ -103,9 +105,8 @@ class Intrinsics:
         if not isinstance(data, Mapping):
             raise CameraError(f"{source}: expected an object with {', '.join(FIELDS)}, got "
                               f"{type(data).__name__}. {HOW_TO_FIX}")
-        values = cls._check(data, source)
-        return cls(int(values["width"]), int(values["height"]), values["fx"], values["fy"],
-                   values["cx"], values["cy"])
+        cls._check(data, source)
+        return cls(*(data[name] for name in FIELDS))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Intrinsics:
@@ -141,8 +142,11 @@ class Intrinsics:
     def from_exif(cls, image: str | os.PathLike[str] | Image.Image) -> Intrinsics:
         """From the photo's ``FocalLengthIn35mmFilm``, else a 50 mm equivalent; size after EXIF rotation."""
         if not isinstance(image, Image.Image):
-            with Image.open(image) as opened:
-                return cls.from_exif(opened)
+            try:
+                with Image.open(image) as opened:
+                    return cls.from_exif(opened)
+            except (OSError, UnidentifiedImageError) as e:
+                raise CameraError(f"{image}: cannot read this image for its focal length ({e})") from e
         width, height = image.size[::-1] if _rotated(image) else image.size
         return cls.from_focal_35mm(width, height, focal_35mm(image) or DEFAULT_FOCAL_35MM)
 
