@@ -4,15 +4,27 @@ rasteriser, partly hidden by an occluder, must be found again from the visible m
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 
 from amodal3r.io.camera import Intrinsics, Pose
 from amodal3r.pipelines.placement import Placement, PlacementError, fit_pose
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Fits run on one torch thread here: their tensors are small, and on a machine shared with
+    other jobs two threads made a fit 15x slower in wall time (95 s against 6 s, spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def reference_silhouette(vertices: np.ndarray, faces: np.ndarray, camera: Intrinsics) -> np.ndarray:
