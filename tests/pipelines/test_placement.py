@@ -152,7 +152,7 @@ def _occluder(silhouette: np.ndarray, fraction: float, rng: np.random.Generator)
         span = slice(lo, hi)
         start = max(0, int(along.min() - rng.integers(3, 20)))
         stop = int(along.max() + rng.integers(3, 20))
-        band = slice(start, int(round(cut))) if side == 0 else slice(int(round(cut)), stop)
+        band = slice(start, round(cut)) if side == 0 else slice(round(cut), stop)
         if axis == 0:
             out[span, band] = True
         else:
@@ -242,8 +242,8 @@ def test_masks_may_cover_a_crop_region_of_a_large_photo() -> None:
     translation = np.array([1.1, 0.4, 4.0])
     silhouette = reference_silhouette(vertices @ rotation.T + translation, faces, camera)
     occluder = np.zeros_like(silhouette)
-    ys, xs = np.nonzero(silhouette)
-    occluder[:, : int(np.quantile(xs, 0.3))] = True
+    columns = np.nonzero(silhouette)[1]
+    occluder[:, : int(np.quantile(columns, 0.3))] = True
     placement = fit_pose(vertices, faces, silhouette & ~occluder, occluder, camera)
     matrix = placement.object_to_camera
     fitted = reference_silhouette(vertices @ matrix[:3, :3].T + matrix[:3, 3], faces, camera)
