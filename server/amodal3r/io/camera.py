@@ -3,16 +3,17 @@
 Intrinsics follow OpenCV: pixels, x right and y down from the image's top-left corner, pixel
 (i, j) centred at (j + 0.5, i + 0.5), a camera-frame point (x, y, z) with z forward seen at
 ``(fx * x / z + cx, fy * y / z + cy)``. They always describe the full photo as the user gave it
-(after its EXIF rotation, which is how :mod:`amodal3r.inputs` reads images), even when the masks
+(after its EXIF rotation, as the server's ``inputs.load_image`` reads images), even when the masks
 were drawn on a crop of it.
 
 Without a calibration the focal length comes from EXIF ``FocalLengthIn35mmFilm`` (tag 41989),
 the focal length a 36 x 24 mm film frame would need for the same field of view. The film's long
 side (36 mm) is matched to the photo's long side, whichever way the photo is held: a portrait
-photo is a landscape frame turned, so its height, not its width, spans the 36 mm. (Makers compute
-the tag from the diagonal, so for a 4:3 sensor this is about 4% off; that is well inside what
-placement's depth search absorbs.) A photo without the tag is taken as a 50 mm equivalent, a
-"normal" lens near most phones' main cameras (23-28 mm) and most kit zooms' middle.
+photo is a landscape frame turned, so its height, not its width, spans the 36 mm. (Cameras often
+compute the tag from the diagonal instead; for a 4:3 sensor the two differ by about 4%, and the
+fitted depth scales with the focal length, so by as much.) A photo without the tag is taken as a
+50 mm equivalent, the classic "normal" lens; phones' main cameras are wider (about 24-28 mm), so
+for a phone photo stripped of its EXIF this guess places the object too far away.
 
 ``pose.json`` holds where the reconstructed object sits in that camera: ``object_to_camera`` maps
 the GLB's coordinates (+Y up, front +Z, metres as the model's unit cube) to the camera frame above,
