@@ -20,9 +20,9 @@ functions. Vectorised it must pad every face to the largest box in the batch, so
 (a flat side, a ground quad) makes every face as expensive as it, and even with small faces it
 tests a whole box per face where scan conversion touches each covered row once. Measured by
 ``bench/placement.py --compare --threads 1`` (64 poses of a 5,120-face sphere about 200 px across,
-256 x 256, largest face box about 12 px, 2-core machine shared with other jobs): bounding-box
-tiling 11.4 s, scan conversion 0.14 s, and 0.06 s drawing only the faces turned towards the
-camera; all three agree on every pixel.
+256 x 256, largest face box about 12 px, two runs on a 2-core machine shared with other jobs):
+bounding-box tiling 5.8-11.4 s, scan conversion 0.14-0.34 s, and 0.06-0.10 s drawing only the
+faces turned towards the camera; all three agree on every pixel.
 
 Conventions: vertices are in OpenCV's camera frame (x right, y down, z forward); pixel (i, j) has
 its centre at (j + 0.5, i + 0.5) from the top-left corner, so a point projects to
