@@ -50,8 +50,9 @@ def scene(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarr
     camera = Intrinsics.from_fov(640, 480, 50)
     rotation = look_rotations(torch.tensor([math.radians(35)]), torch.tensor([math.radians(25)]))[0]
     points = torch.from_numpy(vertices).float() @ rotation.T + torch.tensor([0.2, 0.1, 2.2])
-    silhouette = rasterize_silhouette(points, torch.from_numpy(faces), camera.fx, camera.fy, camera.cx,
-                                      camera.cy, camera.height, camera.width)[0].numpy()
+    silhouette = rasterize_silhouette(
+        points, torch.from_numpy(faces), camera.fx, camera.fy, camera.cx, camera.cy, camera.height, camera.width
+    )[0].numpy()
     cut = np.quantile(np.nonzero(silhouette)[1], 0.4)
     occluder = np.zeros_like(silhouette)
     occluder[:, : int(cut)] = True
@@ -83,8 +84,9 @@ def time_fits(faces: int, resolution: int, repeat: int, device: str) -> tuple[fl
     return statistics.median(walls), statistics.median(cpus), score
 
 
-def tiled_silhouette(vertices: torch.Tensor, faces: torch.Tensor, fx: float, fy: float, cx: float,
-                     cy: float, height: int, width: int) -> torch.Tensor:
+def tiled_silhouette(
+    vertices: torch.Tensor, faces: torch.Tensor, fx: float, fy: float, cx: float, cy: float, height: int, width: int
+) -> torch.Tensor:
     """Bounding-box tiling: every face tests every pixel of the largest face box with edge functions."""
     corners = project(vertices, fx, fy, cx, cy)[:, faces]  # [B, F, 3, 2]
     low = torch.floor(corners.amin(dim=2)).long()
@@ -96,8 +98,9 @@ def tiled_silhouette(vertices: torch.Tensor, faces: torch.Tensor, fx: float, fy:
     inside_neg = inside_pos.clone()
     for i, j in ((0, 1), (1, 2), (2, 0)):
         a, b = corners[..., i, :], corners[..., j, :]
-        side = ((b[..., 0] - a[..., 0])[..., None, None] * (py - a[..., 1, None, None])
-                - (b[..., 1] - a[..., 1])[..., None, None] * (px - a[..., 0, None, None]))
+        side = (b[..., 0] - a[..., 0])[..., None, None] * (py - a[..., 1, None, None]) - (b[..., 1] - a[..., 1])[
+            ..., None, None
+        ] * (px - a[..., 0, None, None])
         inside_pos &= side >= 0
         inside_neg &= side <= 0
     inside = inside_pos | inside_neg
@@ -123,7 +126,9 @@ def compare(repeat: int) -> None:
         "scan conversion, one side": lambda: rasterize_silhouette(*args, facing=-1),
     }
     reference = runs["scan conversion"]()
-    print(f"rasteriser alone: 64 poses, {len(faces)} faces, 256 x 256, {torch.get_num_threads()} threads, load {load()}")
+    print(
+        f"rasteriser alone: 64 poses, {len(faces)} faces, 256 x 256, {torch.get_num_threads()} threads, load {load()}"
+    )
     for name, run in runs.items():
         agree = (run() == reference).float().mean().item()
         times = []
@@ -147,17 +152,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.compare:
         compare(args.repeat)
-    print(f"fit_pose: torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}; "
-          f"search draws <= {placement.SEARCH_FACES} faces, last stage <= {placement.FINAL_FACES}")
-    print(f"{'device':6s} {'faces':>6s} {'drawn':>11s} {'res':>4s} {'wall s':>7s} {'cpu s':>7s} {'score':>6s} {'load':>5s}")
+    print(
+        f"fit_pose: torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}; "
+        f"search draws <= {placement.SEARCH_FACES} faces, last stage <= {placement.FINAL_FACES}"
+    )
+    print(
+        f"{'device':6s} {'faces':>6s} {'drawn':>11s} {'res':>4s} {'wall s':>7s} {'cpu s':>7s} {'score':>6s} {'load':>5s}"
+    )
     for device in args.device:
         for faces in args.faces:
             count = len(blob(faces)[1])
             drawn = f"{min(count, placement.SEARCH_FACES)}/{min(count, placement.FINAL_FACES)}"
             for resolution in args.resolution:
                 wall, cpu, score = time_fits(faces, resolution, args.repeat, device)
-                print(f"{device:6s} {count:6d} {drawn:>11s} {resolution:4d} {wall:7.2f} {cpu:7.2f} {score:6.3f} "
-                      f"{load():>5s}", flush=True)
+                print(
+                    f"{device:6s} {count:6d} {drawn:>11s} {resolution:4d} {wall:7.2f} {cpu:7.2f} {score:6.3f} "
+                    f"{load():>5s}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

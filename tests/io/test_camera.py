@@ -84,6 +84,14 @@ def test_unreadable_files(tmp_path: Path) -> None:
         Intrinsics.from_json(write_json(tmp_path / "list.json", [640, 480]))
 
 
+def test_unreadable_images_for_exif(tmp_path: Path) -> None:
+    (tmp_path / "not.jpg").write_bytes(b"text")
+    with pytest.raises(CameraError, match="cannot read this image"):
+        Intrinsics.from_exif(tmp_path / "not.jpg")
+    with pytest.raises(CameraError, match="cannot read this image"):
+        Intrinsics.from_exif(tmp_path / "missing.jpg")
+
+
 def test_from_fov() -> None:
     camera = Intrinsics.from_fov(640, 480, 90)
     assert camera.fx == pytest.approx(320) and camera.fy == camera.fx

@@ -3,16 +3,17 @@
 Intrinsics follow OpenCV: pixels, x right and y down from the image's top-left corner, pixel
 (i, j) centred at (j + 0.5, i + 0.5), a camera-frame point (x, y, z) with z forward seen at
 ``(fx * x / z + cx, fy * y / z + cy)``. They always describe the full photo as the user gave it
-(after its EXIF rotation, which is how :mod:`amodal3r.inputs` reads images), even when the masks
+(after its EXIF rotation, as the server's ``inputs.load_image`` reads images), even when the masks
 were drawn on a crop of it.
 
 Without a calibration the focal length comes from EXIF ``FocalLengthIn35mmFilm`` (tag 41989),
 the focal length a 36 x 24 mm film frame would need for the same field of view. The film's long
 side (36 mm) is matched to the photo's long side, whichever way the photo is held: a portrait
-photo is a landscape frame turned, so its height, not its width, spans the 36 mm. (Makers compute
-the tag from the diagonal, so for a 4:3 sensor this is about 4% off; that is well inside what
-placement's depth search absorbs.) A photo without the tag is taken as a 50 mm equivalent, a
-"normal" lens near most phones' main cameras (23-28 mm) and most kit zooms' middle.
+photo is a landscape frame turned, so its height, not its width, spans the 36 mm. (Cameras often
+compute the tag from the diagonal instead; for a 4:3 sensor the two differ by about 4%, and the
+fitted depth scales with the focal length, so by as much.) A photo without the tag is taken as a
+50 mm equivalent, the classic "normal" lens; phones' main cameras are wider (about 24-28 mm), so
+for a phone photo stripped of its EXIF this guess places the object too far away.
 
 ``pose.json`` holds where the reconstructed object sits in that camera: ``object_to_camera`` maps
 the GLB's coordinates (+Y up, front +Z, metres as the model's unit cube) to the camera frame above,
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from amodal3r.api.errors import InputError
 from amodal3r.api.files import write_atomically
@@ -81,7 +82,9 @@ class Intrinsics:
     cy: float
 
     def __post_init__(self) -> None:
-        self._check(dict(self.__dict__), "camera")
+        values = self._check(dict(self.__dict__), "camera")
+        for name in FIELDS:  # sizes as int, the rest as float, whatever numbers came in
+            object.__setattr__(self, name, int(values[name]) if name in ("width", "height") else values[name])
 
     @staticmethod
     def _check(data: Mapping[str, Any], source: str) -> dict[str, float]:
@@ -112,8 +115,8 @@ class Intrinsics:
             raise CameraError(
                 f"{source}: expected an object with {', '.join(FIELDS)}, got {type(data).__name__}. {HOW_TO_FIX}"
             )
-        values = cls._check(data, source)
-        return cls(int(values["width"]), int(values["height"]), values["fx"], values["fy"], values["cx"], values["cy"])
+        cls._check(data, source)
+        return cls(*(data[name] for name in FIELDS))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Intrinsics:
@@ -149,8 +152,11 @@ class Intrinsics:
     def from_exif(cls, image: str | os.PathLike[str] | Image.Image) -> Intrinsics:
         """From the photo's ``FocalLengthIn35mmFilm``, else a 50 mm equivalent; size after EXIF rotation."""
         if not isinstance(image, Image.Image):
-            with Image.open(image) as opened:
-                return cls.from_exif(opened)
+            try:
+                with Image.open(image) as opened:
+                    return cls.from_exif(opened)
+            except (OSError, UnidentifiedImageError) as e:
+                raise CameraError(f"{image}: cannot read this image for its focal length ({e})") from e
         width, height = image.size[::-1] if _rotated(image) else image.size
         return cls.from_focal_35mm(width, height, focal_35mm(image) or DEFAULT_FOCAL_35MM)
 

@@ -17,11 +17,12 @@ that expanded every (face, row) pair with ``repeat_interleave`` 1.5-2x slower).
 
 The other method considered tests every pixel of each face's bounding box with three edge
 functions. Vectorised it must pad every face to the largest box in the batch, so one big face
-(a flat side, a ground quad) makes every face as expensive as it; scan conversion's cost follows
-the faces' total height instead. Measured on 2 CPU threads with 64 poses of a 5,120-face sphere
-about 200 px across in a 256 x 256 image, where the largest face box is about 9 x 9 px, so tiling
-is at its best (``bench/placement.py --compare`` repeats this): bounding-box tiling 0.24 s,
-the scan conversion 0.11 s, and 0.06 s drawing only the faces turned towards the camera.
+(a flat side, a ground quad) makes every face as expensive as it, and even with small faces it
+tests a whole box per face where scan conversion touches each covered row once. Measured by
+``bench/placement.py --compare --threads 1`` (64 poses of a 5,120-face sphere about 200 px across,
+256 x 256, largest face box about 12 px, two runs on a 2-core machine shared with other jobs):
+bounding-box tiling 5.8-11.4 s, scan conversion 0.14-0.34 s, and 0.06-0.10 s drawing only the
+faces turned towards the camera; all three agree on every pixel.
 
 Conventions: vertices are in OpenCV's camera frame (x right, y down, z forward); pixel (i, j) has
 its centre at (j + 0.5, i + 0.5) from the top-left corner, so a point projects to

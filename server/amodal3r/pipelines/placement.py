@@ -204,8 +204,8 @@ def _prepare_masks(target: np.ndarray, occluder: np.ndarray) -> _Masks:
     tx0, ty0, tx1, ty1 = _bbox(target)
     reach = NEAR_OCCLUDER * max(tx1 - tx0, ty1 - ty0)
     near = np.zeros_like(occluder)
-    ny0, ny1 = max(0, int(ty0 - reach)), min(height, int(math.ceil(ty1 + reach)))
-    nx0, nx1 = max(0, int(tx0 - reach)), min(width, int(math.ceil(tx1 + reach)))
+    ny0, ny1 = max(0, math.floor(ty0 - reach)), min(height, math.ceil(ty1 + reach))
+    nx0, nx1 = max(0, math.floor(tx0 - reach)), min(width, math.ceil(tx1 + reach))
     near[ny0:ny1, nx0:nx1] = occluder[ny0:ny1, nx0:nx1]
     ux0, uy0, ux1, uy1 = _bbox(target | near)
     tables = []
