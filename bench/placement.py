@@ -156,9 +156,9 @@ def main() -> None:
         f"fit_pose: torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}; "
         f"search draws <= {placement.SEARCH_FACES} faces, last stage <= {placement.FINAL_FACES}"
     )
-    print(
-        f"{'device':6s} {'faces':>6s} {'drawn':>11s} {'res':>4s} {'wall s':>7s} {'cpu s':>7s} {'score':>6s} {'load':>5s}"
-    )
+    header = ("device", "faces", "drawn", "res", "wall s", "cpu s", "score", "load")
+    widths = (-6, 6, 11, 4, 7, 7, 6, 5)
+    print(" ".join(f"{name:{'<' if w < 0 else '>'}{abs(w)}s}" for name, w in zip(header, widths, strict=True)))
     for device in args.device:
         for faces in args.faces:
             count = len(blob(faces)[1])
