@@ -139,7 +139,7 @@ def main() -> int:
     import ray
 
     load_before = os.getloadavg()[0]
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     address = ray.get_runtime_context().gcs_address
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -89,7 +89,14 @@ def ray_address() -> Iterator[str]:
         import ray
     except ImportError:
         pytest.fail("the Ray tests need Ray: pip install -e 'server[test]' (it includes ray[serve])")
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, namespace="amodal3r-tests")
+    ray.init(
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="amodal3r-tests",
+        _node_ip_address="127.0.0.1",  # loopback only: no test traffic leaves this machine's lo
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

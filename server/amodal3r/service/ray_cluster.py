@@ -77,7 +77,8 @@ def connect(address: str | None) -> ModuleType:
         runtime_env={"env_vars": forwarded_env()},
     )
     if address in (None, LOCAL):
-        ray.init(address=LOCAL, include_dashboard=False, **options)
+        # a Ray for this run only: on loopback, so nothing of it is reachable from the network
+        ray.init(address=LOCAL, include_dashboard=False, _node_ip_address="127.0.0.1", **options)
         return ray
     target = resolve_address(address)
     check_reachable(target)

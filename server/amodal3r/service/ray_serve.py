@@ -39,7 +39,7 @@ from amodal3r.api.protocol import (
     STATE_FILE,
 )
 
-from .app import Guard, Server, ServerConfig, bind, create_app, load_token, lock_data_dir
+from .app import Server, ServerConfig, bind, guarded_app, load_token, lock_data_dir
 from .job_store import INTERRUPTED
 from .ray_cluster import NAMESPACE, Replicas, cluster_gpus, connect, first_line
 from .shared_store import SharedJobStore
@@ -185,6 +185,12 @@ class Dispatcher:
         self.store.request_cancel(job_id)
 
     @property
+    def alive(self) -> bool:
+        """Jobs are handed to the replicas from the ingress's own event loop: it works while the ingress
+        answers (a replica's death is handled per job, in :meth:`_dispatch`)."""
+        return True
+
+    @property
     def queue_length(self) -> int:
         return sum(s.state == QUEUED for s in self.store.list())
 
@@ -273,7 +279,7 @@ class Ingress:
         self.server.start()
 
     def __serve_build_asgi_app__(self):
-        return Guard(create_app(self.server), self.server.token, self.server.config.max_upload_bytes)
+        return guarded_app(self.server, self.server.config.host)
 
 
 def build_app(args: dict):
