@@ -5,6 +5,7 @@ Conditional, unconditional and multi-view predictions of one step run as one bat
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -18,6 +19,15 @@ Latent = torch.Tensor | SparseTensor
 ProgressFn = Callable[[str, int, int], None]
 MultiViewMode = str  # one of MULTIVIEW_MODES
 SAMPLER_NAMES = ("FlowEulerSampler", "FlowEulerCfgSampler", "FlowEulerGuidanceIntervalSampler")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Wall time of one sampler step and how many conditions its batched forward evaluated
+    (2 for a guided single-view step: the condition and the unconditional pass)."""
+
+    seconds: float
+    passes: int
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,14 @@ class SamplerSettings:
         if settings.steps < 1:
             raise ValueError(f"steps must be at least 1, got {settings.steps}")
         return settings
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued accelerator work, so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def time_pairs(steps: int, rescale_t: float) -> list[tuple[float, float]]:
@@ -99,12 +117,14 @@ def sample(
     progress: ProgressFn | None = None,
     cancelled: Callable[[], bool] | None = None,
     stage: str = "sampling",
+    step_times: list[StepTime] | None = None,
 ) -> Latent:
     """Integrate the flow from noise (t=1) to data (t=0).
 
     ``cond`` holds one row per view. With several views, ``stochastic`` uses view ``i % n`` at step
     ``i`` and ``multidiffusion`` averages the predictions of all views. The guided velocity is
-    ``(1 + s) v_cond - s v_neg`` for ``t`` inside ``cfg_interval``, else ``v_cond``.
+    ``(1 + s) v_cond - s v_neg`` for ``t`` inside ``cfg_interval``, else ``v_cond``. Each step's
+    wall time is appended to ``step_times`` when given.
     """
     n_views = cond.shape[0]
     if multiview not in MULTIVIEW_MODES:
@@ -113,6 +133,7 @@ def sample(
     x = noise
     pairs = time_pairs(settings.steps, settings.rescale_t)
     for i, (t, t_prev) in enumerate(pairs):
+        started = time.perf_counter()
         if cancelled is not None and cancelled():
             raise Cancelled(f"{stage} cancelled at step {i} of {len(pairs)}")
         views = (
@@ -125,6 +146,9 @@ def sample(
             velocity = (1 + settings.cfg_strength) * velocity - settings.cfg_strength * preds[-1]
         step = (t - t_prev) * velocity
         x = x.replace(x.feats - step) if isinstance(x, SparseTensor) else x - step
+        if step_times is not None:
+            synchronize(x.device)
+            step_times.append(StepTime(time.perf_counter() - started, len(preds)))
         if progress is not None:
             progress(stage, i + 1, len(pairs))
     return x
