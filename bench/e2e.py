@@ -1,0 +1,203 @@
+"""The whole reconstruction, timed per stage and per sampler step, on random weights built in memory.
+
+The models have the architectures of ``amodal3r tiny-weights --size tiny|medium|full`` (full: the
+official checkpoints' configurations) with seeded random weights, calibrated like the tiny folders
+(a few percent of the 64^3 grid occupied, a surface through a few percent of the cubes); no file is
+written but the results. The input is the shipped example (``examples/mug_behind_box``). One run
+encodes, samples the structure, decodes the occupancy, samples the structured latent, decodes mesh
+and Gaussians and exports the GLB (unwrap and bake at the default face count, 1024 px texture).
+
+Printed and written as JSON (``--json``): seconds per stage (model building is ``load``, not part
+of any stage), the median seconds of a guided (condition + unconditional) and of an unguided
+sampler step per flow stage, peak RSS of this process, on CUDA also the peak allocated and reserved
+memory, the device, dtype and thread count.
+``--repeat N`` runs the reconstruction N times on the same loaded models and reports the median
+of each figure over the runs after the first (all runs when N is 1).
+
+    .venv/bin/python bench/e2e.py --size tiny|medium|full [--steps S] [--device D] [--dtype T]
+        [--threads N] [--low-vram] [--repeat N] [--json PATH] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from amodal3r.io.inputs import load_view
+from amodal3r.io.results import OutputSettings, write_results
+from amodal3r.models import for_inference
+from amodal3r.pipelines.amodal3r import IMAGE_ENCODER, Amodal3RPipeline, PipelineConfig, RunSettings, StageSettings
+from amodal3r.pipelines.devices import pick_device
+from amodal3r.weights.tiny import (
+    SIZES,
+    encoder_config,
+    pipeline_config,
+    random_image_encoder,
+    random_model,
+    tiny_configs,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
+STAGES = ("encode", "structure", "occupancy", "slat", "decode_mesh", "decode_gaussian", "export")
+MIB = 2**20
+
+
+class RandomWeightsPipeline(Amodal3RPipeline):
+    """The pipeline with every model built from its official-layout config with random weights."""
+
+    def __init__(self, size: str, seed: int, device: torch.device, dtype: torch.dtype | None, low_vram: bool):
+        self.size, self.seed = size, seed
+        self.configs = tiny_configs(encoder_config(size).embed_dim, SIZES[size])
+        models = {key: rel for key, (rel, _) in self.configs.items()}
+        args = pipeline_config(models, torch.Generator().manual_seed(seed))["args"]
+        super().__init__(Path(f"<random {size} weights>"), PipelineConfig._parse(args), device, dtype, low_vram)
+
+    def load(self, key: str) -> nn.Module:
+        keys = [IMAGE_ENCODER, *self.configs]
+        generator = torch.Generator().manual_seed(self.seed * len(keys) + keys.index(key))
+        if key == IMAGE_ENCODER:
+            return random_image_encoder(encoder_config(self.size), generator).to(self.device)
+        config = self.configs[key][1]
+        model = random_model(key, config, generator)
+        return for_inference(model, bool(config["args"].get("use_fp16")), self.device, self.dtype)
+
+    def sample_slat(self, cond: torch.Tensor, coords: torch.Tensor, *args, **kwargs):
+        self.voxels = int(coords.shape[0])
+        return super().sample_slat(cond, coords, *args, **kwargs)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory in MiB: RSS of this process (the unwrap's child is not counted: its peak reads as
+    the parent's, forked); on CUDA also the allocator's peaks."""
+    usage = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        usage["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
+        usage["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
+    elif device.type == "mps":
+        usage["driver_allocated_mib"] = torch.mps.driver_allocated_memory() / MIB
+    return usage
+
+
+def step_medians(steps: list) -> dict[str, float | None]:
+    """Median seconds of the guided (2+ passes) and unguided sampler steps of one stage."""
+    guided = [s.seconds for s in steps if s.passes > 1]
+    plain = [s.seconds for s in steps if s.passes == 1]
+    return {
+        "guided": statistics.median(guided) if guided else None,
+        "unguided": statistics.median(plain) if plain else None,
+    }
+
+
+def one_run(pipeline: RandomWeightsPipeline, settings: RunSettings, out_dir: Path) -> dict:
+    view = load_view(EXAMPLE / "image.png", EXAMPLE / "target_mask.png", EXAMPLE / "occluder_mask.png")
+    result = pipeline([view], settings)
+    start = time.perf_counter()
+    written = write_results(result.meshes, result.gaussians, [out_dir / "e2e.glb"], OutputSettings(gaussians=True))
+    report = written[0].report
+    return {
+        "seconds": dict(result.timings, export=time.perf_counter() - start),
+        "steps": {stage: step_medians(steps) for stage, steps in result.steps.items()},
+        "voxels": pipeline.voxels,
+        "faces": report.faces_out,
+        "export_seconds": report.seconds,
+    }
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Each figure's median over the runs after the first (which pays one-off costs); loading summed."""
+    timed = runs[1:] or runs
+    seconds = {k: _median([r["seconds"].get(k) for r in timed]) for k in STAGES}
+    seconds["total"] = sum(v for v in seconds.values() if v is not None)
+    seconds["load"] = sum(r["seconds"].get("load", 0.0) for r in runs)
+    steps = {
+        stage: {kind: _median([r["steps"][stage][kind] for r in timed]) for kind in ("guided", "unguided")}
+        for stage in runs[0]["steps"]
+    }
+    return dict(runs[-1], seconds=seconds, steps=steps, runs=len(runs))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_table(summary: dict) -> None:
+    meta = summary["meta"]
+    print(
+        f"\n{meta['size']} weights, {meta['device']} ({meta['dtype']}), {meta['threads']} threads, "
+        f"{meta['steps']} steps per stage, {summary['voxels']} voxels, {summary['faces']} faces exported; "
+        f"median of {max(1, summary['runs'] - 1)} run(s)\n"
+    )
+    print("| stage | seconds |\n|---|---:|")
+    for stage in (*STAGES, "total", "load"):
+        print(f"| {stage} | {_fmt(summary['seconds'].get(stage))} |")
+    print("\n| flow stage | guided step (s) | unguided step (s) |\n|---|---:|---:|")
+    for stage, kinds in summary["steps"].items():
+        print(f"| {stage} | {_fmt(kinds['guided'])} | {_fmt(kinds['unguided'])} |")
+    print("\n| memory | MiB |\n|---|---:|")
+    for name, value in summary["memory"].items():
+        print(f"| {name} | {value:.0f} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json's 25)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="torso dtype (default: as loaded)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--low-vram", action="store_true", help="each model on the device only during its stage")
+    parser.add_argument("--repeat", type=int, default=1, help="runs on the same models; medians skip the first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipeline = RandomWeightsPipeline(args.size, args.seed, device, dtype, args.low_vram)
+    stage = StageSettings(steps=args.steps)
+    settings = RunSettings(seed=args.seed, structure=stage, slat=stage)
+    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out:
+        runs = []
+        for i in range(args.repeat):
+            runs.append(one_run(pipeline, settings, Path(out)))
+            print(f"run {i + 1}/{args.repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1]["seconds"].items()))
+    summary = summarise(runs)
+    summary["memory"] = peak_memory(device)
+    summary["meta"] = {
+        "size": args.size,
+        "device": str(device),
+        "dtype": args.dtype or "default",
+        "threads": torch.get_num_threads(),
+        "steps": args.steps or pipeline.config.structure_sampler.steps,
+        "low_vram": args.low_vram,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "argv": sys.argv[1:],
+    }
+    print_table(summary)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
