@@ -1,0 +1,134 @@
+"""Each exact shortcut against the plain computation it replaces (``amodal3r.modules.shortcuts``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amodal3r.models import build_model
+from amodal3r.modules.attention import MultiHeadAttention
+from amodal3r.modules.condition import IMAGE, OCCLUSION, Condition, cross_attend, prepare_condition
+from amodal3r.modules.condition_tokens import NUM_IMAGE_TOKENS, NUM_PATCHES
+from amodal3r.modules.shortcuts import SHORTCUTS, plain
+from amodal3r.modules.sparse import SparseDownsample, SparseTensor, SparseUpsample
+from amodal3r.pipelines.samplers import SamplerSettings, sample
+from amodal3r.weights.tiny import SIZES, randomize, tiny_configs
+
+WIDTH = 64  # the tiny encoder's token width
+
+
+def condition_rows(views: int, seed: int = 0) -> torch.Tensor:
+    """Real-looking condition rows: tokens, visibility and occlusion ratios (multiples of 1/196)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(views, NUM_IMAGE_TOKENS, WIDTH, generator=g)
+    vis = (torch.rand(views, NUM_PATCHES, 1, generator=g) * 196).round() / 196
+    occ = (1 - vis) * (torch.rand(views, NUM_PATCHES, 1, generator=g) > 0.5)
+    return torch.cat([tokens, vis.expand(-1, -1, WIDTH), occ.expand(-1, -1, WIDTH)], dim=1)
+
+
+def tiny_flow(key: str) -> torch.nn.Module:
+    config = tiny_configs(WIDTH, SIZES["tiny"])[key][1]
+    model = build_model(config, key, device="cpu").float()
+    randomize(model, torch.Generator().manual_seed(1))
+    model.set_torso_dtype(torch.float32)
+    return model.eval()
+
+
+def shell_latent(batch: int = 1, seed: int = 0) -> SparseTensor:
+    grid = torch.stack(torch.meshgrid(*[torch.arange(24)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
+    shell = grid[((grid.float() - 11.5).norm(dim=1) - 8).abs() < 1.2] + 20
+    coords = torch.cat([torch.zeros(len(shell), 1, dtype=torch.long), shell], dim=1)
+    x = SparseTensor(torch.randn(len(shell), 8, generator=torch.Generator().manual_seed(seed)), coords)
+    return x.repeat_batch(batch)
+
+
+def test_uniform_row_cross_attention_is_the_value_projection() -> None:
+    """All-equal tokens (the unconditional row): every query's output is ``to_out(v)``, whatever the bias."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4, ctx_channels=WIDTH, type="cross")
+    cond = torch.cat([condition_rows(1), torch.zeros(1, *condition_rows(1).shape[1:])])
+    rows = prepare_condition(cond, True, torch.float32)
+    assert rows.uniform == {IMAGE: [False, True], OCCLUSION: [False, True]}
+    x = torch.randn(2, 40, 32)
+    with torch.inference_mode():
+        fast = cross_attend(attn, x, Condition.per_element(rows), IMAGE)
+        plain_out = attn(x, rows.tokens[IMAGE], rows.visibility_bias)
+        exact = attn.double()(x.double(), rows.tokens[IMAGE].double(), rows.visibility_bias.double())
+    # The plain fp32 softmax sums 1374 weights (rounding ~1e-5 relative); the shortcut is the exact value.
+    assert (fast - exact).abs().max() <= 1e-6 * exact.abs().max()
+    assert (plain_out - exact).abs().max() <= 3e-5 * exact.abs().max()
+    assert rows.cache  # keys/values and the constant are kept for the next step
+    with plain("uniform_condition"):
+        assert prepare_condition(cond, True, torch.float32).uniform[IMAGE] == [False, False]
+
+
+@pytest.mark.parametrize("key", ["sparse_structure_flow_model", "slat_flow_model"])
+def test_shared_latent_guided_forward_equals_the_plain_batch(key: str) -> None:
+    """One latent, two conditions (a view and the negative): the shared, cached forward equals the
+    plain forward of the repeated latent on the concatenated conditions."""
+    model = tiny_flow(key)
+    conds = torch.cat([condition_rows(2), torch.zeros(1, *condition_rows(1).shape[1:])])
+    if key == "slat_flow_model":
+        x, repeated = shell_latent(2), shell_latent(2).repeat_batch(2)
+        t = torch.tensor([600.0, 600.0])
+    else:
+        x = torch.randn(2, 8, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+        repeated, t = x.repeat(2, 1, 1, 1, 1), torch.tensor([600.0, 600.0])
+    with torch.inference_mode():
+        rows = model.prepare_condition(conds)
+        shared = model(x, t, Condition(rows, [1, 2], group_size=2))
+        with plain():
+            expected = model(repeated, t.repeat(2), conds[[1, 1, 2, 2]])
+    shared = shared.feats if isinstance(shared, SparseTensor) else shared
+    expected = expected.feats if isinstance(expected, SparseTensor) else expected
+    err = (shared - expected).abs().max().item()
+    assert err <= 1e-5 * (1 + expected.abs().max().item()), err
+
+
+def test_sampler_with_and_without_shortcuts() -> None:
+    """A guided run, two views by multidiffusion: every shortcut on against every one off."""
+    model = tiny_flow("sparse_structure_flow_model")
+    cond = condition_rows(2, seed=3)
+    settings = SamplerSettings(steps=3, cfg_strength=7.5, cfg_interval=(0.5, 1.0), rescale_t=3.0)
+    noise = torch.randn(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        fast = sample(model, noise, cond, torch.zeros_like(cond[:1]), settings, multiview="multidiffusion")
+        with plain():
+            slow = sample(model, noise, cond, torch.zeros_like(cond[:1]), settings, multiview="multidiffusion")
+    assert (fast - slow).abs().max() <= 1e-5 * (1 + slow.abs().max())
+
+
+def test_condition_cache_computes_keys_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_flow("sparse_structure_flow_model")
+    calls = []
+    to_kv = model.blocks[0].cross_attn.to_kv
+    monkeypatch.setattr(to_kv, "forward", lambda x, f=to_kv.forward: calls.append(x.shape) or f(x))
+    cond = condition_rows(1)
+    settings = SamplerSettings(steps=4, cfg_strength=3.0)
+    noise = torch.randn(1, 8, 16, 16, 16)
+    with torch.inference_mode():
+        cached = sample(model, noise, cond, torch.zeros_like(cond), settings)
+        assert len(calls) == 2  # the view's keys and values once, the negative's constant once
+        with plain("condition_cache"):
+            uncached = sample(model, noise, cond, torch.zeros_like(cond), settings)
+    assert len(calls) == 2 + 2 * 4
+    assert torch.equal(cached, uncached)
+
+
+def test_repeated_coarse_voxels_upsample_onto_the_repeated_fine_ones() -> None:
+    x = shell_latent(2)
+    coarse = SparseDownsample(2)(x)
+    up = SparseUpsample(2)(coarse.repeat_batch(3))
+    expected = SparseUpsample(2)(SparseDownsample(2)(x.repeat_batch(3)))
+    assert torch.equal(up.coords, expected.coords) and torch.equal(up.feats, expected.feats)
+    assert [s.stop - s.start for s in up.layout] == [s.stop - s.start for s in expected.layout]
+    assert x.repeat_batch(3).cache is x.repeat_batch(3).cache  # one set of neighbour maps per run
+
+
+def test_plain_restores_the_switches() -> None:
+    with plain("shared_prefix"):
+        assert not SHORTCUTS.shared_prefix and SHORTCUTS.condition_cache
+    assert SHORTCUTS.shared_prefix
+    with pytest.raises(ValueError, match="unknown shortcut"):
+        with plain("warp_drive"):
+            pass
