@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from torch import nn
 from amodal3r.io.inputs import load_view
 from amodal3r.io.results import OutputSettings, write_results
 from amodal3r.models import for_inference
+from amodal3r.modules.shortcuts import NAMES, plain
 from amodal3r.pipelines.amodal3r import IMAGE_ENCODER, Amodal3RPipeline, PipelineConfig, RunSettings, StageSettings
 from amodal3r.pipelines.devices import pick_device
 from amodal3r.weights.tiny import (
@@ -100,12 +102,14 @@ def step_medians(steps: list) -> dict[str, float | None]:
 
 def one_run(pipeline: RandomWeightsPipeline, settings: RunSettings, out_dir: Path) -> dict:
     view = load_view(EXAMPLE / "image.png", EXAMPLE / "target_mask.png", EXAMPLE / "occluder_mask.png")
+    cpu = time.process_time()
     result = pipeline([view], settings)
     start = time.perf_counter()
     written = write_results(result.meshes, result.gaussians, [out_dir / "e2e.glb"], OutputSettings(gaussians=True))
     report = written[0].report
     return {
         "seconds": dict(result.timings, export=time.perf_counter() - start),
+        "cpu_seconds": time.process_time() - cpu,  # all threads: a steadier figure on a shared machine
         "steps": {stage: step_medians(steps) for stage, steps in result.steps.items()},
         "voxels": pipeline.voxels,
         "faces": report.faces_out,
@@ -124,6 +128,7 @@ def summarise(runs: list[dict]) -> dict:
     seconds = {k: _median([r["seconds"].get(k) for r in timed]) for k in STAGES}
     seconds["total"] = sum(v for v in seconds.values() if v is not None)
     seconds["load"] = sum(r["seconds"].get("load", 0.0) for r in runs)
+    seconds["cpu (all threads)"] = _median([r["cpu_seconds"] for r in timed])
     steps = {
         stage: {kind: _median([r["steps"][stage][kind] for r in timed]) for kind in ("guided", "unguided")}
         for stage in runs[0]["steps"]
@@ -140,10 +145,10 @@ def print_table(summary: dict) -> None:
     print(
         f"\n{meta['size']} weights, {meta['device']} ({meta['dtype']}), {meta['threads']} threads, "
         f"{meta['steps']} steps per stage, {summary['voxels']} voxels, {summary['faces']} faces exported; "
-        f"median of {max(1, summary['runs'] - 1)} run(s)\n"
+        f"median of {max(1, summary['runs'] - 1)} run(s); shortcuts off: {', '.join(meta['plain']) or 'none'}\n"
     )
     print("| stage | seconds |\n|---|---:|")
-    for stage in (*STAGES, "total", "load"):
+    for stage in (*STAGES, "total", "load", "cpu (all threads)"):
         print(f"| {stage} | {_fmt(summary['seconds'].get(stage))} |")
     print("\n| flow stage | guided step (s) | unguided step (s) |\n|---|---:|---:|")
     for stage, kinds in summary["steps"].items():
@@ -164,6 +169,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs on the same models; medians skip the first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--plain",
+        default="",
+        help=f"comma-separated exact shortcuts to turn off ({', '.join(NAMES)}), or 'all': the before rows",
+    )
     return parser.parse_args(argv)
 
 
@@ -175,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = RandomWeightsPipeline(args.size, args.seed, device, dtype, args.low_vram)
     stage = StageSettings(steps=args.steps)
     settings = RunSettings(seed=args.seed, structure=stage, slat=stage)
-    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out:
+    names = [] if not args.plain else list(NAMES) if args.plain == "all" else args.plain.split(",")
+    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out, plain(*names) if names else nullcontext():
         runs = []
         for i in range(args.repeat):
             runs.append(one_run(pipeline, settings, Path(out)))
@@ -189,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "steps": args.steps or pipeline.config.structure_sampler.steps,
         "low_vram": args.low_vram,
+        "plain": names,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "argv": sys.argv[1:],

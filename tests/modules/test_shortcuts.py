@@ -132,3 +132,18 @@ def test_plain_restores_the_switches() -> None:
     with pytest.raises(ValueError, match="unknown shortcut"):
         with plain("warp_drive"):
             pass
+
+
+def test_scatter_free_sparse_conv_is_bitwise_the_scatter_add() -> None:
+    from amodal3r.models.structured_latent_mesh_decoder import conv_after_subdivide
+    from amodal3r.modules.sparse import SparseConv3d
+
+    torch.manual_seed(0)
+    x = shell_latent(2)
+    x = x.replace(torch.randn(x.feats.shape[0], 96))  # wider than GATHER_MAX_CHANNELS: per-cell products
+    conv = SparseConv3d(96, 48)
+    with torch.inference_mode():
+        fast, fast_sub = conv(x).feats, conv_after_subdivide(x, conv).feats
+        with plain("scatter_free_conv"):
+            slow, slow_sub = conv(x).feats, conv_after_subdivide(x, conv).feats
+    assert torch.equal(fast, slow) and torch.equal(fast_sub, slow_sub)

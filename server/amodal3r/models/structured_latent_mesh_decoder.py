@@ -18,7 +18,7 @@ from amodal3r.modules.sparse import (
     SparseSiLU,
     SparseTensor,
 )
-from amodal3r.modules.sparse.conv import neighbour_map
+from amodal3r.modules.sparse.conv import add_rows, neighbour_map
 from amodal3r.representations.mesh import Mesh, sparse_features_to_mesh
 
 from .structured_latent_vae import SparseTransformerBase
@@ -102,7 +102,7 @@ def conv_after_subdivide(x: SparseTensor, conv: SparseConv3d) -> SparseTensor:
         w = kernels[children, :, e[0] + 1, e[1] + 1, e[2] + 1]  # [m, out, in]
         part = feats.index_select(0, in_rows) @ w.reshape(len(children) * c_out, -1).t()
         rows = 8 * out_rows[:, None] + torch.tensor(children, device=out_rows.device)[None]
-        out.index_add_(0, rows.reshape(-1), part.reshape(-1, c_out))
+        add_rows(out, rows.reshape(-1), part.reshape(-1, c_out))
     if conv.conv.bias is not None:
         out += conv.conv.bias
     coords, layout, cache = _children(x)

@@ -20,8 +20,9 @@ class Shortcuts:
     #: the layers before the first cross-attention see only the latent and the time: with guidance
     #: they run once per latent, not once per condition
     shared_prefix: bool = True
-    #: sparse convolutions with wide inputs as one GEMM then a gather-sum per output chunk, no scatter
-    gather_wide_conv: bool = True
+    #: sparse convolutions add each kernel cell's products by gather, add and indexed copy (a cell
+    #: reaches each voxel once), not by torch's serial CPU scatter-add
+    scatter_free_conv: bool = True
 
 
 SHORTCUTS = Shortcuts()

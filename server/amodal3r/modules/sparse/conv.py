@@ -15,6 +15,7 @@ from torch import nn
 
 from amodal3r.api.environment import SPARSE_CONV, SPCONV_ON_CPU
 
+from ..shortcuts import SHORTCUTS
 from .tensor import SparseTensor
 
 NeighbourMap = list[tuple[torch.Tensor, torch.Tensor]]
@@ -92,6 +93,16 @@ def gathered_conv(
     return out
 
 
+def add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[rows] += values`` for distinct ``rows``. A kernel cell reaches each voxel at most once, so
+    a gather, an add and an indexed copy do it: all three run in parallel, where torch's CPU
+    scatter-add (``index_add_``) does not. Same sums, same rounding."""
+    if SHORTCUTS.scatter_free_conv:
+        out[rows] = out.index_select(0, rows).add_(values)
+    else:
+        out.index_add_(0, rows, values)
+
+
 def scattered_conv(
     feats: torch.Tensor, pairs: NeighbourMap, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -103,7 +114,7 @@ def scattered_conv(
     out = feats @ kernels[:, centre].t()
     for k, (out_rows, in_rows) in enumerate(pairs):
         if k != centre and out_rows.numel():
-            out.index_add_(0, out_rows, feats.index_select(0, in_rows) @ kernels[:, k].t())
+            add_rows(out, out_rows, feats.index_select(0, in_rows) @ kernels[:, k].t())
     if bias is not None:
         out += bias
     return out
