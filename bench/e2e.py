@@ -140,21 +140,34 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def print_table(summary: dict) -> None:
-    meta = summary["meta"]
+def _row(label: str, values: list[float | None]) -> str:
+    cells = [_fmt(v) for v in values]
+    if len(values) == 2:
+        before, after = values
+        cells.append(f"{before / after:.2f}x" if before and after else "-")
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def print_tables(summaries: list[dict], meta: dict) -> None:
+    """One column per summary; with two (before: shortcuts off, after: on), also their ratio."""
+    last = summaries[-1]
     print(
         f"\n{meta['size']} weights, {meta['device']} ({meta['dtype']}), {meta['threads']} threads, "
-        f"{meta['steps']} steps per stage, {summary['voxels']} voxels, {summary['faces']} faces exported; "
-        f"median of {max(1, summary['runs'] - 1)} run(s); shortcuts off: {', '.join(meta['plain']) or 'none'}\n"
+        f"{meta['steps']} steps per stage, {last['voxels']} voxels, {last['faces']} faces exported; "
+        f"median of {max(1, last['runs'] - 1)} run(s) each; shortcuts off: {', '.join(meta['plain']) or 'none'}"
+        + (" (before) against all on (after), runs interleaved" if len(summaries) == 2 else "")
+        + "\n"
     )
-    print("| stage | seconds |\n|---|---:|")
+    columns = ["before (s)", "after (s)", "speed-up"] if len(summaries) == 2 else ["seconds"]
+    print("| stage | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for stage in (*STAGES, "total", "load", "cpu (all threads)"):
-        print(f"| {stage} | {_fmt(summary['seconds'].get(stage))} |")
-    print("\n| flow stage | guided step (s) | unguided step (s) |\n|---|---:|---:|")
-    for stage, kinds in summary["steps"].items():
-        print(f"| {stage} | {_fmt(kinds['guided'])} | {_fmt(kinds['unguided'])} |")
-    print("\n| memory | MiB |\n|---|---:|")
-    for name, value in summary["memory"].items():
+        print(_row(stage, [s["seconds"].get(stage) for s in summaries]))
+    print("\n| sampler step | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for stage in last["steps"]:
+        for kind in ("guided", "unguided"):
+            print(_row(f"{stage} {kind}", [s["steps"][stage][kind] for s in summaries]))
+    print("\n| memory (whole process) | MiB |\n|---|---:|")
+    for name, value in peak_memory(torch.device(meta["device"])).items():
         print(f"| {name} | {value:.0f} |")
 
 
@@ -174,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help=f"comma-separated exact shortcuts to turn off ({', '.join(NAMES)}), or 'all': the before rows",
     )
+    parser.add_argument(
+        "--compare", action="store_true", help="alternate runs with --plain's shortcuts off and on; print both"
+    )
     return parser.parse_args(argv)
 
 
@@ -186,14 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     stage = StageSettings(steps=args.steps)
     settings = RunSettings(seed=args.seed, structure=stage, slat=stage)
     names = [] if not args.plain else list(NAMES) if args.plain == "all" else args.plain.split(",")
-    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out, plain(*names) if names else nullcontext():
-        runs = []
+    modes = [names, []] if args.compare else [names]
+    runs: list[list[dict]] = [[] for _ in modes]
+    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out:
         for i in range(args.repeat):
-            runs.append(one_run(pipeline, settings, Path(out)))
-            print(f"run {i + 1}/{args.repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1]["seconds"].items()))
-    summary = summarise(runs)
-    summary["memory"] = peak_memory(device)
-    summary["meta"] = {
+            for mode, off in enumerate(modes):
+                with plain(*off) if off else nullcontext():
+                    runs[mode].append(one_run(pipeline, settings, Path(out)))
+                times = ", ".join(f"{k} {v:.2f}" for k, v in runs[mode][-1]["seconds"].items())
+                print(f"run {i + 1}/{args.repeat}, shortcuts off: {', '.join(off) or 'none'}: {times}", flush=True)
+    meta = {
         "size": args.size,
         "device": str(device),
         "dtype": args.dtype or "default",
@@ -205,10 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.processor() or platform.machine(),
         "argv": sys.argv[1:],
     }
-    print_table(summary)
+    summaries = [summarise(r) for r in runs]
+    print_tables(summaries, meta)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2))
+        report = {"meta": meta, "memory": peak_memory(device), "runs": summaries}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

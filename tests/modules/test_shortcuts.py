@@ -147,3 +147,16 @@ def test_scatter_free_sparse_conv_is_bitwise_the_scatter_add() -> None:
         with plain("scatter_free_conv"):
             slow, slow_sub = conv(x).feats, conv_after_subdivide(x, conv).feats
     assert torch.equal(fast, slow) and torch.equal(fast_sub, slow_sub)
+
+
+def test_subdivided_neighbour_index_equals_the_searched_one() -> None:
+    from amodal3r.models.structured_latent_mesh_decoder import subdivide
+    from amodal3r.modules.sparse import build_neighbour_index
+
+    x = shell_latent(2)
+    children = subdivide(x)  # the index is derived from the parents'
+    grandchildren = subdivide(children)
+    for fine in (children, grandchildren):
+        assert torch.equal(fine.cache[("neighbour_index", 3)], build_neighbour_index(fine.coords, 3))
+    with plain("subdivided_neighbours"):
+        assert ("neighbour_index", 3) not in subdivide(shell_latent(1)).cache
