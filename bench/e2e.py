@@ -28,7 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from amodal3r.io.results import OutputSettings, write_results
 from amodal3r.models import for_inference
 from amodal3r.modules.shortcuts import NAMES, plain
 from amodal3r.pipelines.amodal3r import IMAGE_ENCODER, Amodal3RPipeline, PipelineConfig, RunSettings, StageSettings
-from amodal3r.pipelines.devices import pick_device
+from amodal3r.pipelines.devices import configure_cpu, keep_freed_memory, pick_device
 from amodal3r.weights.tiny import (
     SIZES,
     encoder_config,
@@ -52,6 +53,7 @@ from amodal3r.weights.tiny import (
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
 STAGES = ("encode", "structure", "occupancy", "slat", "decode_mesh", "decode_gaussian", "export")
 MIB = 2**20
+MEMORY_REUSE = "memory_reuse"  # not an exact shortcut: the process set-up of configure_cpu
 
 
 class RandomWeightsPipeline(Amodal3RPipeline):
@@ -98,6 +100,19 @@ def step_medians(steps: list) -> dict[str, float | None]:
         "guided": statistics.median(guided) if guided else None,
         "unguided": statistics.median(plain) if plain else None,
     }
+
+
+@contextmanager
+def without(names: list[str]) -> Iterator[None]:
+    """The named shortcuts off, and glibc's default memory hand-back if MEMORY_REUSE is named."""
+    shortcuts = [n for n in names if n != MEMORY_REUSE]
+    if MEMORY_REUSE in names:
+        keep_freed_memory(False)
+    try:
+        with plain(*shortcuts) if shortcuts else nullcontext():
+            yield
+    finally:
+        keep_freed_memory(True)
 
 
 def one_run(pipeline: RandomWeightsPipeline, settings: RunSettings, out_dir: Path) -> dict:
@@ -177,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json's 25)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="torso dtype (default: as loaded)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
     parser.add_argument("--low-vram", action="store_true", help="each model on the device only during its stage")
     parser.add_argument("--repeat", type=int, default=1, help="runs on the same models; medians skip the first")
     parser.add_argument("--seed", type=int, default=0)
@@ -185,7 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plain",
         default="",
-        help=f"comma-separated exact shortcuts to turn off ({', '.join(NAMES)}), or 'all': the before rows",
+        help=f"comma-separated exact shortcuts to turn off ({', '.join(NAMES)}), and/or {MEMORY_REUSE} "
+        "(glibc hands freed memory back), or 'all': the before rows",
     )
     parser.add_argument(
         "--compare", action="store_true", help="alternate runs with --plain's shortcuts off and on; print both"
@@ -195,19 +211,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipeline = RandomWeightsPipeline(args.size, args.seed, device, dtype, args.low_vram)
     stage = StageSettings(steps=args.steps)
     settings = RunSettings(seed=args.seed, structure=stage, slat=stage)
-    names = [] if not args.plain else list(NAMES) if args.plain == "all" else args.plain.split(",")
+    names = [] if not args.plain else [*NAMES, MEMORY_REUSE] if args.plain == "all" else args.plain.split(",")
     modes = [names, []] if args.compare else [names]
     runs: list[list[dict]] = [[] for _ in modes]
     with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out:
         for i in range(args.repeat):
             for mode, off in enumerate(modes):
-                with plain(*off) if off else nullcontext():
+                with without(off):
                     runs[mode].append(one_run(pipeline, settings, Path(out)))
                 times = ", ".join(f"{k} {v:.2f}" for k, v in runs[mode][-1]["seconds"].items())
                 print(f"run {i + 1}/{args.repeat}, shortcuts off: {', '.join(off) or 'none'}: {times}", flush=True)

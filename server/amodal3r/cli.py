@@ -39,15 +39,22 @@ def _load_cond(args: argparse.Namespace, width: int):
     return torch.cat([tokens, vis.expand(-1, -1, width), (1 - vis).expand(-1, -1, width)], dim=1)
 
 
-def _slat(args: argparse.Namespace) -> int:
+def _pipeline(args: argparse.Namespace, folder: Path):
+    """The pipeline for ``reconstruct`` and ``slat``, with the CPU set up (threads, memory reuse)."""
     import torch
-    from safetensors.torch import save_file
 
     from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+    from amodal3r.pipelines.devices import configure_cpu
 
-    pipeline = Amodal3RPipeline.from_pretrained(
-        args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
-    )
+    configure_cpu(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Amodal3RPipeline.from_pretrained(folder, device=args.device, dtype=dtype, low_vram=args.low_vram)
+
+
+def _slat(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    pipeline = _pipeline(args, args.model)
     if pipeline.config.tiny_random_weights:
         print(f"NOTE: {args.model} holds tiny RANDOM weights (amodal3r tiny-weights), not the Amodal3R model")
     cond = _load_cond(args, pipeline.model("sparse_structure_flow_model").cond_channels)
@@ -94,11 +101,8 @@ def _run_settings(args: argparse.Namespace, formats: tuple[str, ...]):
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    import torch
-
     from amodal3r.io.inputs import load_view
     from amodal3r.io.results import OutputSettings, write_results
-    from amodal3r.pipelines.amodal3r import Amodal3RPipeline
     from amodal3r.weights.hub import resolve_model
 
     views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in args.views]
@@ -106,9 +110,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         for notice in view.notices:
             print(f"notice: {notice}")
     folder = resolve_model(args.model)
-    pipeline = Amodal3RPipeline.from_pretrained(
-        folder, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
-    )
+    pipeline = _pipeline(args, folder)
     if pipeline.config.tiny_random_weights:
         print(
             f"NOTE: {folder} holds tiny RANDOM weights (amodal3r tiny-weights): the result is noise, "
@@ -174,8 +176,10 @@ def _sam_checkpoint(text: str) -> tuple[str, Path]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from amodal3r.pipelines.devices import configure_cpu
     from amodal3r.service.app import ServerConfig, serve
 
+    configure_cpu(args.threads)
     return serve(
         ServerConfig(
             model_dir=args.model,
@@ -188,6 +192,15 @@ def _serve(args: argparse.Namespace) -> int:
             sam_checkpoints=dict(args.sam_checkpoint),
             max_upload_bytes=int(args.max_upload_mb * 2**20),
         )
+    )
+
+
+def _speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+    parser.add_argument(
+        "--low-vram",
+        action="store_true",
+        help="each model on the GPU only while its stage runs (on the CPU: freed after its stage)",
     )
 
 
@@ -219,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     slat.add_argument("--multiview", choices=MULTIVIEW_MODES, default="stochastic")
     slat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     slat.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: fp16 checkpoints in fp16 on GPUs)")
+    _speed_options(slat)
     slat.set_defaults(run=_slat)
 
     rec = commands.add_parser(
@@ -248,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--preview", action="store_true", help="also write a front-view preview .png")
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     rec.add_argument("--dtype", choices=DTYPES)
+    _speed_options(rec)
     rec.set_defaults(run=_reconstruct)
 
     srv = commands.add_parser("serve", help="run the reconstruction server (HTTP, for the Blender extension)")
@@ -260,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     srv.add_argument("--dtype", choices=DTYPES)
     srv.add_argument("--idle-unload", type=float, default=900.0, help="unload models after this many idle seconds")
+    srv.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
     srv.add_argument(
         "--sam-checkpoint",
         type=_sam_checkpoint,

@@ -95,14 +95,19 @@ class StageClock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.steps: dict[str, list[StepTime]] = {}
+        self.load_seconds = 0.0
         self._mark, self._loading = time.perf_counter(), 0.0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage in run order, then ``load`` when models were loaded."""
+        return {**self.seconds, "load": self.load_seconds} if self.load_seconds else dict(self.seconds)
 
     def start(self) -> None:
         """A stage method begins: what happened since the last lap belongs to no stage."""
         self._mark, self._loading = time.perf_counter(), 0.0
 
     def loaded(self, seconds: float) -> None:
-        self.seconds["load"] = self.seconds.get("load", 0.0) + seconds
+        self.load_seconds += seconds
         self._loading += seconds
 
     def lap(self, stage: str, device: torch.device) -> None:
@@ -231,7 +236,7 @@ class Amodal3RPipeline:
             decoded.get("mesh", []),
             decoded.get("gaussian", []),
             [v.name for v in ordered],
-            dict(self.clock.seconds),
+            self.clock.timings(),
             {stage: list(steps) for stage, steps in self.clock.steps.items()},
         )
 
