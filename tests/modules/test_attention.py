@@ -6,7 +6,13 @@ import math
 
 import torch
 
-from amodal3r.modules.attention import MultiHeadAttention, distinct_ratios, ratio_attention, visibility_bias
+from amodal3r.modules.attention import (
+    MultiHeadAttention,
+    distinct_ratios,
+    ratio_attention,
+    varlen_self_attention,
+    visibility_bias,
+)
 from amodal3r.modules.condition import prepare_condition
 from amodal3r.modules.condition_tokens import NUM_PREFIX_TOKENS
 from amodal3r.modules.sparse import SparseTensor
@@ -52,3 +58,16 @@ def test_prepared_condition_detects_repeated_occlusion_rows() -> None:
     general = torch.cat([tokens, ratios.expand(-1, -1, 8).clone()], dim=1)
     general[0, -1, 3] += 1
     assert prepare_condition(general, True, torch.float32).ratios is None
+
+
+def test_jagged_self_attention_equals_per_sequence_attention() -> None:
+    """The GPU path for sequences of different lengths (one call, no padding), run on the CPU."""
+    torch.manual_seed(2)
+    layout = [slice(0, 7), slice(7, 30), slice(30, 33)]
+    qkv = torch.randn(33, 3, 4, 16)
+    loop = varlen_self_attention(qkv, layout, jagged=False)
+    jagged = varlen_self_attention(qkv, layout, jagged=True)
+    assert torch.allclose(jagged, loop, atol=1e-6)
+    q, k, v = qkv[7:30].unbind(dim=1)
+    alone = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / 4, dim=-1)
+    assert torch.allclose(loop[7:30], torch.einsum("hqk,khd->qhd", alone, v), atol=1e-6)

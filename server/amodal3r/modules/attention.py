@@ -63,12 +63,39 @@ def visibility_bias(weights: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.log(w + WEIGHT_EPS)[:, None, None, :]
 
 
-def varlen_self_attention(qkv: torch.Tensor, layout: list[slice]) -> torch.Tensor:
-    """Self-attention within each row range of packed ``qkv [T, 3, H, D]``; returns ``[T, H, D]``."""
+def jagged_by_default(t: torch.Tensor) -> bool:
+    """Sequences of different lengths go through one jagged call on CUDA (flash or memory-efficient
+    kernels, no padding); on the CPU the per-sequence calls and padded window buckets are faster."""
+    return t.is_cuda
+
+
+def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Softmax attention within each sequence ``offsets[i]:offsets[i + 1]`` of packed ``q, k, v
+    [T, H, D]`` in one call, with neither padding nor mask: flash-attn's varlen kernel when chosen
+    (``AMODAL3R_ATTN_BACKEND=flash_attn``) on CUDA, else SDPA on nested jagged tensors."""
+    if attention_backend() == "flash_attn" and q.is_cuda:
+        from flash_attn import flash_attn_varlen_func
+
+        cu = offsets.to(torch.int32)
+        longest = int((offsets[1:] - offsets[:-1]).max())
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
+    nested = [torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*nested).transpose(1, 2).values()
+
+
+def layout_offsets(layout: list[slice], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0] + [s.stop for s in layout], dtype=torch.long, device=device)
+
+
+def varlen_self_attention(qkv: torch.Tensor, layout: list[slice], jagged: bool | None = None) -> torch.Tensor:
+    """Self-attention within each row range of packed ``qkv [T, 3, H, D]``; returns ``[T, H, D]``.
+    ``jagged`` (default: :func:`jagged_by_default`) runs unequal lengths as one jagged call."""
     lengths = {s.stop - s.start for s in layout}
     if len(lengths) == 1:
         q, k, v = qkv.reshape(len(layout), lengths.pop(), *qkv.shape[1:]).unbind(dim=2)
         return scaled_dot_product(q, k, v).flatten(0, 1)
+    if jagged_by_default(qkv) if jagged is None else jagged:
+        return jagged_attention(*qkv.unbind(dim=1), layout_offsets(layout, qkv.device))
     out = torch.empty_like(qkv[:, 0])
     for rows in layout:
         q, k, v = qkv[rows].unsqueeze(0).unbind(dim=2)
