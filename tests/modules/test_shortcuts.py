@@ -4,42 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import WIDTH, condition_rows, shell_latent, tiny_flow
 
-from amodal3r.models import build_model
 from amodal3r.modules.attention import MultiHeadAttention
 from amodal3r.modules.condition import IMAGE, OCCLUSION, Condition, cross_attend, prepare_condition
-from amodal3r.modules.condition_tokens import NUM_IMAGE_TOKENS, NUM_PATCHES
 from amodal3r.modules.shortcuts import SHORTCUTS, plain
 from amodal3r.modules.sparse import SparseDownsample, SparseTensor, SparseUpsample
 from amodal3r.pipelines.samplers import SamplerSettings, sample
-from amodal3r.weights.tiny import SIZES, randomize, tiny_configs
-
-WIDTH = 64  # the tiny encoder's token width
-
-
-def condition_rows(views: int, seed: int = 0) -> torch.Tensor:
-    """Real-looking condition rows: tokens, visibility and occlusion ratios (multiples of 1/196)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(views, NUM_IMAGE_TOKENS, WIDTH, generator=g)
-    vis = (torch.rand(views, NUM_PATCHES, 1, generator=g) * 196).round() / 196
-    occ = (1 - vis) * (torch.rand(views, NUM_PATCHES, 1, generator=g) > 0.5)
-    return torch.cat([tokens, vis.expand(-1, -1, WIDTH), occ.expand(-1, -1, WIDTH)], dim=1)
-
-
-def tiny_flow(key: str) -> torch.nn.Module:
-    config = tiny_configs(WIDTH, SIZES["tiny"])[key][1]
-    model = build_model(config, key, device="cpu").float()
-    randomize(model, torch.Generator().manual_seed(1))
-    model.set_torso_dtype(torch.float32)
-    return model.eval()
-
-
-def shell_latent(batch: int = 1, seed: int = 0) -> SparseTensor:
-    grid = torch.stack(torch.meshgrid(*[torch.arange(24)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
-    shell = grid[((grid.float() - 11.5).norm(dim=1) - 8).abs() < 1.2] + 20
-    coords = torch.cat([torch.zeros(len(shell), 1, dtype=torch.long), shell], dim=1)
-    x = SparseTensor(torch.randn(len(shell), 8, generator=torch.Generator().manual_seed(seed)), coords)
-    return x.repeat_batch(batch)
 
 
 def test_uniform_row_cross_attention_is_the_value_projection() -> None:
