@@ -12,6 +12,11 @@ import torch
 from loopback_files import Served, serve_files
 from safetensors.torch import load_file
 
+from amodal3r.models import build_model
+from amodal3r.modules.condition_tokens import NUM_IMAGE_TOKENS, NUM_PATCHES
+from amodal3r.modules.sparse import SparseTensor
+from amodal3r.weights.tiny import SIZES, randomize, tiny_configs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,6 +60,36 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4
     bound = rel * (1 + expected.abs().max().item())
     assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
     return err
+
+
+WIDTH = 64  # the tiny encoder's token width
+
+
+def condition_rows(views: int, seed: int = 0) -> torch.Tensor:
+    """Real-looking condition rows: tokens, visibility and occlusion ratios (multiples of 1/196)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(views, NUM_IMAGE_TOKENS, WIDTH, generator=g)
+    vis = (torch.rand(views, NUM_PATCHES, 1, generator=g) * 196).round() / 196
+    occ = (1 - vis) * (torch.rand(views, NUM_PATCHES, 1, generator=g) > 0.5)
+    return torch.cat([tokens, vis.expand(-1, -1, WIDTH), occ.expand(-1, -1, WIDTH)], dim=1)
+
+
+def tiny_flow(key: str) -> torch.nn.Module:
+    """A tiny pipeline model (``tiny_configs`` key) with random weights, all in float32."""
+    config = tiny_configs(WIDTH, SIZES["tiny"])[key][1]
+    model = build_model(config, key, device="cpu").float()
+    randomize(model, torch.Generator().manual_seed(1))
+    model.set_torso_dtype(torch.float32)
+    return model.eval()
+
+
+def shell_latent(batch: int = 1, seed: int = 0) -> SparseTensor:
+    """A small spherical shell of voxels (a surface, like real occupancy) with random 8-channel latents."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(24)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
+    shell = grid[((grid.float() - 11.5).norm(dim=1) - 8).abs() < 1.2] + 20
+    coords = torch.cat([torch.zeros(len(shell), 1, dtype=torch.long), shell], dim=1)
+    x = SparseTensor(torch.randn(len(shell), 8, generator=torch.Generator().manual_seed(seed)), coords)
+    return x.repeat_batch(batch)
 
 
 @pytest.fixture(scope="session")

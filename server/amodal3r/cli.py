@@ -51,15 +51,22 @@ def _load_cond(args: argparse.Namespace, width: int):
     return torch.cat([tokens, vis.expand(-1, -1, width), (1 - vis).expand(-1, -1, width)], dim=1)
 
 
-def _slat(args: argparse.Namespace) -> int:
+def _pipeline(args: argparse.Namespace, folder: Path, device=None):
+    """The pipeline for ``reconstruct`` and ``slat``, with the CPU set up (threads, memory reuse)."""
     import torch
-    from safetensors.torch import save_file
 
     from amodal3r.pipelines.amodal3r import Amodal3RPipeline
+    from amodal3r.pipelines.devices import configure_cpu
 
-    pipeline = Amodal3RPipeline.from_pretrained(
-        args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
-    )
+    configure_cpu(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Amodal3RPipeline.from_pretrained(folder, device=device or args.device, dtype=dtype, low_vram=args.low_vram)
+
+
+def _slat(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    pipeline = _pipeline(args, args.model)
     if pipeline.config.tiny_random_weights:
         print(f"{RANDOM_WEIGHTS_NOTICE} ({args.model})")
     cond = _load_cond(args, pipeline.model("sparse_structure_flow_model").cond_channels)
@@ -161,11 +168,8 @@ def _place(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    import torch
-
     from amodal3r.io.inputs import load_view
     from amodal3r.io.results import OutputSettings, write_results
-    from amodal3r.pipelines.amodal3r import Amodal3RPipeline
     from amodal3r.pipelines.devices import pick_device
     from amodal3r.weights.hub import resolve_model
 
@@ -176,8 +180,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         for notice in view.notices:
             print(f"notice: {notice}")
     folder = resolve_model(args.model)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipeline = Amodal3RPipeline.from_pretrained(folder, device=device, dtype=dtype)
+    pipeline = _pipeline(args, folder, device)
     formats = ("mesh", "gaussian") if args.gaussians else ("mesh",)
     result = pipeline(views, _run_settings(args, formats), progress=_progress_printer())
     outputs = OutputSettings(args.texture_size, args.faces, args.gaussians, args.preview)
@@ -300,8 +303,10 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from amodal3r.pipelines.devices import configure_cpu
     from amodal3r.service.app import ServerConfig, serve
 
+    configure_cpu(args.threads)
     replicas = _replicas(args)
     config = ServerConfig(
         model_dir=args.model,
@@ -419,6 +424,15 @@ def _camera_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+    parser.add_argument(
+        "--low-vram",
+        action="store_true",
+        help="each model on the GPU only while its stage runs (on the CPU: freed after its stage)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="amodal3r", description="Amodal3R occluded-object reconstruction")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -441,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--random-cond", action="store_true", help="random tokens and masks (speed checks)")
     slat.add_argument("--out", type=Path, required=True)
     add_run_options(slat)
+    _speed_options(slat)
     slat.set_defaults(run=_slat)
 
     rec = commands.add_parser(
@@ -482,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--out", type=Path, required=True, help="the pose.json to write")
     _camera_options(place)
     place.set_defaults(run=_place)
+    _speed_options(rec)
     rec.set_defaults(run=_reconstruct)
 
     srv = commands.add_parser("serve", help="run the reconstruction server (HTTP, for the Blender extension)")
@@ -494,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     srv.add_argument("--dtype", choices=DTYPES)
     srv.add_argument("--idle-unload", type=float, default=900.0, help="unload models after this many idle seconds")
+    srv.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
     srv.add_argument(
         "--sam-checkpoint",
         type=_sam_checkpoint,

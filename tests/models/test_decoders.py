@@ -161,8 +161,11 @@ def test_windowed_attention_matches_per_window_loop(shift: int, max_logits: int,
     expected = naive_windowed_attention(q, k, v, coords, 8, shift)
     assert partition.num_windows == window_keys(coords, 8, shift).unique().numel()
     assert any(b.key_bias is not None for b in partition.buckets)  # padding is exercised
-    out = windowed_self_attention(torch.stack([q, k, v], dim=1), partition)
+    out = windowed_self_attention(torch.stack([q, k, v], dim=1), partition, jagged=False)
     assert (out.double() - expected).abs().max().item() < 1e-5
+    # The GPU path: every window in one jagged call, no padding (here on the CPU).
+    jagged = windowed_self_attention(torch.stack([q, k, v], dim=1), partition, jagged=True)
+    assert (jagged.double() - expected).abs().max().item() < 1e-5
 
 
 def test_one_window_per_element_equals_full_attention() -> None:

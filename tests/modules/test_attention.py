@@ -6,8 +6,15 @@ import math
 
 import torch
 
-from amodal3r.modules.attention import MultiHeadAttention, visibility_bias
-from amodal3r.modules.blocks import NUM_PREFIX_TOKENS, split_condition
+from amodal3r.modules.attention import (
+    MultiHeadAttention,
+    distinct_ratios,
+    ratio_attention,
+    varlen_self_attention,
+    visibility_bias,
+)
+from amodal3r.modules.condition import prepare_condition
+from amodal3r.modules.condition_tokens import NUM_PREFIX_TOKENS
 from amodal3r.modules.sparse import SparseTensor
 
 
@@ -31,19 +38,36 @@ def test_ratio_context_closed_form_equals_full_attention() -> None:
     attn = MultiHeadAttention(32, 4, ctx_channels=24, type="cross")
     ratios = (torch.rand(2, 50) * 196).round() / 196
     ratios[1] = 0.0  # the unconditional row: all zeros
+    per_element = [distinct_ratios(r) for r in ratios]
     context = ratios[..., None].expand(-1, -1, 24)
     x = torch.randn(2, 11, 32)
-    assert torch.allclose(attn.attend_to_ratios(x, ratios), attn(x, context), atol=1e-5)
+    assert torch.allclose(ratio_attention(attn, x, None, per_element), attn(x, context), atol=1e-5)
     coords = torch.tensor([[0, 1, 1, 1], [0, 2, 1, 1], [1, 0, 0, 0]], dtype=torch.int32)
     sparse = SparseTensor(torch.randn(3, 32), coords)
-    assert torch.allclose(attn.attend_to_ratios(sparse, ratios).feats, attn(sparse, context).feats, atol=1e-5)
+    closed = ratio_attention(attn, sparse.feats, sparse.layout, per_element)
+    assert torch.allclose(closed, attn(sparse, context).feats, atol=1e-5)
 
 
-def test_split_condition_detects_repeated_occlusion_rows() -> None:
+def test_prepared_condition_detects_repeated_occlusion_rows() -> None:
     tokens = torch.randn(1, NUM_PREFIX_TOKENS + 1369, 8)
-    ratios = torch.rand(1, 2 * 1369, 1)
-    repeated = split_condition(torch.cat([tokens, ratios.expand(-1, -1, 8)], dim=1), True, torch.float32)
-    assert torch.equal(repeated.occlusion_ratios, ratios[0, 1369:, 0][None])
+    ratios = (torch.rand(1, 2 * 1369, 1) * 4).round() / 4
+    repeated = prepare_condition(torch.cat([tokens, ratios.expand(-1, -1, 8)], dim=1), True, torch.float32)
+    values, log_counts = repeated.ratios[0]
+    assert torch.equal(values, torch.unique(ratios[0, 1369:, 0]))
+    assert torch.allclose(log_counts.exp().sum(), torch.tensor(1369.0))
     general = torch.cat([tokens, ratios.expand(-1, -1, 8).clone()], dim=1)
     general[0, -1, 3] += 1
-    assert split_condition(general, True, torch.float32).occlusion_ratios is None
+    assert prepare_condition(general, True, torch.float32).ratios is None
+
+
+def test_jagged_self_attention_equals_per_sequence_attention() -> None:
+    """The GPU path for sequences of different lengths (one call, no padding), run on the CPU."""
+    torch.manual_seed(2)
+    layout = [slice(0, 7), slice(7, 30), slice(30, 33)]
+    qkv = torch.randn(33, 3, 4, 16)
+    loop = varlen_self_attention(qkv, layout, jagged=False)
+    jagged = varlen_self_attention(qkv, layout, jagged=True)
+    assert torch.allclose(jagged, loop, atol=1e-6)
+    q, k, v = qkv[7:30].unbind(dim=1)
+    alone = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / 4, dim=-1)
+    assert torch.allclose(loop[7:30], torch.einsum("hqk,khd->qhd", alone, v), atol=1e-6)

@@ -38,7 +38,9 @@ def test_single_view_to_mesh_and_gaussians(pipeline: Amodal3RPipeline) -> None:
     result = pipeline([synthetic_view("photo", 50)], FAST)
     assert len(result.meshes) == 1 and result.meshes[0].success
     assert len(result.gaussians) == 1 and result.gaussians[0].get_xyz.shape[0] > 0
-    assert set(result.timings) == {"encode", "sample", "decode"}
+    stages = {"encode", "structure", "occupancy", "slat", "decode_mesh", "decode_gaussian"}
+    assert set(result.timings) == stages | {"load"} and all(v >= 0 for v in result.timings.values())
+    assert [s.passes for s in result.steps["structure"]] == [2, 2] and len(result.steps["slat"]) == 1
     assert "image_cond_model" in pipeline.loaded_models
 
 

@@ -137,8 +137,13 @@ def load_model(
     state = read_state_dict(weights)
     check_state_dict(model, state, weights)
     model.load_state_dict(state, strict=True, assign=True)
+    return for_inference(model, bool(config["args"].get("use_fp16")), device, dtype)
+
+
+def for_inference(model: nn.Module, use_fp16: bool, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """``model`` in float32 with its torso in ``dtype`` (default: :func:`default_torso_dtype`), on
+    ``device``, in eval mode without gradients: how every pipeline model runs."""
     model.float()
-    torso = dtype or default_torso_dtype(bool(config["args"].get("use_fp16")), device)
     if hasattr(model, "set_torso_dtype"):
-        model.set_torso_dtype(torso)
+        model.set_torso_dtype(dtype or default_torso_dtype(use_fp16, device))
     return model.to(device).eval().requires_grad_(False)

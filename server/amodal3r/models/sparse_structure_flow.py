@@ -11,8 +11,8 @@ from amodal3r.modules.blocks import (
     TimestepEmbedder,
     absolute_position_embedding,
     convert_linear_and_conv,
-    split_condition,
 )
+from amodal3r.modules.condition import Condition, ConditionRows, prepare_condition
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -95,18 +95,27 @@ class SparseStructureFlowModel(nn.Module):
         self.dtype = dtype
         convert_linear_and_conv(self.blocks, dtype)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def prepare_condition(self, cond: torch.Tensor) -> ConditionRows:
+        """Condition rows split once, for every step of a sampling run (see :class:`Condition`)."""
+        return prepare_condition(cond, self.mask_as_cond, self.dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Condition) -> torch.Tensor:
+        """Velocity of ``x`` at ``t`` (one per latent). A condition tensor conditions element ``i`` on
+        row ``i``; a :class:`Condition` of several groups over one group of latents shares them."""
         expected = [self.in_channels] + [self.resolution] * 3
         if list(x.shape[1:]) != expected:
             raise ValueError(f"input must be [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        condition = cond if isinstance(cond, Condition) else Condition.per_element(self.prepare_condition(cond))
+        repeats = condition.repeats_for(x)
         h = self.input_layer(patchify(x, self.patch_size)) + self.pos_emb[None]
         t_emb = self.t_embedder(t)
         if self.share_mod:
             t_emb = self.adaLN_modulation(t_emb)
         t_emb, h = t_emb.type(self.dtype), h.type(self.dtype)
-        condition = split_condition(cond, self.mask_as_cond, self.dtype)
-        for block in self.blocks:
-            h = block(h, t_emb, condition)
+        for i, block in enumerate(self.blocks):
+            h = block(h, t_emb, condition)  # the first block repeats a shared latent
+            if i == 0 and repeats > 1:
+                t_emb = t_emb.repeat(repeats, 1)
         h = F.layer_norm(h.type(x.dtype), h.shape[-1:])
         h = self.out_layer(h)
         return unpatchify(h, self.patch_size, self.out_channels, self.resolution // self.patch_size)

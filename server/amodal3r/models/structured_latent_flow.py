@@ -14,8 +14,8 @@ from amodal3r.modules.blocks import (
     TimestepEmbedder,
     absolute_position_embedding,
     convert_linear_and_conv,
-    split_condition,
 )
+from amodal3r.modules.condition import Condition, ConditionRows, prepare_condition
 from amodal3r.modules.sparse import (
     SparseConv3d,
     SparseDownsample,
@@ -54,6 +54,14 @@ class SparseResBlock3d(nn.Module):
         h = h.replace(self.norm2(h.feats)) * (1 + scale) + shift
         h = self.conv2(h.replace(F.silu(h.feats)))
         return h + self.skip_connection(x)
+
+
+def position_embedding(x: SparseTensor, channels: int) -> torch.Tensor:
+    """The absolute position embedding of ``x``'s voxels, kept in its cache: same voxels every step."""
+    key = ("position_embedding", channels)
+    if key not in x.cache:
+        x.cache[key] = absolute_position_embedding(x.coords[:, 1:], channels)
+    return x.cache[key]
 
 
 class SLatFlowModel(nn.Module):
@@ -139,23 +147,33 @@ class SLatFlowModel(nn.Module):
         for part in (self.input_blocks, self.blocks, self.out_blocks):
             convert_linear_and_conv(part, dtype)
 
-    def forward(self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor) -> SparseTensor:
+    def prepare_condition(self, cond: torch.Tensor) -> ConditionRows:
+        """Condition rows split once, for every step of a sampling run (see :class:`Condition`)."""
+        return prepare_condition(cond, self.mask_as_cond, self.dtype)
+
+    def forward(self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor | Condition) -> SparseTensor:
+        """Velocity of ``x`` at ``t`` (one per latent). A condition tensor conditions element ``i`` on
+        row ``i``; a :class:`Condition` of several groups over one group of latents shares them: the
+        input blocks and the first self-attention run once."""
+        condition = cond if isinstance(cond, Condition) else Condition.per_element(self.prepare_condition(cond))
+        repeats = condition.repeats_for(x)
         h = self.input_layer(x).type(self.dtype)
         t_emb = self.t_embedder(t)
         if self.share_mod:
             t_emb = self.adaLN_modulation(t_emb)
         t_emb = t_emb.type(self.dtype)
-        condition = split_condition(cond, self.mask_as_cond, self.dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, t_emb)
             skips.append(h.feats)
-        h = h + absolute_position_embedding(h.coords[:, 1:], self.model_channels).type(self.dtype)
-        for block in self.blocks:
-            h = block(h, t_emb, condition)
+        h = h + position_embedding(h, self.model_channels).type(self.dtype)
+        for i, block in enumerate(self.blocks):
+            h = block(h, t_emb, condition)  # the first block repeats a shared latent
+            if i == 0 and repeats > 1:
+                t_emb = t_emb.repeat(repeats, 1)
         for block, skip in zip(self.out_blocks, reversed(skips), strict=True):
             if self.use_skip_connection:
-                h = h.replace(torch.cat([h.feats, skip], dim=1))
+                h = h.replace(torch.cat([h.feats, skip.repeat(repeats, 1) if repeats > 1 else skip], dim=1))
             h = block(h, t_emb)
         h = h.replace(F.layer_norm(h.feats, h.feats.shape[-1:]))
         return self.out_layer(h.type(x.dtype))

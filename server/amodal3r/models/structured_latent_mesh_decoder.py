@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from amodal3r.modules.shortcuts import SHORTCUTS
 from amodal3r.modules.sparse import (
     SparseConv3d,
     SparseGroupNorm32,
@@ -18,7 +19,7 @@ from amodal3r.modules.sparse import (
     SparseSiLU,
     SparseTensor,
 )
-from amodal3r.modules.sparse.conv import neighbour_map
+from amodal3r.modules.sparse.conv import add_rows, neighbour_index, neighbour_map, subdivided_neighbour_index
 from amodal3r.representations.mesh import Mesh, sparse_features_to_mesh
 
 from .structured_latent_vae import SparseTransformerBase
@@ -41,7 +42,10 @@ def _children(x: SparseTensor) -> tuple[torch.Tensor, list[slice], dict]:
         parent = x.coords * torch.tensor([1, 2, 2, 2], dtype=torch.int32, device=x.coords.device)
         coords = (parent[:, None, :] + offsets[None]).reshape(-1, 4)
         layout = [slice(8 * s.start, 8 * s.stop) for s in x.layout]
-        x.cache[key] = (coords, layout, {})
+        cache = {}
+        if SHORTCUTS.subdivided_neighbours:
+            cache[("neighbour_index", 3)] = subdivided_neighbour_index(neighbour_index(x, 3))
+        x.cache[key] = (coords, layout, cache)
     return x.cache[key]
 
 
@@ -102,7 +106,7 @@ def conv_after_subdivide(x: SparseTensor, conv: SparseConv3d) -> SparseTensor:
         w = kernels[children, :, e[0] + 1, e[1] + 1, e[2] + 1]  # [m, out, in]
         part = feats.index_select(0, in_rows) @ w.reshape(len(children) * c_out, -1).t()
         rows = 8 * out_rows[:, None] + torch.tensor(children, device=out_rows.device)[None]
-        out.index_add_(0, rows.reshape(-1), part.reshape(-1, c_out))
+        add_rows(out, rows.reshape(-1), part.reshape(-1, c_out))
     if conv.conv.bias is not None:
         out += conv.conv.bias
     coords, layout, cache = _children(x)

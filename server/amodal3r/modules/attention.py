@@ -63,12 +63,39 @@ def visibility_bias(weights: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.log(w + WEIGHT_EPS)[:, None, None, :]
 
 
-def varlen_self_attention(qkv: torch.Tensor, layout: list[slice]) -> torch.Tensor:
-    """Self-attention within each row range of packed ``qkv [T, 3, H, D]``; returns ``[T, H, D]``."""
+def jagged_by_default(t: torch.Tensor) -> bool:
+    """Sequences of different lengths go through one jagged call on CUDA (flash or memory-efficient
+    kernels, no padding); on the CPU the per-sequence calls and padded window buckets are faster."""
+    return t.is_cuda
+
+
+def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Softmax attention within each sequence ``offsets[i]:offsets[i + 1]`` of packed ``q, k, v
+    [T, H, D]`` in one call, with neither padding nor mask: flash-attn's varlen kernel when chosen
+    (``AMODAL3R_ATTN_BACKEND=flash_attn``) on CUDA, else SDPA on nested jagged tensors."""
+    if attention_backend() == "flash_attn" and q.is_cuda:
+        from flash_attn import flash_attn_varlen_func
+
+        cu = offsets.to(torch.int32)
+        longest = int((offsets[1:] - offsets[:-1]).max())
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
+    nested = [torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*nested).transpose(1, 2).values()
+
+
+def layout_offsets(layout: list[slice], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0] + [s.stop for s in layout], dtype=torch.long, device=device)
+
+
+def varlen_self_attention(qkv: torch.Tensor, layout: list[slice], jagged: bool | None = None) -> torch.Tensor:
+    """Self-attention within each row range of packed ``qkv [T, 3, H, D]``; returns ``[T, H, D]``.
+    ``jagged`` (default: :func:`jagged_by_default`) runs unequal lengths as one jagged call."""
     lengths = {s.stop - s.start for s in layout}
     if len(lengths) == 1:
         q, k, v = qkv.reshape(len(layout), lengths.pop(), *qkv.shape[1:]).unbind(dim=2)
         return scaled_dot_product(q, k, v).flatten(0, 1)
+    if jagged_by_default(qkv) if jagged is None else jagged:
+        return jagged_attention(*qkv.unbind(dim=1), layout_offsets(layout, qkv.device))
     out = torch.empty_like(qkv[:, 0])
     for rows in layout:
         q, k, v = qkv[rows].unsqueeze(0).unbind(dim=2)
@@ -107,17 +134,57 @@ class MultiHeadRMSNorm(nn.Module):
 Tokens = torch.Tensor | SparseTensor
 
 
-def _distinct_ratios(ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per batch row, the distinct values of ``ratios [B, L]`` and their log counts, padded with
-    log 0 = -inf so that padding gets no weight."""
-    rows = [torch.unique(r, return_counts=True) for r in ratios.float()]
-    width = max(len(v) for v, _ in rows)
-    values = ratios.new_zeros(len(rows), width, dtype=torch.float32)
+def distinct_ratios(ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``ratios [L]`` and their log counts (float32)."""
+    values, counts = torch.unique(ratios.float(), return_counts=True)
+    return values, counts.float().log()
+
+
+def _padded(per_element: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[E, U]`` values and log counts, padded with log 0 = -inf so that padding gets no weight."""
+    width = max(len(v) for v, _ in per_element)
+    values = per_element[0][0].new_zeros(len(per_element), width)
     log_counts = torch.full_like(values, float("-inf"))
-    for i, (v, c) in enumerate(rows):
-        values[i, : len(v)] = v
-        log_counts[i, : len(v)] = c.float().log()
+    for i, (v, c) in enumerate(per_element):
+        values[i, : len(v)], log_counts[i, : len(v)] = v, c
     return values, log_counts
+
+
+def ratio_attention(
+    attn: MultiHeadAttention,
+    feats: torch.Tensor,
+    layout: list[slice] | None,
+    per_element: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Cross-attention to a context whose rows are ``ratio * ones`` (Amodal3R's occlusion tokens).
+
+    Then every key and value is affine in its ratio, ``k_i = r_i a_k + b_k`` and likewise for
+    values, so the output is ``E_p[r] a_v + b_v`` with ``p_i`` the softmax of ``r_i (q . a_k)``.
+    The expectation runs over the distinct ratios weighted by their counts (``per_element``, from
+    :func:`distinct_ratios`): exact, and about ten times cheaper than attending to 1369 tokens.
+    ``feats`` is dense ``[E, L, C]`` or packed ``[T, C]`` with ``layout``; returns ``to_out`` of it.
+    """
+    if attn.is_self or attn.qk_rms_norm:
+        raise ValueError("ratio_attention needs a cross-attention without q/k RMS norm")
+    lead = feats.shape[:-1]
+    slope = attn.to_kv.weight.sum(dim=1).view(2, attn.num_heads, attn.head_dim)
+    offset = attn.to_kv.bias.view(2, attn.num_heads, attn.head_dim)
+    q = attn.to_q(feats).reshape(*lead, attn.num_heads, attn.head_dim)
+    score = (q * slope[0]).sum(-1) / attn.head_dim**0.5  # [..., H]
+    if all(e is per_element[0] for e in per_element):
+        values, log_counts = per_element[0]  # [U], broadcast over every token
+    else:
+        values, log_counts = _padded(per_element)  # [E, U]
+        if layout is None:
+            values, log_counts = values[:, None], log_counts[:, None]
+        else:
+            lengths = torch.tensor([s.stop - s.start for s in layout], device=feats.device)
+            element = torch.repeat_interleave(torch.arange(len(layout), device=feats.device), lengths)
+            values, log_counts = values[element], log_counts[element]
+    weights = torch.softmax(score.unsqueeze(-1) * values.unsqueeze(-2) + log_counts.unsqueeze(-2), dim=-1)
+    expected = (weights * values.unsqueeze(-2)).sum(-1)  # [..., H]
+    h = expected.unsqueeze(-1) * slope[1] + offset[1]
+    return attn.to_out(h.reshape(*lead, attn.channels).to(feats.dtype))
 
 
 class MultiHeadAttention(nn.Module):
@@ -156,33 +223,6 @@ class MultiHeadAttention(nn.Module):
         if self.qk_rms_norm:
             return self.q_rms_norm(q), self.k_rms_norm(k)
         return q, k
-
-    def attend_to_ratios(self, x: Tokens, ratios: torch.Tensor) -> Tokens:
-        """Cross-attention to a context whose rows are ``ratio * ones`` (Amodal3R's occlusion tokens).
-
-        Then every key and value is affine in its ratio, ``k_i = r_i a_k + b_k`` and likewise for
-        values, so the output is ``E_p[r] a_v + b_v`` with ``p_i`` the softmax of ``r_i (q . a_k)``.
-        The expectation runs over the distinct ratios weighted by their counts: exact, and about
-        ten times cheaper than attending to 1369 identical-looking tokens.
-        """
-        if self.is_self or self.qk_rms_norm:
-            raise ValueError("attend_to_ratios needs a cross-attention without q/k RMS norm")
-        feats = x.feats if isinstance(x, SparseTensor) else x
-        lead = feats.shape[:-1]
-        slope = self.to_kv.weight.sum(dim=1).view(2, self.num_heads, self.head_dim)
-        offset = self.to_kv.bias.view(2, self.num_heads, self.head_dim)
-        q = self.to_q(feats).reshape(*lead, self.num_heads, self.head_dim)
-        score = (q * slope[0]).sum(-1) / self.head_dim**0.5  # [..., H]
-        values, log_counts = _distinct_ratios(ratios)  # [B, U] each
-        if isinstance(x, SparseTensor):
-            values, log_counts = x.broadcast_batch(values), x.broadcast_batch(log_counts)
-        else:
-            values, log_counts = values[:, None], log_counts[:, None]
-        weights = torch.softmax(score.unsqueeze(-1) * values.unsqueeze(-2) + log_counts.unsqueeze(-2), dim=-1)
-        expected = (weights * values.unsqueeze(-2)).sum(-1)  # [..., H]
-        h = expected.unsqueeze(-1) * slope[1] + offset[1]
-        out = self.to_out(h.reshape(*lead, self.channels).to(feats.dtype))
-        return x.replace(out) if isinstance(x, SparseTensor) else out
 
     def forward(self, x: Tokens, context: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Tokens:
         feats = x.feats if isinstance(x, SparseTensor) else x

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiHeadAttention, Tokens, visibility_bias
-from .condition_tokens import (
-    NUM_COND_TOKENS,
-    NUM_IMAGE_TOKENS,
-    NUM_PATCHES,
-    NUM_PREFIX_TOKENS,
-)
+from .attention import MultiHeadAttention, Tokens
+from .condition import IMAGE, OCCLUSION, Condition, cross_attend, repeat_tokens
 from .sparse import SparseTensor
 
 
@@ -65,38 +59,6 @@ class FeedForwardNet(nn.Module):
         return self.mlp(x)
 
 
-@dataclass
-class Condition:
-    """The model condition split into its three parts (see :func:`split_condition`)."""
-
-    tokens: torch.Tensor
-    visibility_bias: torch.Tensor | None = None
-    occlusion: torch.Tensor | None = None
-    occlusion_ratios: torch.Tensor | None = None  # [B, P] when each occlusion row is ratio * ones
-
-
-def split_condition(cond: torch.Tensor, mask_as_cond: bool, dtype: torch.dtype) -> Condition:
-    """``cond [B, 1374 + 1369 + 1369, C]``: image tokens, visibility ratios (channel 0 is read),
-    occlusion ratios (all channels, as ordinary context). Plain TRELLIS models take tokens only."""
-    if not mask_as_cond:
-        return Condition(cond.type(dtype))
-    if cond.dim() != 3 or cond.shape[1] != NUM_COND_TOKENS:
-        raise ValueError(
-            f"condition must be [B, {NUM_COND_TOKENS}, C] (tokens, visibility, occlusion), got {tuple(cond.shape)}"
-        )
-    n_tok = NUM_IMAGE_TOKENS
-    visibility = cond[:, n_tok : n_tok + NUM_PATCHES, 0].type(dtype)
-    occlusion = cond[:, n_tok + NUM_PATCHES :]
-    ratios = occlusion[..., 0]
-    repeated = torch.equal(occlusion, ratios.unsqueeze(-1).expand_as(occlusion))
-    return Condition(
-        tokens=cond[:, :n_tok].type(dtype),
-        visibility_bias=visibility_bias(visibility, NUM_PREFIX_TOKENS),
-        occlusion=occlusion.type(dtype),
-        occlusion_ratios=ratios if repeated else None,
-    )
-
-
 def _norm(norm: nn.Module, x: Tokens) -> Tokens:
     return x.replace(norm(x.feats)) if isinstance(x, SparseTensor) else norm(x)
 
@@ -110,7 +72,8 @@ class ModulatedTransformerCrossBlock(nn.Module):
     """adaLN self-attention, cross-attention to the image tokens, adaLN MLP (TRELLIS).
 
     With ``mask_as_cond`` (Amodal3R) the image cross-attention is weighted by the visibility of each
-    patch and a second cross-attention attends to the occlusion tokens.
+    patch and a second cross-attention attends to the occlusion tokens. A latent shared by several
+    conditions (see :class:`Condition`) runs its self-attention once and is repeated after it.
     """
 
     def __init__(
@@ -145,16 +108,16 @@ class ModulatedTransformerCrossBlock(nn.Module):
     def forward(self, x: Tokens, mod: torch.Tensor, cond: Condition) -> Tokens:
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (_per_batch(x, m) for m in mod.chunk(6, dim=1))
+        shift_msa, scale_msa, gate_msa = (_per_batch(x, m) for m in mod.chunk(6, dim=1)[:3])
         h = _norm(self.norm1, x) * (1 + scale_msa) + shift_msa
         x = x + self.self_attn(h) * gate_msa
-        x = x + self.cross_attn(_norm(self.norm2, x), cond.tokens, cond.visibility_bias)
+        repeats = cond.repeats_for(x)
+        if repeats > 1:
+            x, mod = repeat_tokens(x, repeats), mod.repeat(repeats, 1)
+        x = x + cross_attend(self.cross_attn, _norm(self.norm2, x), cond, IMAGE)
         if self.mask_as_cond:
-            h = _norm(self.norm_mask, x)
-            if cond.occlusion_ratios is not None and not self.cross_attn_mask.qk_rms_norm:
-                x = x + self.cross_attn_mask.attend_to_ratios(h, cond.occlusion_ratios)
-            else:
-                x = x + self.cross_attn_mask(h, cond.occlusion)
+            x = x + cross_attend(self.cross_attn_mask, _norm(self.norm_mask, x), cond, OCCLUSION)
+        shift_mlp, scale_mlp, gate_mlp = (_per_batch(x, m) for m in mod.chunk(6, dim=1)[3:])
         h = _norm(self.norm3, x) * (1 + scale_mlp) + shift_mlp
         return x + self.mlp(h) * gate_mlp
 

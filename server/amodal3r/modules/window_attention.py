@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import scaled_dot_product
+from .attention import jagged_attention, jagged_by_default, scaled_dot_product
 from .sparse import SparseTensor
 
 # Window lengths are rounded up to 8 steps per power of two: padding adds under 1/8 to any
@@ -42,6 +42,8 @@ class WindowPartition:
     num_slots: int  # padded slots over all buckets
     unpad: torch.Tensor  # [N] int64: the padded-buffer slot that holds each voxel row's output
     num_windows: int
+    order: torch.Tensor  # [N] int64: voxel rows window by window (for the jagged path)
+    offsets: torch.Tensor  # [num_windows + 1] int64: where each window starts in ``order``
 
 
 def padded_length(length: int) -> int:
@@ -83,7 +85,8 @@ def window_partition(coords: torch.Tensor, window_size: int, shift: int = 0) -> 
         unpad[rows.reshape(-1)[flat_real]] = offset + flat_real
         buckets.append(WindowBucket(rows, key_bias, offset))
         offset += rows.numel()
-    return WindowPartition(buckets, offset, unpad, lengths.numel())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(lengths, 0)])
+    return WindowPartition(buckets, offset, unpad, lengths.numel(), order, offsets)
 
 
 def cached_window_partition(x: SparseTensor, window_size: int, shift: int) -> WindowPartition:
@@ -93,8 +96,14 @@ def cached_window_partition(x: SparseTensor, window_size: int, shift: int) -> Wi
     return x.cache[key]
 
 
-def windowed_self_attention(qkv: torch.Tensor, partition: WindowPartition) -> torch.Tensor:
-    """Softmax self-attention of packed ``qkv [N, 3, H, D]`` within each window; returns ``[N, H, D]``."""
+def windowed_self_attention(qkv: torch.Tensor, partition: WindowPartition, jagged: bool | None = None) -> torch.Tensor:
+    """Softmax self-attention of packed ``qkv [N, 3, H, D]`` within each window; returns ``[N, H, D]``.
+    ``jagged`` (default: on CUDA) runs all windows as one jagged call instead of padded buckets."""
+    if jagged_by_default(qkv) if jagged is None else jagged:
+        packed = qkv.index_select(0, partition.order)
+        out = torch.empty_like(qkv[:, 0])
+        out[partition.order] = jagged_attention(*packed.unbind(dim=1), partition.offsets)
+        return out
     heads = qkv.shape[2]
     padded_out = qkv.new_empty(partition.num_slots, heads, qkv.shape[3])
     for bucket in partition.buckets:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from amodal3r.weights.layout import (
 
 from .conditioning import assemble_cond, crop_square, image_to_tensor, preprocess_view
 from .devices import pick_device
-from .samplers import ProgressFn, SamplerSettings, sample
+from .samplers import ProgressFn, SamplerSettings, StepTime, sample, synchronize
 
 IMAGE_ENCODER = "image_cond_model"
 Cancel = Callable[[], bool]
@@ -83,7 +84,41 @@ class Reconstruction:
     meshes: list[Mesh]
     gaussians: list[Gaussians]
     views: list[str]  # in the order they conditioned the model
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see StageClock)
+    steps: dict[str, list[StepTime]] = field(default_factory=dict)  # per flow stage, each sampler step
+
+
+class StageClock:
+    """Seconds per stage of a run (encode, structure, occupancy, slat, decode_FORMAT) and per
+    sampler step. Models load lazily inside the stages; their loading is counted apart as ``load``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.steps: dict[str, list[StepTime]] = {}
+        self.load_seconds = 0.0
+        self._mark, self._loading = time.perf_counter(), 0.0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage in run order, then ``load`` when models were loaded."""
+        return {**self.seconds, "load": self.load_seconds} if self.load_seconds else dict(self.seconds)
+
+    def start(self) -> None:
+        """A stage method begins: what happened since the last lap belongs to no stage."""
+        self._mark, self._loading = time.perf_counter(), 0.0
+
+    def loaded(self, seconds: float) -> None:
+        self.load_seconds += seconds
+        self._loading += seconds
+
+    def lap(self, stage: str, device: torch.device) -> None:
+        """Close ``stage``: the time since the last lap, less any loading in between."""
+        synchronize(device)
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._mark - self._loading
+        self._mark, self._loading = now, 0.0
+
+    def step_list(self, stage: str) -> list[StepTime]:
+        return self.steps.setdefault(stage, [])
 
 
 @dataclass
@@ -148,17 +183,35 @@ def order_views(views: list[View]) -> list[View]:
 
 
 class Amodal3RPipeline:
-    def __init__(self, folder: Path, config: PipelineConfig, device: torch.device, dtype: torch.dtype | None):
+    """The whole reconstruction. With ``low_vram`` each model holds the device only while its
+    stage runs: on an accelerator it waits in CPU memory in between, on the CPU it is freed and
+    read again when next needed (the least memory, at the price of reloading)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        config: PipelineConfig,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        low_vram: bool = False,
+    ):
         self.folder, self.config, self.device, self.dtype = folder, config, device, dtype
+        self.low_vram = low_vram
         self._models: dict[str, nn.Module] = {}
+        self._parked: dict[str, nn.Module] = {}  # low_vram: models waiting in CPU memory
+        self.clock = StageClock()
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        folder: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        low_vram: bool = False,
     ) -> Amodal3RPipeline:
         """Read ``pipeline.json`` and check its files exist; the models load on first use."""
         folder = Path(folder)
-        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype)
+        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype, low_vram)
 
     @torch.inference_mode()
     def __call__(
@@ -171,24 +224,21 @@ class Amodal3RPipeline:
         """Views (several of one object: paper Sec. 3.4) to a decoded mesh and Gaussians per variant."""
         if not views:
             raise ValueError("no views given: pass at least one image with its masks")
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            timings[name], clock = time.perf_counter() - clock, time.perf_counter()
-
+        self.clock = StageClock()
         # 1. Most visible view first; crop, preprocess and encode each view once.
         ordered = order_views(views)
         cond = self.encode(ordered)
-        lap("encode")
         # 2. Both flow stages from one seeded generator: structure, then the latent on its voxels.
         slat = self.sample_latent(cond, settings, progress, cancelled)
-        lap("sample")
         # 3. Decode each variant into the formats asked for.
         decoded = self.decode(slat, settings.formats, cancelled)
-        lap("decode")
-        return Reconstruction(decoded.get("mesh", []), decoded.get("gaussian", []), [v.name for v in ordered], timings)
+        return Reconstruction(
+            decoded.get("mesh", []),
+            decoded.get("gaussian", []),
+            [v.name for v in ordered],
+            self.clock.timings(),
+            {stage: list(steps) for stage, steps in self.clock.steps.items()},
+        )
 
     def image_encoder_path(self) -> Path:
         """The DINOv2 checkpoint: in the model folder, else in torch.hub's checkpoint cache."""
@@ -203,7 +253,12 @@ class Amodal3RPipeline:
         )
 
     def image_encoder(self) -> nn.Module:
-        if IMAGE_ENCODER not in self._models:
+        return self.model(IMAGE_ENCODER)
+
+    def load(self, key: str) -> nn.Module:
+        """Read one model (a ``pipeline.json`` key, or the image encoder) onto ``self.device``.
+        The benchmark overrides this with random weights built in memory."""
+        if key == IMAGE_ENCODER:
             from amodal3r.models.image_encoder import DinoV2Config, DinoV2Encoder
 
             config_path = self.folder / IMAGE_ENCODER_CONFIG
@@ -212,17 +267,36 @@ class Amodal3RPipeline:
                 if config_path.is_file()
                 else DinoV2Config.vitl14_reg4()
             )
-            self._models[IMAGE_ENCODER] = DinoV2Encoder.from_checkpoint(
-                self.image_encoder_path(), config, device=self.device
-            )
-        return self._models[IMAGE_ENCODER]
+            return DinoV2Encoder.from_checkpoint(self.image_encoder_path(), config, device=self.device)
+        if key not in self.config.models:
+            raise CheckpointError(f"{self.folder / PIPELINE_FILE}: no model {key!r} in its models map")
+        return load_model(self.folder / self.config.models[key], self.device, self.dtype)
 
     def model(self, key: str) -> nn.Module:
+        """The model on the device: loaded on first use, or brought back from CPU memory."""
         if key not in self._models:
-            if key not in self.config.models:
-                raise CheckpointError(f"{self.folder / PIPELINE_FILE}: no model {key!r} in its models map")
-            self._models[key] = load_model(self.folder / self.config.models[key], self.device, self.dtype)
+            start = time.perf_counter()
+            parked = self._parked.pop(key, None)
+            self._models[key] = self.load(key) if parked is None else parked.to(self.device)
+            self.clock.loaded(time.perf_counter() - start)
         return self._models[key]
+
+    @contextmanager
+    def using(self, key: str) -> Iterator[nn.Module]:
+        """The model for one stage; with ``low_vram`` it leaves the device when the stage ends."""
+        model = self.model(key)
+        try:
+            yield model
+        finally:
+            if self.low_vram:
+                self._park(key)
+
+    def _park(self, key: str) -> None:
+        model = self._models.pop(key)
+        if self.device.type != "cpu":
+            self._parked[key] = model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def loaded_models(self) -> list[str]:
@@ -230,6 +304,7 @@ class Amodal3RPipeline:
 
     def unload(self) -> None:
         self._models.clear()
+        self._parked.clear()
 
     @torch.inference_mode()
     def encode(self, views: list[View]) -> torch.Tensor:
@@ -238,16 +313,19 @@ class Amodal3RPipeline:
         Each view is cropped square around its target and occluders (the model expects
         object-centred images, photos are not) and preprocessed as the reference does.
         """
-        encoder = self.image_encoder()
+        self.clock.start()
         rows = []
-        for view in views:
-            crop = crop_square(view.image, view.target, view.occluder)
-            pre = preprocess_view(crop.image, crop.target, crop.occluder)
-            tokens = encoder(image_to_tensor(pre.image_518)[None].to(self.device))
-            vis = torch.from_numpy(pre.vis_ratio)[None].to(tokens.device)
-            occ = torch.from_numpy(pre.occ_ratio)[None].to(tokens.device)
-            rows.append(assemble_cond(tokens, vis, occ))
-        return torch.cat(rows)
+        with self.using(IMAGE_ENCODER) as encoder:
+            for view in views:
+                crop = crop_square(view.image, view.target, view.occluder)
+                pre = preprocess_view(crop.image, crop.target, crop.occluder)
+                tokens = encoder(image_to_tensor(pre.image_518)[None].to(self.device))
+                vis = torch.from_numpy(pre.vis_ratio)[None].to(tokens.device)
+                occ = torch.from_numpy(pre.occ_ratio)[None].to(tokens.device)
+                rows.append(assemble_cond(tokens, vis, occ))
+        cond = torch.cat(rows)
+        self.clock.lap("encode", self.device)
+        return cond
 
     @torch.inference_mode()
     def sample_latent(
@@ -262,6 +340,7 @@ class Amodal3RPipeline:
         Noise comes from a CPU generator seeded with ``settings.seed`` (structure noise first, then
         the latent noise), so a seed gives the same result on every device up to float rounding.
         """
+        self.clock.start()
         generator = torch.Generator().manual_seed(settings.seed)
         cond = cond.to(self.device)
         coords = self.sample_structure(cond, generator, settings, progress, cancelled)
@@ -275,11 +354,14 @@ class Amodal3RPipeline:
         unknown = [f for f in formats if f not in DECODER_MODELS]
         if unknown:
             raise ValueError(f"unknown output format(s) {unknown}; choose from {sorted(DECODER_MODELS)}")
+        self.clock.start()
         decoded = {}
         for f in formats:
             if cancelled is not None and cancelled():
                 raise Cancelled(f"cancelled before the {f} decoder")
-            decoded[f] = self.model(DECODER_MODELS[f])(slat)
+            with self.using(DECODER_MODELS[f]) as decoder:
+                decoded[f] = decoder(slat)
+            self.clock.lap(f"decode_{f}", self.device)
         return decoded
 
     @torch.inference_mode()
@@ -292,23 +374,28 @@ class Amodal3RPipeline:
         cancelled: Cancel | None = None,
     ) -> torch.Tensor:
         """Occupied voxels ``[N, 4]`` (batch = variant, x, y, z) of the 64^3 structure."""
-        flow = self.model("sparse_structure_flow_model")
-        res = flow.resolution
-        noise = torch.randn(settings.variants, flow.in_channels, res, res, res, generator=generator).to(self.device)
-        sampler = settings.structure.apply(self.config.structure_sampler)
-        latent = sample(
-            flow,
-            noise,
-            cond,
-            torch.zeros_like(cond[:1]),
-            sampler,
-            settings.multiview,
-            progress,
-            cancelled,
-            stage="structure",
-        )
-        logits = self.model("sparse_structure_decoder")(latent)
+        with self.using("sparse_structure_flow_model") as flow:
+            res = flow.resolution
+            shape = (settings.variants, flow.in_channels, res, res, res)
+            noise = torch.randn(*shape, generator=generator).to(self.device)
+            sampler = settings.structure.apply(self.config.structure_sampler)
+            latent = sample(
+                flow,
+                noise,
+                cond,
+                torch.zeros_like(cond[:1]),
+                sampler,
+                settings.multiview,
+                progress,
+                cancelled,
+                stage="structure",
+                step_times=self.clock.step_list("structure"),
+            )
+        self.clock.lap("structure", self.device)
+        with self.using("sparse_structure_decoder") as decoder:
+            logits = decoder(latent)
         coords = torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].int()
+        self.clock.lap("occupancy", self.device)
         empty = [v for v in range(settings.variants) if not (coords[:, 0] == v).any()]
         if empty:
             raise PipelineError(
@@ -328,13 +415,24 @@ class Amodal3RPipeline:
         cancelled: Cancel | None = None,
     ) -> SparseTensor:
         """The structured latent on ``coords``, de-normalised with the pipeline's mean and std."""
-        flow = self.model("slat_flow_model")
-        noise = torch.randn(coords.shape[0], flow.in_channels, generator=generator).to(self.device)
-        sampler = settings.slat.apply(self.config.slat_sampler)
-        x = SparseTensor(noise, coords.to(self.device))
-        slat = sample(
-            flow, x, cond, torch.zeros_like(cond[:1]), sampler, settings.multiview, progress, cancelled, stage="slat"
-        )
+        with self.using("slat_flow_model") as flow:
+            noise = torch.randn(coords.shape[0], flow.in_channels, generator=generator).to(self.device)
+            sampler = settings.slat.apply(self.config.slat_sampler)
+            x = SparseTensor(noise, coords.to(self.device))
+            slat = sample(
+                flow,
+                x,
+                cond,
+                torch.zeros_like(cond[:1]),
+                sampler,
+                settings.multiview,
+                progress,
+                cancelled,
+                stage="slat",
+                step_times=self.clock.step_list("slat"),
+            )
         std = torch.tensor(self.config.slat_std, device=self.device)[None]
         mean = torch.tensor(self.config.slat_mean, device=self.device)[None]
-        return slat.replace(slat.feats * std + mean)
+        slat = slat.replace(slat.feats * std + mean)
+        self.clock.lap("slat", self.device)
+        return slat

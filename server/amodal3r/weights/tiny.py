@@ -1,7 +1,9 @@
-"""Seeded random tiny checkpoints in exactly the official folder layout, for tests, demos and benches.
+"""Seeded random checkpoints in exactly the official folder layout, for tests, demos and benches.
 
-The structure decoder's output bias is calibrated so that random latents occupy a few percent of
-the 64^3 grid, as real objects do; everything else is random like the golden cases.
+Three sizes: ``tiny`` (tests), ``medium`` (realistic work on a CPU) and ``full`` (the official
+architectures, random weights: what ``bench/e2e.py`` times). The structure decoder's output bias is
+calibrated so that random latents occupy a few percent of the 64^3 grid, as real objects do;
+everything else is random like the golden cases.
 """
 
 from __future__ import annotations
@@ -42,11 +44,16 @@ class Size:
     decoder_heads: int
     gaussians_per_voxel: int
     full_size_encoder: bool
+    flow_heads: int = 4
+    io_res_blocks: int = 1
+    structure_decoder_res_blocks: int = 1
 
 
 SIZES = {
     "tiny": Size(64, 2, 32, (32, 16, 8), 256, 64, 2, 4, 8, False),
     "medium": Size(256, 4, 128, (128, 32, 16), 512, 512, 4, 8, 32, True),
+    # The official checkpoints' architectures (TRELLIS-image-large / Amodal3R).
+    "full": Size(1024, 24, 128, (512, 128, 32), 768, 768, 12, 12, 32, True, 16, 2, 2),
 }
 
 
@@ -56,7 +63,7 @@ def tiny_configs(cond_channels: int, size: Size) -> dict[str, tuple[str, dict]]:
         model_channels=size.flow_channels,
         cond_channels=cond_channels,
         num_blocks=size.flow_blocks,
-        num_heads=4,
+        num_heads=size.flow_heads,
         mlp_ratio=4,
         pe_mode="ape",
         qk_rms_norm=True,
@@ -87,8 +94,8 @@ def tiny_configs(cond_channels: int, size: Size) -> dict[str, tuple[str, dict]]:
                 "args": dict(
                     out_channels=1,
                     latent_channels=8,
-                    num_res_blocks=1,
-                    num_res_blocks_middle=1,
+                    num_res_blocks=size.structure_decoder_res_blocks,
+                    num_res_blocks_middle=size.structure_decoder_res_blocks,
                     channels=list(size.structure_decoder),
                     use_fp16=True,
                 ),
@@ -103,7 +110,7 @@ def tiny_configs(cond_channels: int, size: Size) -> dict[str, tuple[str, dict]]:
                     in_channels=8,
                     out_channels=8,
                     patch_size=2,
-                    num_io_res_blocks=1,
+                    num_io_res_blocks=size.io_res_blocks,
                     io_block_channels=[size.io_channels],
                     **flow,
                 ),
@@ -182,27 +189,49 @@ def save_checkpoint(model: nn.Module, config: dict, stem: Path) -> None:
     save_file(state, str(stem.with_name(stem.name + ".safetensors")))
 
 
+def encoder_config(size: str) -> DinoV2Config:
+    return DinoV2Config.vitl14_reg4() if SIZES[size].full_size_encoder else DinoV2Config.tiny()
+
+
+def random_model(key: str, config: dict, generator: torch.Generator, occupancy: float = OCCUPANCY) -> nn.Module:
+    """One pipeline model built from its ``{"name", "args"}`` with random (calibrated) weights, on
+    the CPU, its torso in the dtype the config's ``use_fp16`` asks for: as a checkpoint stores it."""
+    model = build_model(config, Path(key), device="cpu")
+    randomize(model, generator)
+    if key == "sparse_structure_decoder":
+        calibrate_occupancy(model, (8, 16, 16, 16), generator, occupancy)
+        model.set_torso_dtype(torch.float16)
+    if key == "slat_decoder_mesh":
+        calibrate_surface(model, generator)
+        model.set_torso_dtype(torch.float16)
+    return model
+
+
+def random_image_encoder(config: DinoV2Config, generator: torch.Generator) -> DinoV2Encoder:
+    encoder = DinoV2Encoder(config, init_weights=False)
+    randomize(encoder, generator)
+    return encoder.eval().requires_grad_(False)
+
+
 def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny", occupancy: float = OCCUPANCY) -> Path:
     """A complete model folder (``pipeline.json`` + checkpoints) of seeded random models; a lower
     ``occupancy`` (share of the 64^3 grid a random structure fills) makes every later stage cheaper."""
     out_dir = Path(out_dir)
     generator = torch.Generator().manual_seed(seed)
-    family = SIZES[size]
-    encoder = DinoV2Config.vitl14_reg4() if family.full_size_encoder else DinoV2Config.tiny()
+    encoder = encoder_config(size)
     models = {}
-    for key, (rel, config) in tiny_configs(encoder.embed_dim, family).items():
-        model = build_model(config, out_dir / rel, device="cpu")
-        randomize(model, generator)
-        if key == "sparse_structure_decoder":
-            calibrate_occupancy(model, (8, 16, 16, 16), generator, occupancy)
-            model.set_torso_dtype(torch.float16)
-        if key == "slat_decoder_mesh":
-            calibrate_surface(model, generator)
-            model.set_torso_dtype(torch.float16)
-        save_checkpoint(model, config, out_dir / rel)
+    for key, (rel, config) in tiny_configs(encoder.embed_dim, SIZES[size]).items():
+        save_checkpoint(random_model(key, config, generator, occupancy), config, out_dir / rel)
         models[key] = rel
+    (out_dir / PIPELINE_FILE).write_text(json.dumps(pipeline_config(models, generator), indent=2))
+    write_random_image_encoder(out_dir, generator, encoder)
+    return out_dir
+
+
+def pipeline_config(models: dict[str, str], generator: torch.Generator) -> dict:
+    """``pipeline.json`` of a random model folder: the official samplers, a random normalisation."""
     sampler = {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5}}
-    pipeline = {
+    return {
         "name": "Amodal3RImageTo3DPipeline",
         "args": {
             "models": models,
@@ -222,15 +251,11 @@ def write_tiny_weights(out_dir: str | Path, seed: int = 0, size: str = "tiny", o
             "tiny_random_weights": True,
         },
     }
-    (out_dir / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2))
-    write_random_image_encoder(out_dir, generator, encoder)
-    return out_dir
 
 
 def write_random_image_encoder(out_dir: Path, generator: torch.Generator, config: DinoV2Config) -> None:
     """A random DINOv2 (hub layout, like ``dinov2_vitl14_reg4_pretrain.pth``) with its architecture."""
-    encoder = DinoV2Encoder(config)
-    randomize(encoder, generator)
+    encoder = random_image_encoder(config, generator)
     (out_dir / IMAGE_ENCODER_CONFIG).write_text(json.dumps({"name": "dinov2_vitl14_reg", "args": config.to_dict()}))
     state = {k: v.contiguous() for k, v in encoder.hub_state_dict().items()}
     save_file(state, str(out_dir / IMAGE_ENCODER_FILES[0]))

@@ -23,6 +23,30 @@ def batch_layout(batch_index: torch.Tensor, batch_size: int) -> list[slice]:
     return layout
 
 
+def repeated_coordinates(
+    coords: torch.Tensor, batch_size: int, layout: list[slice], cache: dict, n: int
+) -> tuple[torch.Tensor, list[slice], dict]:
+    """Coordinates, layout and cache of ``n`` copies of a batch, kept in ``cache``. A coarse set
+    (made by a downsampling, whose cache says how to upsample) repeats into one that upsamples onto
+    the repeated fine set."""
+    key = ("repeat_batch", n)
+    if key not in cache:
+        rows = coords.shape[0]
+        copy = torch.arange(n, device=coords.device, dtype=coords.dtype).repeat_interleave(rows)
+        repeated = coords.repeat(n, 1)
+        repeated[:, 0] += copy * batch_size
+        repeated_layout = [slice(s.start + j * rows, s.stop + j * rows) for j in range(n) for s in layout]
+        repeated_cache: dict = {}
+        for name, entry in cache.items():
+            if isinstance(name, tuple) and name[0] == "upsample":
+                fine_coords, fine_layout, fine_to_coarse, fine_cache = entry
+                fine = repeated_coordinates(fine_coords, batch_size, fine_layout, fine_cache, n)
+                to_coarse = torch.cat([fine_to_coarse + j * rows for j in range(n)])
+                repeated_cache[name] = (fine[0], fine[1], to_coarse, fine[2])
+        cache[key] = (repeated, repeated_layout, repeated_cache)
+    return cache[key]
+
+
 class SparseTensor:
     """``feats [N, ...]`` on ``coords [N, 4]`` int32 laid out ``(batch, x, y, z)``."""
 
@@ -65,8 +89,14 @@ class SparseTensor:
         return SparseTensor(feats, torch.cat(coords), offset)
 
     def repeat_batch(self, n: int) -> SparseTensor:
-        """``n`` copies of the whole batch, in order (used to batch guided and unguided passes)."""
-        return SparseTensor.cat([self] * n) if n > 1 else self
+        """``n`` copies of the whole batch, in order (to batch guided and unguided passes). The
+        copies' coordinates and cache are kept in this tensor's cache, so that their neighbour maps
+        are built once per coordinate set, not once per call."""
+        if n == 1:
+            return self
+        coords, layout, cache = repeated_coordinates(self.coords, self.batch_size, self.layout, self.cache, n)
+        feats = self.feats.repeat(n, *[1] * (self.feats.dim() - 1))
+        return SparseTensor(feats, coords, self.batch_size * n, layout, cache)
 
     # ---- tensor-like conveniences --------------------------------------------------------------
 

@@ -1,0 +1,251 @@
+"""The whole reconstruction, timed per stage and per sampler step, on random weights built in memory.
+
+The models have the architectures of ``amodal3r tiny-weights --size tiny|medium|full`` (full: the
+official checkpoints' configurations) with seeded random weights, calibrated like the tiny folders
+(a few percent of the 64^3 grid occupied, a surface through a few percent of the cubes); no file is
+written but the results. The input is the shipped example (``examples/mug_behind_box``). One run
+encodes, samples the structure, decodes the occupancy, samples the structured latent, decodes mesh
+and Gaussians and exports the GLB (unwrap and bake at the default face count, 1024 px texture).
+
+Printed and written as JSON (``--json``): seconds per stage (model building is ``load``, not part
+of any stage), the median seconds of a guided (condition + unconditional) and of an unguided
+sampler step per flow stage, peak RSS of this process, on CUDA also the peak allocated and reserved
+memory, the device, dtype and thread count.
+``--repeat N`` runs the reconstruction N times on the same loaded models and reports the median
+of each figure over the runs after the first (all runs when N is 1).
+
+    .venv/bin/python bench/e2e.py --size tiny|medium|full [--steps S] [--device D] [--dtype T]
+        [--threads N] [--low-vram] [--repeat N] [--json PATH] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from amodal3r.io.inputs import load_view
+from amodal3r.io.results import OutputSettings, write_results
+from amodal3r.models import for_inference
+from amodal3r.modules.shortcuts import NAMES, plain
+from amodal3r.pipelines.amodal3r import IMAGE_ENCODER, Amodal3RPipeline, PipelineConfig, RunSettings, StageSettings
+from amodal3r.pipelines.devices import configure_cpu, keep_freed_memory, pick_device
+from amodal3r.weights.tiny import (
+    SIZES,
+    encoder_config,
+    pipeline_config,
+    random_image_encoder,
+    random_model,
+    tiny_configs,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
+STAGES = ("encode", "structure", "occupancy", "slat", "decode_mesh", "decode_gaussian", "export")
+MIB = 2**20
+MEMORY_REUSE = "memory_reuse"  # not an exact shortcut: the process set-up of configure_cpu
+
+
+class RandomWeightsPipeline(Amodal3RPipeline):
+    """The pipeline with every model built from its official-layout config with random weights."""
+
+    def __init__(self, size: str, seed: int, device: torch.device, dtype: torch.dtype | None, low_vram: bool):
+        self.size, self.seed = size, seed
+        self.configs = tiny_configs(encoder_config(size).embed_dim, SIZES[size])
+        models = {key: rel for key, (rel, _) in self.configs.items()}
+        args = pipeline_config(models, torch.Generator().manual_seed(seed))["args"]
+        super().__init__(Path(f"<random {size} weights>"), PipelineConfig._parse(args), device, dtype, low_vram)
+
+    def load(self, key: str) -> nn.Module:
+        keys = [IMAGE_ENCODER, *self.configs]
+        generator = torch.Generator().manual_seed(self.seed * len(keys) + keys.index(key))
+        if key == IMAGE_ENCODER:
+            return random_image_encoder(encoder_config(self.size), generator).to(self.device)
+        config = self.configs[key][1]
+        model = random_model(key, config, generator)
+        return for_inference(model, bool(config["args"].get("use_fp16")), self.device, self.dtype)
+
+    def sample_slat(self, cond: torch.Tensor, coords: torch.Tensor, *args, **kwargs):
+        self.voxels = int(coords.shape[0])
+        return super().sample_slat(cond, coords, *args, **kwargs)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory in MiB: RSS of this process (the unwrap's child is not counted: its peak reads as
+    the parent's, forked); on CUDA also the allocator's peaks."""
+    usage = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        usage["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
+        usage["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
+    elif device.type == "mps":
+        usage["driver_allocated_mib"] = torch.mps.driver_allocated_memory() / MIB
+    return usage
+
+
+def step_medians(steps: list) -> dict[str, float | None]:
+    """Median seconds of the guided (2+ passes) and unguided sampler steps of one stage."""
+    guided = [s.seconds for s in steps if s.passes > 1]
+    plain = [s.seconds for s in steps if s.passes == 1]
+    return {
+        "guided": statistics.median(guided) if guided else None,
+        "unguided": statistics.median(plain) if plain else None,
+    }
+
+
+@contextmanager
+def without(names: list[str]) -> Iterator[None]:
+    """The named shortcuts off, and glibc's default memory hand-back if MEMORY_REUSE is named."""
+    shortcuts = [n for n in names if n != MEMORY_REUSE]
+    if MEMORY_REUSE in names:
+        keep_freed_memory(False)
+    try:
+        with plain(*shortcuts) if shortcuts else nullcontext():
+            yield
+    finally:
+        keep_freed_memory(True)
+
+
+def one_run(pipeline: RandomWeightsPipeline, settings: RunSettings, out_dir: Path) -> dict:
+    view = load_view(EXAMPLE / "image.png", EXAMPLE / "target_mask.png", EXAMPLE / "occluder_mask.png")
+    cpu = time.process_time()
+    result = pipeline([view], settings)
+    start = time.perf_counter()
+    written = write_results(result.meshes, result.gaussians, [out_dir / "e2e.glb"], OutputSettings(gaussians=True))
+    report = written[0].report
+    return {
+        "seconds": dict(result.timings, export=time.perf_counter() - start),
+        "cpu_seconds": time.process_time() - cpu,  # all threads: a steadier figure on a shared machine
+        "steps": {stage: step_medians(steps) for stage, steps in result.steps.items()},
+        "voxels": pipeline.voxels,
+        "faces": report.faces_out,
+        "export_seconds": report.seconds,
+    }
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Each figure's median over the runs after the first (which pays one-off costs); loading summed."""
+    timed = runs[1:] or runs
+    seconds = {k: _median([r["seconds"].get(k) for r in timed]) for k in STAGES}
+    seconds["total"] = sum(v for v in seconds.values() if v is not None)
+    seconds["load"] = sum(r["seconds"].get("load", 0.0) for r in runs)
+    seconds["cpu (all threads)"] = _median([r["cpu_seconds"] for r in timed])
+    steps = {
+        stage: {kind: _median([r["steps"][stage][kind] for r in timed]) for kind in ("guided", "unguided")}
+        for stage in runs[0]["steps"]
+    }
+    return dict(runs[-1], seconds=seconds, steps=steps, runs=len(runs))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _row(label: str, values: list[float | None]) -> str:
+    cells = [_fmt(v) for v in values]
+    if len(values) == 2:
+        before, after = values
+        cells.append(f"{before / after:.2f}x" if before and after else "-")
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def print_tables(summaries: list[dict], meta: dict) -> None:
+    """One column per summary; with two (before: shortcuts off, after: on), also their ratio."""
+    last = summaries[-1]
+    print(
+        f"\n{meta['size']} weights, {meta['device']} ({meta['dtype']}), {meta['threads']} threads, "
+        f"{meta['steps']} steps per stage, {last['voxels']} voxels, {last['faces']} faces exported; "
+        f"median of {max(1, last['runs'] - 1)} run(s) each; shortcuts off: {', '.join(meta['plain']) or 'none'}"
+        + (" (before) against all on (after), runs interleaved" if len(summaries) == 2 else "")
+        + "\n"
+    )
+    columns = ["before (s)", "after (s)", "speed-up"] if len(summaries) == 2 else ["seconds"]
+    print("| stage | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for stage in (*STAGES, "total", "load", "cpu (all threads)"):
+        print(_row(stage, [s["seconds"].get(stage) for s in summaries]))
+    print("\n| sampler step | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for stage in last["steps"]:
+        for kind in ("guided", "unguided"):
+            print(_row(f"{stage} {kind}", [s["steps"][stage][kind] for s in summaries]))
+    print("\n| memory (whole process) | MiB |\n|---|---:|")
+    for name, value in peak_memory(torch.device(meta["device"])).items():
+        print(f"| {name} | {value:.0f} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, help="sampler steps of both stages (default: pipeline.json's 25)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="torso dtype (default: as loaded)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+    parser.add_argument("--low-vram", action="store_true", help="each model on the device only during its stage")
+    parser.add_argument("--repeat", type=int, default=1, help="runs on the same models; medians skip the first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--plain",
+        default="",
+        help=f"comma-separated exact shortcuts to turn off ({', '.join(NAMES)}), and/or {MEMORY_REUSE} "
+        "(glibc hands freed memory back), or 'all': the before rows",
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="alternate runs with --plain's shortcuts off and on; print both"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_cpu(args.threads)
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipeline = RandomWeightsPipeline(args.size, args.seed, device, dtype, args.low_vram)
+    stage = StageSettings(steps=args.steps)
+    settings = RunSettings(seed=args.seed, structure=stage, slat=stage)
+    names = [] if not args.plain else [*NAMES, MEMORY_REUSE] if args.plain == "all" else args.plain.split(",")
+    modes = [names, []] if args.compare else [names]
+    runs: list[list[dict]] = [[] for _ in modes]
+    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out:
+        for i in range(args.repeat):
+            for mode, off in enumerate(modes):
+                with without(off):
+                    runs[mode].append(one_run(pipeline, settings, Path(out)))
+                times = ", ".join(f"{k} {v:.2f}" for k, v in runs[mode][-1]["seconds"].items())
+                print(f"run {i + 1}/{args.repeat}, shortcuts off: {', '.join(off) or 'none'}: {times}", flush=True)
+    meta = {
+        "size": args.size,
+        "device": str(device),
+        "dtype": args.dtype or "default",
+        "threads": torch.get_num_threads(),
+        "steps": args.steps or pipeline.config.structure_sampler.steps,
+        "low_vram": args.low_vram,
+        "plain": names,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "argv": sys.argv[1:],
+    }
+    summaries = [summarise(r) for r in runs]
+    print_tables(summaries, meta)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {"meta": meta, "memory": peak_memory(device), "runs": summaries}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
