@@ -176,3 +176,26 @@ def test_a_square_photo_turns_its_mask_and_a_mask_with_exif_keeps_its_own(tmp_pa
     )
     view = load_view(photo, own)
     assert np.array_equal(view.target, target) and view.notices == []
+
+
+def test_a_photo_given_as_a_mask_gets_a_swapped_warning(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    photo = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    target = np.zeros((60, 80), np.uint8)
+    target[10:50, 20:60] = 255
+    Image.fromarray(target).save(tmp_path / "target.png")
+    Image.fromarray(np.full((60, 80), 255, np.uint8)).save(tmp_path / "everything.png")
+    grey = np.full((60, 80), 255, np.uint8)
+    grey[10:50, 20:60] = 188
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+
+    swapped = load_view(tmp_path / "target.png", tmp_path / "photo.png")  # image and mask the wrong way round
+    assert any("photo.png looks like a photo, not a mask" in n and "grey levels" in n for n in swapped.notices)
+    covering = load_view(tmp_path / "photo.png", tmp_path / "everything.png")
+    assert any("white over 100% of the frame" in n for n in covering.notices)
+    for fine in (
+        load_view(tmp_path / "photo.png", tmp_path / "target.png"),
+        load_view(tmp_path / "photo.png", mask=tmp_path / "grey.png"),
+    ):
+        assert not any("looks like a photo" in n for n in fine.notices)

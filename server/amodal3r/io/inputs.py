@@ -47,6 +47,11 @@ T = TypeVar("T")
 # so the warning would only add stderr lines to a one-line error.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# A mask has two levels (a few more along antialiased edges); a photo has hundreds. A binary mask
+# white over nearly the whole frame is more often a photo given in its place.
+PHOTO_GREY_LEVELS = 64
+PHOTO_COVERAGE = 0.9
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -208,13 +213,29 @@ def read_rgb(source: Source) -> np.ndarray:
         return _guarded(source, "image", lambda: np.asarray(to_rgb(image)))
 
 
-def _mask_values(source: Source, picture: _Picture) -> np.ndarray:
+def _mask_values(source: Source, picture: _Picture, binary: bool = True) -> np.ndarray:
     """Greyscale values of a mask file (alpha, if any, counts as the mask), upright like its image."""
     with open_file(source, "mask", MASK_FORMATS) as stored:
         if stored.size not in (picture.size, picture.stored_size):
             raise _size_mismatch(source, stored.size, picture)
         _guarded(source, "mask", stored.load)
-        return _grey_upright(source, stored, picture)
+        values = _grey_upright(source, stored, picture)
+    swapped = _photo_like(values, binary)
+    if swapped:
+        picture.notices.append(
+            f"{Path(label(source)).name} looks like a photo, not a mask ({swapped}): are the image and the mask "
+            "swapped? A mask is white where the object is and black elsewhere"
+        )
+    return values
+
+
+def _photo_like(values: np.ndarray, binary: bool) -> str:
+    """Why a mask looks like a photo (many grey levels, or a binary mask over most of the frame), or ''."""
+    levels = np.unique(values).size
+    if levels > PHOTO_GREY_LEVELS:
+        return f"{levels} grey levels"
+    covered = float((values > 127).mean()) if binary else 0.0
+    return f"white over {covered:.0%} of the frame" if covered > PHOTO_COVERAGE else ""
 
 
 def _grey_upright(source: Source, mask: Image.Image, picture: _Picture) -> np.ndarray:
@@ -270,7 +291,7 @@ def load_view(
         raise InputError(f"{label(image_path)}: a combined mask already holds the occluders; drop the occluder mask")
     picture = _picture(image_path)
     if mask is not None:
-        target, occluder = combined_to_masks(_matched(_mask_values(mask, picture), mask, picture))
+        target, occluder = combined_to_masks(_matched(_mask_values(mask, picture, binary=False), mask, picture))
         target_source = mask
     else:
         target = _matched(_mask_values(target_mask, picture), target_mask, picture) > 127
