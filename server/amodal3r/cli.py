@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,13 +115,12 @@ def _check_output(out: Path, suffix: str = ".glb", what: str = "a binary glTF") 
     """Refuse an output the run could not write, before any model loads."""
     if out.suffix.lower() != suffix:
         raise InputError(f"--out {out}: the result is {what}, so the name must end in {suffix}")
-    folder = out.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise InputError(f"--out {out}: cannot write into {folder} ({error.strerror}); choose another folder") from None
+    folder = out.parent.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # nothing is created before the run
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {out}: cannot write into {folder} ({existing} is not a writable folder); choose another"
+        )
 
 
 def _photo_camera(args: argparse.Namespace, image: Path):
