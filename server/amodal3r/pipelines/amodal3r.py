@@ -29,6 +29,7 @@ from amodal3r.weights.layout import (
     DECODER_MODELS,
     DOWNLOAD_BASE,
     HF_REPO,
+    IMAGE_ENCODER,
     IMAGE_ENCODER_CONFIG,
     IMAGE_ENCODER_FILES,
     IMAGE_ENCODER_SOURCE,
@@ -38,11 +39,11 @@ from amodal3r.weights.layout import (
     image_encoder_places,
 )
 
+from .compiled import compile_parts
 from .conditioning import assemble_cond, crop_square, image_to_tensor, preprocess_view
 from .devices import pick_device
 from .samplers import ProgressFn, SamplerSettings, StepTime, sample, synchronize
 
-IMAGE_ENCODER = "image_cond_model"
 Cancel = Callable[[], bool]
 
 
@@ -185,7 +186,8 @@ def order_views(views: list[View]) -> list[View]:
 class Amodal3RPipeline:
     """The whole reconstruction. With ``low_vram`` each model holds the device only while its
     stage runs: on an accelerator it waits in CPU memory in between, on the CPU it is freed and
-    read again when next needed (the least memory, at the price of reloading)."""
+    read again when next needed (the least memory, at the price of reloading). With ``compile``
+    the static-shape models run through ``torch.compile`` (see amodal3r.pipelines.compiled)."""
 
     def __init__(
         self,
@@ -194,9 +196,10 @@ class Amodal3RPipeline:
         device: torch.device,
         dtype: torch.dtype | None,
         low_vram: bool = False,
+        compile: bool = False,
     ):
         self.folder, self.config, self.device, self.dtype = folder, config, device, dtype
-        self.low_vram = low_vram
+        self.low_vram, self.compile = low_vram, compile
         self._models: dict[str, nn.Module] = {}
         self._parked: dict[str, nn.Module] = {}  # low_vram: models waiting in CPU memory
         self.clock = StageClock()
@@ -208,10 +211,11 @@ class Amodal3RPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         low_vram: bool = False,
+        compile: bool = False,
     ) -> Amodal3RPipeline:
         """Read ``pipeline.json`` and check its files exist; the models load on first use."""
         folder = Path(folder)
-        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype, low_vram)
+        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype, low_vram, compile)
 
     @torch.inference_mode()
     def __call__(
@@ -277,7 +281,11 @@ class Amodal3RPipeline:
         if key not in self._models:
             start = time.perf_counter()
             parked = self._parked.pop(key, None)
-            self._models[key] = self.load(key) if parked is None else parked.to(self.device)
+            if parked is None:
+                parked = self.load(key)
+                if self.compile:
+                    compile_parts(key, parked)
+            self._models[key] = parked.to(self.device)
             self.clock.loaded(time.perf_counter() - start)
         return self._models[key]
 
