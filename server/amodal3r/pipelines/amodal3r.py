@@ -368,6 +368,26 @@ class Amodal3RPipeline:
             self.clock.lap(f"decode_{f}", self.device)
         return decoded
 
+    def _flow_stage(
+        self,
+        stage: str,
+        flow: nn.Module,
+        noise: torch.Tensor | SparseTensor,
+        cond: torch.Tensor,
+        sampler: SamplerSettings,
+        settings: RunSettings,
+        progress: ProgressFn | None,
+        cancelled: Cancel | None,
+        lap: bool = True,
+    ) -> torch.Tensor | SparseTensor:
+        """One flow stage from ``noise``, guided by the all-zero condition, timed per step."""
+        steps = self.clock.step_list(stage)
+        negative = torch.zeros_like(cond[:1])
+        out = sample(flow, noise, cond, negative, sampler, settings.multiview, progress, cancelled, stage, steps)
+        if lap:
+            self.clock.lap(stage, self.device)
+        return out
+
     @torch.inference_mode()
     def sample_structure(
         self,
@@ -383,19 +403,7 @@ class Amodal3RPipeline:
             shape = (settings.variants, flow.in_channels, res, res, res)
             noise = torch.randn(*shape, generator=generator).to(self.device)
             sampler = settings.structure.apply(self.config.structure_sampler)
-            latent = sample(
-                flow,
-                noise,
-                cond,
-                torch.zeros_like(cond[:1]),
-                sampler,
-                settings.multiview,
-                progress,
-                cancelled,
-                stage="structure",
-                step_times=self.clock.step_list("structure"),
-            )
-        self.clock.lap("structure", self.device)
+            latent = self._flow_stage("structure", flow, noise, cond, sampler, settings, progress, cancelled)
         with self.using("sparse_structure_decoder") as decoder:
             logits = decoder(latent)
         coords = torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].int()
@@ -423,18 +431,7 @@ class Amodal3RPipeline:
             noise = torch.randn(coords.shape[0], flow.in_channels, generator=generator).to(self.device)
             sampler = settings.slat.apply(self.config.slat_sampler)
             x = SparseTensor(noise, coords.to(self.device))
-            slat = sample(
-                flow,
-                x,
-                cond,
-                torch.zeros_like(cond[:1]),
-                sampler,
-                settings.multiview,
-                progress,
-                cancelled,
-                stage="slat",
-                step_times=self.clock.step_list("slat"),
-            )
+            slat = self._flow_stage("slat", flow, x, cond, sampler, settings, progress, cancelled, lap=False)
         std = torch.tensor(self.config.slat_std, device=self.device)[None]
         mean = torch.tensor(self.config.slat_mean, device=self.device)[None]
         slat = slat.replace(slat.feats * std + mean)
