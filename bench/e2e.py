@@ -59,12 +59,21 @@ MEMORY_REUSE = "memory_reuse"  # not an exact shortcut: the process set-up of co
 class RandomWeightsPipeline(Amodal3RPipeline):
     """The pipeline with every model built from its official-layout config with random weights."""
 
-    def __init__(self, size: str, seed: int, device: torch.device, dtype: torch.dtype | None, low_vram: bool):
+    def __init__(
+        self,
+        size: str,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        low_vram: bool,
+        compile: bool = False,
+    ):
         self.size, self.seed = size, seed
         self.configs = tiny_configs(encoder_config(size).embed_dim, SIZES[size])
         models = {key: rel for key, (rel, _) in self.configs.items()}
         args = pipeline_config(models, torch.Generator().manual_seed(seed))["args"]
-        super().__init__(Path(f"<random {size} weights>"), PipelineConfig._parse(args), device, dtype, low_vram)
+        folder = Path(f"<random {size} weights>")
+        super().__init__(folder, PipelineConfig._parse(args), device, dtype, low_vram, compile)
 
     def load(self, key: str) -> nn.Module:
         keys = [IMAGE_ENCODER, *self.configs]
@@ -194,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="torso dtype (default: as loaded)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
     parser.add_argument("--low-vram", action="store_true", help="each model on the device only during its stage")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the structure flow and DINOv2")
     parser.add_argument("--repeat", type=int, default=1, help="runs on the same models; medians skip the first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_cpu(args.threads)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipeline = RandomWeightsPipeline(args.size, args.seed, device, dtype, args.low_vram)
+    pipeline = RandomWeightsPipeline(args.size, args.seed, device, dtype, args.low_vram, args.compile)
     stage = StageSettings(steps=args.steps)
     settings = RunSettings(seed=args.seed, structure=stage, slat=stage)
     names = [] if not args.plain else [*NAMES, MEMORY_REUSE] if args.plain == "all" else args.plain.split(",")
@@ -234,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "steps": args.steps or pipeline.config.structure_sampler.steps,
         "low_vram": args.low_vram,
+        "compile": args.compile,
         "plain": names,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),

@@ -115,7 +115,7 @@ def test_scatter_free_sparse_conv_is_bitwise_the_scatter_add() -> None:
     conv = SparseConv3d(96, 48)
     with torch.inference_mode():
         fast, fast_sub = conv(x).feats, conv_after_subdivide(x, conv).feats
-        with plain("scatter_free_conv"):
+        with plain("scatter_free"):
             slow, slow_sub = conv(x).feats, conv_after_subdivide(x, conv).feats
     assert torch.equal(fast, slow) and torch.equal(fast_sub, slow_sub)
 
@@ -131,3 +131,13 @@ def test_subdivided_neighbour_index_equals_the_searched_one() -> None:
         assert torch.equal(fine.cache[("neighbour_index", 3)], build_neighbour_index(fine.coords, 3))
     with plain("subdivided_neighbours"):
         assert ("neighbour_index", 3) not in subdivide(shell_latent(1)).cache
+
+
+def test_scatter_free_pooling_equals_the_scatter_add() -> None:
+    x = shell_latent(2).replace(torch.randn(shell_latent(2).feats.shape[0], 16))
+    with torch.inference_mode():
+        fast = SparseDownsample(2)(x)
+        with plain("scatter_free"):
+            slow = SparseDownsample(2)(x)
+    assert torch.equal(fast.coords, slow.coords)
+    assert torch.equal(fast.feats, slow.feats)  # same order of additions

@@ -105,21 +105,27 @@ class ModulatedTransformerCrossBlock(nn.Module):
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
+    def attention_branch(self, x: Tokens, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> Tokens:
+        """``x + gate * self_attn(norm1(x) * (1 + scale) + shift)``: no condition, so it compiles alone."""
+        h = _norm(self.norm1, x) * (1 + scale) + shift
+        return x + self.self_attn(h) * gate
+
+    def mlp_branch(self, x: Tokens, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> Tokens:
+        """``x + gate * mlp(norm3(x) * (1 + scale) + shift)``."""
+        h = _norm(self.norm3, x) * (1 + scale) + shift
+        return x + self.mlp(h) * gate
+
     def forward(self, x: Tokens, mod: torch.Tensor, cond: Condition) -> Tokens:
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
-        shift_msa, scale_msa, gate_msa = (_per_batch(x, m) for m in mod.chunk(6, dim=1)[:3])
-        h = _norm(self.norm1, x) * (1 + scale_msa) + shift_msa
-        x = x + self.self_attn(h) * gate_msa
+        x = self.attention_branch(x, *(_per_batch(x, m) for m in mod.chunk(6, dim=1)[:3]))
         repeats = cond.repeats_for(x)
         if repeats > 1:
             x, mod = repeat_tokens(x, repeats), mod.repeat(repeats, 1)
         x = x + cross_attend(self.cross_attn, _norm(self.norm2, x), cond, IMAGE)
         if self.mask_as_cond:
             x = x + cross_attend(self.cross_attn_mask, _norm(self.norm_mask, x), cond, OCCLUSION)
-        shift_mlp, scale_mlp, gate_mlp = (_per_batch(x, m) for m in mod.chunk(6, dim=1)[3:])
-        h = _norm(self.norm3, x) * (1 + scale_mlp) + shift_mlp
-        return x + self.mlp(h) * gate_mlp
+        return self.mlp_branch(x, *(_per_batch(x, m) for m in mod.chunk(6, dim=1)[3:]))
 
 
 def convert_linear_and_conv(module: nn.Module, dtype: torch.dtype) -> None:

@@ -21,8 +21,9 @@ class Shortcuts:
     #: they run once per latent, not once per condition
     shared_prefix: bool = True
     #: sparse convolutions add each kernel cell's products by gather, add and indexed copy (a cell
-    #: reaches each voxel once), not by torch's serial CPU scatter-add
-    scatter_free_conv: bool = True
+    #: reaches each voxel once), and pooling sums each coarse voxel's children by a gather: neither
+    #: through torch's serial CPU scatter-add
+    scatter_free: bool = True
     #: the neighbour maps of subdivided voxels (the mesh decoder's 128^3 and 256^3 levels) looked up
     #: from their parents' maps, not searched for
     subdivided_neighbours: bool = True

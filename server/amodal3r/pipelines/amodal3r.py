@@ -29,6 +29,7 @@ from amodal3r.weights.layout import (
     DECODER_MODELS,
     DOWNLOAD_BASE,
     HF_REPO,
+    IMAGE_ENCODER,
     IMAGE_ENCODER_CONFIG,
     IMAGE_ENCODER_FILES,
     IMAGE_ENCODER_SOURCE,
@@ -38,11 +39,11 @@ from amodal3r.weights.layout import (
     image_encoder_places,
 )
 
+from .compiled import compile_parts
 from .conditioning import assemble_cond, crop_square, image_to_tensor, preprocess_view
 from .devices import pick_device
 from .samplers import ProgressFn, SamplerSettings, StepTime, sample, synchronize
 
-IMAGE_ENCODER = "image_cond_model"
 Cancel = Callable[[], bool]
 
 
@@ -185,7 +186,8 @@ def order_views(views: list[View]) -> list[View]:
 class Amodal3RPipeline:
     """The whole reconstruction. With ``low_vram`` each model holds the device only while its
     stage runs: on an accelerator it waits in CPU memory in between, on the CPU it is freed and
-    read again when next needed (the least memory, at the price of reloading)."""
+    read again when next needed (the least memory, at the price of reloading). With ``compile``
+    the static-shape models run through ``torch.compile`` (see amodal3r.pipelines.compiled)."""
 
     def __init__(
         self,
@@ -194,9 +196,10 @@ class Amodal3RPipeline:
         device: torch.device,
         dtype: torch.dtype | None,
         low_vram: bool = False,
+        compile: bool = False,
     ):
         self.folder, self.config, self.device, self.dtype = folder, config, device, dtype
-        self.low_vram = low_vram
+        self.low_vram, self.compile = low_vram, compile
         self._models: dict[str, nn.Module] = {}
         self._parked: dict[str, nn.Module] = {}  # low_vram: models waiting in CPU memory
         self.clock = StageClock()
@@ -208,10 +211,11 @@ class Amodal3RPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         low_vram: bool = False,
+        compile: bool = False,
     ) -> Amodal3RPipeline:
         """Read ``pipeline.json`` and check its files exist; the models load on first use."""
         folder = Path(folder)
-        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype, low_vram)
+        return cls(folder, PipelineConfig.read(folder), pick_device(device), dtype, low_vram, compile)
 
     @torch.inference_mode()
     def __call__(
@@ -277,7 +281,11 @@ class Amodal3RPipeline:
         if key not in self._models:
             start = time.perf_counter()
             parked = self._parked.pop(key, None)
-            self._models[key] = self.load(key) if parked is None else parked.to(self.device)
+            if parked is None:
+                parked = self.load(key)
+                if self.compile:
+                    compile_parts(key, parked)
+            self._models[key] = parked.to(self.device)
             self.clock.loaded(time.perf_counter() - start)
         return self._models[key]
 
@@ -364,6 +372,26 @@ class Amodal3RPipeline:
             self.clock.lap(f"decode_{f}", self.device)
         return decoded
 
+    def _flow_stage(
+        self,
+        stage: str,
+        flow: nn.Module,
+        noise: torch.Tensor | SparseTensor,
+        cond: torch.Tensor,
+        sampler: SamplerSettings,
+        settings: RunSettings,
+        progress: ProgressFn | None,
+        cancelled: Cancel | None,
+        lap: bool = True,
+    ) -> torch.Tensor | SparseTensor:
+        """One flow stage from ``noise``, guided by the all-zero condition, timed per step."""
+        steps = self.clock.step_list(stage)
+        negative = torch.zeros_like(cond[:1])
+        out = sample(flow, noise, cond, negative, sampler, settings.multiview, progress, cancelled, stage, steps)
+        if lap:
+            self.clock.lap(stage, self.device)
+        return out
+
     @torch.inference_mode()
     def sample_structure(
         self,
@@ -379,19 +407,7 @@ class Amodal3RPipeline:
             shape = (settings.variants, flow.in_channels, res, res, res)
             noise = torch.randn(*shape, generator=generator).to(self.device)
             sampler = settings.structure.apply(self.config.structure_sampler)
-            latent = sample(
-                flow,
-                noise,
-                cond,
-                torch.zeros_like(cond[:1]),
-                sampler,
-                settings.multiview,
-                progress,
-                cancelled,
-                stage="structure",
-                step_times=self.clock.step_list("structure"),
-            )
-        self.clock.lap("structure", self.device)
+            latent = self._flow_stage("structure", flow, noise, cond, sampler, settings, progress, cancelled)
         with self.using("sparse_structure_decoder") as decoder:
             logits = decoder(latent)
         coords = torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].int()
@@ -419,18 +435,7 @@ class Amodal3RPipeline:
             noise = torch.randn(coords.shape[0], flow.in_channels, generator=generator).to(self.device)
             sampler = settings.slat.apply(self.config.slat_sampler)
             x = SparseTensor(noise, coords.to(self.device))
-            slat = sample(
-                flow,
-                x,
-                cond,
-                torch.zeros_like(cond[:1]),
-                sampler,
-                settings.multiview,
-                progress,
-                cancelled,
-                stage="slat",
-                step_times=self.clock.step_list("slat"),
-            )
+            slat = self._flow_stage("slat", flow, x, cond, sampler, settings, progress, cancelled, lap=False)
         std = torch.tensor(self.config.slat_std, device=self.device)[None]
         mean = torch.tensor(self.config.slat_mean, device=self.device)[None]
         slat = slat.replace(slat.feats * std + mean)

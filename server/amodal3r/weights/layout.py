@@ -25,6 +25,8 @@ HUB_PATTERNS = [PIPELINE_FILE] + [f"{CHECKPOINT_FOLDER}/*{suffix}" for suffix in
 # pipeline.json's model keys: the three every run needs, and one decoder per output format.
 REQUIRED_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
 DECODER_MODELS = {"mesh": "slat_decoder_mesh", "gaussian": "slat_decoder_gs"}
+# The image encoder's key among the pipeline's models (pipeline.json names it ``image_cond_model``).
+IMAGE_ENCODER = "image_cond_model"
 # The checkpoints of the official pipeline.json, expected until that file is here to say.
 OFFICIAL_MODELS = {
     key: f"{CHECKPOINT_FOLDER}/{stem}"

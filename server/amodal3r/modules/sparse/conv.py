@@ -124,7 +124,7 @@ def add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
     """``out[rows] += values`` for distinct ``rows``. A kernel cell reaches each voxel at most once, so
     a gather, an add and an indexed copy do it: all three run in parallel, where torch's CPU
     scatter-add (``index_add_``) does not. Same sums, same rounding."""
-    if SHORTCUTS.scatter_free_conv:
+    if SHORTCUTS.scatter_free:
         out[rows] = out.index_select(0, rows).add_(values)
     else:
         out.index_add_(0, rows, values)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..shortcuts import SHORTCUTS
 from .tensor import SparseTensor
 
 
@@ -18,6 +19,19 @@ class DownsampleMap:
     fine_to_coarse: torch.Tensor
     divisor: torch.Tensor
     coarse_cache: dict
+    children: torch.Tensor  # [coarse, most children] fine rows in order, padded with the row count
+
+
+def children_table(fine_to_coarse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[coarse, max(counts)]``: the fine rows of each coarse voxel in increasing order, padded with
+    ``len(fine_to_coarse)`` (which reads a zero row appended to the features)."""
+    n = fine_to_coarse.shape[0]
+    order = torch.argsort(fine_to_coarse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=order.device) - starts[fine_to_coarse[order]]
+    table = torch.full((counts.shape[0], int(counts.max()) if n else 1), n, dtype=torch.long, device=order.device)
+    table[fine_to_coarse[order], slot] = order
+    return table
 
 
 def downsample_map(x: SparseTensor, factor: int) -> DownsampleMap:
@@ -42,7 +56,11 @@ def downsample_map(x: SparseTensor, factor: int) -> DownsampleMap:
         # coarse voxel is divided by (children + 1). The official weights were trained that way.
         divisor = (counts + 1).unsqueeze(1)
         x.cache[key] = DownsampleMap(
-            coords, inverse, divisor, {("upsample", factor): (x.coords, x.layout, inverse, x.cache)}
+            coords,
+            inverse,
+            divisor,
+            {("upsample", factor): (x.coords, x.layout, inverse, x.cache)},
+            children_table(inverse, counts),
         )
     return x.cache[key]
 
@@ -54,8 +72,12 @@ class SparseDownsample(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         m = downsample_map(x, self.factor)
-        pooled = torch.zeros(m.coarse_coords.shape[0], *x.feats.shape[1:], dtype=x.dtype, device=x.device)
-        pooled.index_add_(0, m.fine_to_coarse, x.feats)
+        if SHORTCUTS.scatter_free:
+            padded = torch.cat([x.feats, x.feats.new_zeros(1, *x.feats.shape[1:])])
+            pooled = padded[m.children].sum(dim=1)  # children in row order, like the scatter-add
+        else:
+            pooled = torch.zeros(m.coarse_coords.shape[0], *x.feats.shape[1:], dtype=x.dtype, device=x.device)
+            pooled.index_add_(0, m.fine_to_coarse, x.feats)
         pooled = pooled / m.divisor.to(x.dtype).view(-1, *[1] * (x.feats.dim() - 1))
         return SparseTensor(pooled, m.coarse_coords, x.batch_size, cache=m.coarse_cache)
 
