@@ -4,7 +4,9 @@ Jobs run one after another (tiny random weights unless ``--model``). Halfway, th
 submitted together and the server is killed (kill -9) while the first of them runs; a new server
 on the same data folder must report that one failed with a reason and run the two queued ones.
 Every job is then accounted for: done, failed with a reason, or lost (still queued or running at the
-end, or unknown to the server: must be 0). The server's resident memory is read from /v1/info.
+end, or unknown to the server: must be 0). The server's resident memory is read from /v1/info after
+every job: at the start, after the first job (models loaded), before the kill, after the restart and
+at the end, with its range and its drift per job over each server's later jobs (a leak shows there).
 
     .venv/bin/python bench/soak.py [--jobs 50] [--model MODEL_DIR] [--steps 2]
 """
@@ -69,6 +71,7 @@ def main() -> int:
         data = Path(tmp) / "data"
         submitted: list[str] = []
         memory: list[tuple[str, float]] = []
+        series: list[list[float]] = [[], []]  # RSS after each job, per server
         started = time.perf_counter()
         server = start(model, data)
         try:
@@ -78,6 +81,7 @@ def main() -> int:
             for _ in range(half):
                 submitted.append(client.submit([VIEW], params).id)
                 wait_final(client, submitted[-1])
+                series[0].append(rss_mib(client))
             memory.append((f"before kill -9 (after {half} jobs)", rss_mib(client)))
             batch = [client.submit([VIEW], slow).id] + [
                 client.submit([VIEW], params).id for _ in range(KILLED_BATCH - 1)
@@ -97,8 +101,10 @@ def main() -> int:
             while len(submitted) < args.jobs:
                 submitted.append(client.submit([VIEW], params).id)
                 wait_final(client, submitted[-1])
+                series[1].append(rss_mib(client))
             memory.append((f"end (after {len(submitted)} jobs)", rss_mib(client)))
             report(client, submitted, memory, time.perf_counter() - started)
+            drift(series)
         finally:
             server.stop()
     return 0
@@ -119,6 +125,20 @@ def report(client: Client, submitted: list[str], memory: list[tuple[str, float]]
         print(f"| {label} | {mib:.0f} |")
     if lost:
         print(f"\nLOST: {lost}")
+
+
+def drift(series: list[list[float]]) -> None:
+    """RSS after each job of each server: its range after the first job, and the least-squares slope."""
+    print("\n| server | jobs | RSS after job 1 MiB | range after MiB | drift MiB/job |\n|---|---:|---:|---|---:|")
+    for name, values in zip(("first", "restarted"), series, strict=True):
+        if len(values) < 3:
+            continue
+        later = values[1:]
+        mean_x, mean_y = (len(later) - 1) / 2, sum(later) / len(later)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(later)) / sum(
+            (x - mean_x) ** 2 for x in range(len(later))
+        )
+        print(f"| {name} | {len(values)} | {values[0]:.0f} | {min(later):.0f}..{max(later):.0f} | {slope:+.1f} |")
 
 
 if __name__ == "__main__":

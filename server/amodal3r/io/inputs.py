@@ -163,7 +163,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         image = Image.fromarray(np.clip(values / peak * 255 + 0.5, 0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def working_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -180,19 +180,22 @@ def _picture(source: Source) -> _Picture:
     stored = image.size
 
     def decode() -> tuple[Image.Image, int | None]:
+        """Upright, RGB and at the working size before the file closes, copying as little as can be."""
         if image.format == "JPEG":
             image.draft("RGB", working_size(stored))  # decode big JPEGs at a fraction of the size
         image.load()
         orientation = _orientation(image)
-        return to_rgb(upright(image, orientation)), orientation
+        rgb = to_rgb(upright(image, orientation))
+        target = working_size(stored[::-1] if orientation in (5, 6, 7, 8) else stored)
+        if rgb.size != target:
+            rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+        return (rgb.copy() if rgb is image else rgb), orientation
 
     with image:
         rgb, orientation = _guarded(source, "image", decode)
     size = stored[::-1] if orientation in (5, 6, 7, 8) else stored
     notices = []
-    target = working_size(size)
-    if rgb.size != target:
-        rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+    target = rgb.size
     if target != size:
         name = Path(label(source)).name
         notices.append(f"{name}: downscaled from {size[0]}x{size[1]} to {target[0]}x{target[1]}")
@@ -214,12 +217,12 @@ def read_rgb(source: Source) -> np.ndarray:
 
 
 def _mask_values(source: Source, picture: _Picture, binary: bool = True) -> np.ndarray:
-    """Greyscale values of a mask file (alpha, if any, counts as the mask), upright like its image."""
+    """Greyscale values of a mask file (alpha, if any, counts as the mask), upright like its image and
+    at its working size. The size is checked from the header first: a huge mask is never decoded."""
     with open_file(source, "mask", MASK_FORMATS) as stored:
         if stored.size not in (picture.size, picture.stored_size):
             raise _size_mismatch(source, stored.size, picture)
-        _guarded(source, "mask", stored.load)
-        values = _grey_upright(source, stored, picture)
+        values = _guarded(source, "mask", lambda: _working_grey(source, stored, picture))
     swapped = _photo_like(values, binary)
     if swapped:
         picture.notices.append(
@@ -238,7 +241,8 @@ def _photo_like(values: np.ndarray, binary: bool) -> str:
     return f"white over {covered:.0%} of the frame" if covered > PHOTO_COVERAGE else ""
 
 
-def _grey_upright(source: Source, mask: Image.Image, picture: _Picture) -> np.ndarray:
+def _working_grey(source: Source, mask: Image.Image, picture: _Picture) -> np.ndarray:
+    mask.load()
     own = _orientation(mask)
     if own is not None:
         mask = upright(mask, own)
@@ -248,13 +252,17 @@ def _grey_upright(source: Source, mask: Image.Image, picture: _Picture) -> np.nd
             f"{Path(label(source)).name}: turned with the EXIF orientation of {Path(picture.label).name} "
             "(the mask has none, and has the size of the stored image)"
         )
-    return _guarded(source, "mask", lambda: _grey(mask))
+    if mask.size != picture.size:
+        raise _size_mismatch(source, mask.size, picture)
+    if mask.size != picture.image.size:
+        mask = mask.resize(picture.image.size, Image.Resampling.NEAREST)  # keeps labels and palette indices
+    return _grey(mask)
 
 
 def _grey(mask: Image.Image) -> np.ndarray:
     if mask.mode in ("RGBA", "LA") or (mask.mode == "P" and "transparency" in mask.info):
         return np.asarray(mask.convert("RGBA"))[..., 3]
-    if mask.mode == "P":
+    if mask.mode in ("P", "L"):
         return np.asarray(mask)  # palette indices: a label image keeps its labels
     return np.asarray(to_rgb(mask).convert("L"))
 
@@ -264,15 +272,6 @@ def _size_mismatch(source: Source, size: tuple[int, int], picture: _Picture) -> 
         f"{label(source)}: mask is {size[0]}x{size[1]} but {Path(picture.label).name} is "
         f"{picture.size[0]}x{picture.size[1]}. Masks must be the size of their image"
     )
-
-
-def _matched(mask: np.ndarray, source: Source, picture: _Picture) -> np.ndarray:
-    """The mask at the image's working size; it must have been drawn at the image's own size."""
-    if mask.shape[::-1] != picture.size:
-        raise _size_mismatch(source, mask.shape[::-1], picture)
-    if picture.image.size != picture.size:
-        mask = np.asarray(Image.fromarray(mask).resize(picture.image.size, Image.Resampling.NEAREST))
-    return mask
 
 
 def load_view(
@@ -291,15 +290,11 @@ def load_view(
         raise InputError(f"{label(image_path)}: a combined mask already holds the occluders; drop the occluder mask")
     picture = _picture(image_path)
     if mask is not None:
-        target, occluder = combined_to_masks(_matched(_mask_values(mask, picture, binary=False), mask, picture))
+        target, occluder = combined_to_masks(_mask_values(mask, picture, binary=False))
         target_source = mask
     else:
-        target = _matched(_mask_values(target_mask, picture), target_mask, picture) > 127
-        occluder = (
-            _matched(_mask_values(occluder_mask, picture), occluder_mask, picture) > 127
-            if occluder_mask is not None
-            else np.zeros_like(target)
-        )
+        target = _mask_values(target_mask, picture) > 127
+        occluder = _mask_values(occluder_mask, picture) > 127 if occluder_mask is not None else np.zeros_like(target)
         target_source = target_mask
     name = Path(label(image_path)).stem
     return validate_view(View(picture.image, target, occluder, name, picture.notices), label(target_source))

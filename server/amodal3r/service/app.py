@@ -54,7 +54,7 @@ from . import openapi as doc
 from .guard import LOOPBACK_NAMES, Guard, HeaderDeadline
 from .images import ImageStore
 from .job_store import JobStore, is_job_id
-from .uploads import check_image, check_views, decode_rgb, read_form, view_uploads
+from .uploads import check_image, decode_rgb, read_form, store_job, view_uploads
 from .worker import ModelRuntime, Worker
 
 TOKEN_FILE = "token"
@@ -238,8 +238,7 @@ def create_app(server: Server) -> FastAPI:
         params = JobParams.from_json(form["params"])
         uploads = await view_uploads(form)
         worker_running()
-        views = await run_in_threadpool(check_views, uploads)
-        status = await run_in_threadpool(server.store.create, params, views, [u.filename for u in uploads])
+        status = await run_in_threadpool(store_job, server.store, params, uploads)
         server.worker.submit(status.id)
         return status.to_dict()
 
