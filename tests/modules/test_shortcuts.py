@@ -140,4 +140,4 @@ def test_scatter_free_pooling_equals_the_scatter_add() -> None:
         with plain("scatter_free"):
             slow = SparseDownsample(2)(x)
     assert torch.equal(fast.coords, slow.coords)
-    assert torch.equal(fast.feats, slow.feats)  # same order of additions
+    assert torch.allclose(fast.feats, slow.feats, rtol=1e-6, atol=1e-6)  # summation order may differ
