@@ -18,6 +18,7 @@ mesh decoder, its per-voxel output channels at 64^3 for the Gaussian decoder) an
 grid of the trunk features (model_channels float32).
 
     .venv/bin/python bench/decoders.py [--threads N] [--radius 28.5] [--medium-radius R] [--seed 0] [--inside 0.2]
+        [--configs tiny,medium,full] [--dtype float32|bfloat16|float16]
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ CONFIGS = {
         "mesh": dict(model_channels=512, num_blocks=4, num_heads=8),
         "gaussians": dict(model_channels=512, num_blocks=4, num_heads=8, num_gaussians=32),
     },
+    "full": {  # the official checkpoints' architectures
+        "mesh": dict(model_channels=768, num_blocks=12, num_heads=12),
+        "gaussians": dict(model_channels=768, num_blocks=12, num_heads=12, num_gaussians=32),
+    },
 }
 MIB = 2**20
 REALISTIC_INSIDE = 0.2  # fraction of mesh corners with sdf < 0, see the module docstring
@@ -84,11 +89,14 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(config: str, model: str, radius: float, seed: int, inside: float = REALISTIC_INSIDE) -> dict:
+def measure(
+    config: str, model: str, radius: float, seed: int, inside: float = REALISTIC_INSIDE, dtype: str = "float32"
+) -> dict:
     """One case, meant for a fresh process: the peak RSS covers this case only."""
     generator = torch.Generator().manual_seed(seed)
     decoder = build(config, model)
     randomize(decoder, generator)
+    decoder.set_torso_dtype(getattr(torch, dtype))
     coords = sphere_shell(radius)
     latent = SparseTensor(torch.randn(len(coords), LATENT_CHANNELS, generator=generator), coords)
     result = dict(
@@ -135,6 +143,8 @@ def run_case(config: str, model: str, radius: float, args: argparse.Namespace) -
         str(args.seed),
         "--inside",
         str(args.inside),
+        "--dtype",
+        args.dtype,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -172,15 +182,19 @@ def main() -> None:
         default=REALISTIC_INSIDE,
         help="fraction of mesh corners shifted inside (sdf < 0); 0.5 is the worst case",
     )
+    parser.add_argument("--configs", default="tiny,medium", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the trunk's dtype"
+    )
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(*args.one, args.radius, args.seed, args.inside)), flush=True)
+        print(json.dumps(measure(*args.one, args.radius, args.seed, args.inside, args.dtype)), flush=True)
         return
     medium_radius = args.medium_radius if args.medium_radius is not None else args.radius
     print(
-        f"torch {torch.__version__}, {args.threads} threads, fp32, one run per fresh process, "
+        f"torch {torch.__version__}, {args.threads} threads, trunk in {args.dtype}, one run per fresh process, "
         f"{args.inside:g} of mesh corners inside; "
         f"sphere shell of {len(sphere_shell(args.radius))} voxels at 64^3 (radius {args.radius:g})"
         + (
@@ -199,7 +213,7 @@ def main() -> None:
         f"|{'-' * 11}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 38}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}"
         f"|{'-' * 11}|{'-' * 16}|{'-' * 18}|"
     )
-    for config in CONFIGS:
+    for config in args.configs.split(","):
         radius = medium_radius if config == "medium" else args.radius
         for model in ("mesh", "gaussians"):
             print(row(run_case(config, model, radius, args)), flush=True)

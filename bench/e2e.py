@@ -10,7 +10,9 @@ and Gaussians and exports the GLB (unwrap and bake at the default face count, 10
 Printed and written as JSON (``--json``): seconds per stage (model building is ``load``, not part
 of any stage), the median seconds of a guided (condition + unconditional) and of an unguided
 sampler step per flow stage, peak RSS of this process, on CUDA also the peak allocated and reserved
-memory, the device, dtype and thread count.
+memory, the device, dtype and thread count. On Linux also the peak RSS during each model's stage
+without model building: with ``--plain memory_reuse`` (freed memory goes back to the system, so the
+RSS follows the live tensors) and ``--low-vram`` this approximates what a device would need.
 ``--repeat N`` runs the reconstruction N times on the same loaded models and reports the median
 of each figure over the runs after the first (all runs when N is 1).
 
@@ -74,6 +76,8 @@ class RandomWeightsPipeline(Amodal3RPipeline):
         args = pipeline_config(models, torch.Generator().manual_seed(seed))["args"]
         folder = Path(f"<random {size} weights>")
         super().__init__(folder, PipelineConfig._parse(args), device, dtype, low_vram, compile)
+        self.stage_rss: dict[str, float] = {}  # pipeline key -> peak RSS (MiB) while its stage ran
+        self.baseline_rss = current_rss()
 
     def load(self, key: str) -> nn.Module:
         keys = [IMAGE_ENCODER, *self.configs]
@@ -88,11 +92,61 @@ class RandomWeightsPipeline(Amodal3RPipeline):
         self.voxels = int(coords.shape[0])
         return super().sample_slat(cond, coords, *args, **kwargs)
 
+    def model(self, key: str) -> nn.Module:
+        """As the pipeline's, then the RSS high-water mark restarts: building random weights (fp32,
+        with calibration runs) is no part of what a stage needs."""
+        model = super().model(key)
+        reset_peak_rss()
+        return model
 
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak memory in MiB: RSS of this process (the unwrap's child is not counted: its peak reads as
-    the parent's, forked); on CUDA also the allocator's peaks."""
+    @contextmanager
+    def using(self, key: str) -> Iterator[nn.Module]:
+        """As the pipeline's, recording the stage's peak RSS (weights on the CPU included)."""
+        with super().using(key) as model:
+            try:
+                yield model
+            finally:
+                peak = peak_rss_since_reset()
+                if peak is not None:
+                    self.stage_rss[key] = max(self.stage_rss.get(key, 0.0), peak)
+
+
+def current_rss() -> float:
+    """``VmRSS`` in MiB (Linux; 0 elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's RSS high-water mark (Linux ``clear_refs`` 5); elsewhere nothing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_since_reset() -> float | None:
+    """``VmHWM`` in MiB: the peak RSS since the last :func:`reset_peak_rss` (Linux only)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def peak_memory(device: torch.device, pipeline: RandomWeightsPipeline) -> dict[str, float]:
+    """Peak memory in MiB: RSS of this process over the whole run (model building included; the
+    unwrap's child is not counted), and per stage without building (a proxy for what a device
+    needs: weights and activations, plus the process's own baseline); on CUDA the allocator's peaks."""
     usage = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    usage.update({f"peak_rss_during_{key}_mib": value for key, value in pipeline.stage_rss.items()})
+    usage["baseline_rss_mib"] = pipeline.baseline_rss
     if device.type == "cuda":
         usage["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
         usage["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
@@ -172,7 +226,7 @@ def _row(label: str, values: list[float | None]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def print_tables(summaries: list[dict], meta: dict) -> None:
+def print_tables(summaries: list[dict], meta: dict, memory: dict[str, float]) -> None:
     """One column per summary; with two (before: shortcuts off, after: on), also their ratio."""
     last = summaries[-1]
     print(
@@ -191,7 +245,7 @@ def print_tables(summaries: list[dict], meta: dict) -> None:
         for kind in ("guided", "unguided"):
             print(_row(f"{stage} {kind}", [s["steps"][stage][kind] for s in summaries]))
     print("\n| memory (whole process) | MiB |\n|---|---:|")
-    for name, value in peak_memory(torch.device(meta["device"])).items():
+    for name, value in memory.items():
         print(f"| {name} | {value:.0f} |")
 
 
@@ -251,10 +305,11 @@ def main(argv: list[str] | None = None) -> None:
         "argv": sys.argv[1:],
     }
     summaries = [summarise(r) for r in runs]
-    print_tables(summaries, meta)
+    memory = peak_memory(device, pipeline)
+    print_tables(summaries, meta, memory)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"meta": meta, "memory": peak_memory(device), "runs": summaries}
+        report = {"meta": meta, "memory": memory, "runs": summaries}
         args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -448,9 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
         "--size",
-        choices=("tiny", "medium"),
+        choices=("tiny", "medium", "full"),
         default="tiny",
-        help="medium: 256-channel flows, 512-channel decoders, the full-size DINOv2",
+        help="medium: 256-channel flows, 512-channel decoders, the full-size DINOv2; "
+        "full: the official checkpoints' architectures (several GB)",
     )
     tiny.set_defaults(run=_tiny_weights)
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from amodal3r.pipelines.devices import configure_cpu, keep_freed_memory, physical_cores, pick_device
+from amodal3r.pipelines.devices import (
+    configure_cpu,
+    keep_freed_memory,
+    physical_cores,
+    pick_device,
+    release_freed_memory,
+)
 
 
 def test_auto_device_is_a_device() -> None:
@@ -41,3 +47,9 @@ def test_configure_cpu_sets_threads() -> None:
 
 def test_freed_memory_switch_round_trips() -> None:
     assert keep_freed_memory(True) == keep_freed_memory(False)  # glibc: both True; elsewhere both False
+
+
+def test_release_freed_memory_runs() -> None:
+    import sys
+
+    assert release_freed_memory() == sys.platform.startswith("linux")

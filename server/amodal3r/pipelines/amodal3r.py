@@ -41,7 +41,7 @@ from amodal3r.weights.layout import (
 
 from .compiled import compile_parts
 from .conditioning import assemble_cond, crop_square, image_to_tensor, preprocess_view
-from .devices import pick_device
+from .devices import pick_device, release_freed_memory
 from .samplers import ProgressFn, SamplerSettings, StepTime, sample, synchronize
 
 Cancel = Callable[[], bool]
@@ -311,8 +311,10 @@ class Amodal3RPipeline:
         return sorted(self._models)
 
     def unload(self) -> None:
+        """Drop every model and give their memory back (also what :func:`keep_freed_memory` keeps)."""
         self._models.clear()
         self._parked.clear()
+        release_freed_memory()
 
     @torch.inference_mode()
     def encode(self, views: list[View]) -> torch.Tensor:

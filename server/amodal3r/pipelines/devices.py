@@ -117,6 +117,18 @@ def keep_freed_memory(enable: bool = True) -> bool:
     return bool(mallopt(M_MMAP_MAX, mmap_max)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
 
 
+def release_freed_memory() -> bool:
+    """Hand the memory glibc keeps for reuse back to the system (``malloc_trim``): for a server that
+    unloads its models when idle. Returns whether it ran (glibc on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def configure_cpu(threads: int | None = None) -> int:
     """Set up this process for a run: ``threads`` torch threads (default: the physical cores) and
     freed memory kept for reuse. Returns the thread count."""

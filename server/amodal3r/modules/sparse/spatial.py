@@ -74,7 +74,7 @@ class SparseDownsample(nn.Module):
         m = downsample_map(x, self.factor)
         if SHORTCUTS.scatter_free:
             padded = torch.cat([x.feats, x.feats.new_zeros(1, *x.feats.shape[1:])])
-            pooled = padded[m.children].sum(dim=1)  # children in row order, like the scatter-add
+            pooled = padded[m.children].sum(dim=1)  # children in row order; rounding may differ slightly
         else:
             pooled = torch.zeros(m.coarse_coords.shape[0], *x.feats.shape[1:], dtype=x.dtype, device=x.device)
             pooled.index_add_(0, m.fine_to_coarse, x.feats)
