@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import trimesh
 
-from amodal3r.io.camera import Intrinsics
+from amodal3r.api.camera import Intrinsics
 from amodal3r.modules.silhouette import project, rasterize_silhouette
 from amodal3r.pipelines import placement
 from amodal3r.pipelines.placement import fit_pose, look_rotations

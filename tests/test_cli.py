@@ -228,7 +228,7 @@ def test_place_writes_the_pose_of_a_glb_seen_in_a_photo(tmp_path: Path, capsys: 
     import torch
     import trimesh
 
-    from amodal3r.io.camera import Pose
+    from amodal3r.api.camera import Pose
     from amodal3r.modules.silhouette import rasterize_silhouette
 
     parts = [trimesh.creation.box((0.8, 0.2, 0.3)), trimesh.creation.box((0.2, 0.6, 0.3))]

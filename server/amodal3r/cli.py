@@ -129,14 +129,15 @@ def _photo_camera(args: argparse.Namespace, image: Path):
     """The photo's intrinsics: camera.json, else --fov, else its EXIF 35 mm focal length (else 50 mm)."""
     from PIL import Image
 
-    from amodal3r.io.camera import Intrinsics
+    from amodal3r.api.camera import Intrinsics
+    from amodal3r.io.camera import intrinsics_from_exif
 
     if args.camera is not None:
         return Intrinsics.from_json(args.camera)
     if args.fov is not None:
         with Image.open(image) as photo:
             return Intrinsics.from_fov(*_upright_size(photo), args.fov)
-    return Intrinsics.from_exif(image)
+    return intrinsics_from_exif(image)
 
 
 def _upright_size(photo) -> tuple[int, int]:

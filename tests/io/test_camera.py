@@ -11,7 +11,8 @@ import pytest
 import trimesh
 from PIL import Image
 
-from amodal3r.io.camera import CameraError, Intrinsics, MeshError, Pose, load_mesh_for_placement
+from amodal3r.api.camera import CameraError, Intrinsics, Pose
+from amodal3r.io.camera import MeshError, intrinsics_from_exif, load_mesh_for_placement
 
 GOOD = {"width": 640, "height": 480, "fx": 500.0, "fy": 505.5, "cx": 320.5, "cy": 239.0}
 
@@ -87,9 +88,9 @@ def test_unreadable_files(tmp_path: Path) -> None:
 def test_unreadable_images_for_exif(tmp_path: Path) -> None:
     (tmp_path / "not.jpg").write_bytes(b"text")
     with pytest.raises(CameraError, match="cannot read this image"):
-        Intrinsics.from_exif(tmp_path / "not.jpg")
+        intrinsics_from_exif(tmp_path / "not.jpg")
     with pytest.raises(CameraError, match="cannot read this image"):
-        Intrinsics.from_exif(tmp_path / "missing.jpg")
+        intrinsics_from_exif(tmp_path / "missing.jpg")
 
 
 def test_from_fov() -> None:
@@ -125,30 +126,30 @@ def jpeg(
 
 
 def test_exif_focal_length(tmp_path: Path) -> None:
-    camera = Intrinsics.from_exif(jpeg(tmp_path / "a.jpg", (400, 300), 28))
+    camera = intrinsics_from_exif(jpeg(tmp_path / "a.jpg", (400, 300), 28))
     assert camera.fx == pytest.approx(28 / 36 * 400) and camera.fy == camera.fx
     assert (camera.width, camera.height, camera.cx, camera.cy) == (400, 300, 200, 150)
-    in_ifd0 = Intrinsics.from_exif(jpeg(tmp_path / "b.jpg", (400, 300), 28, sub_ifd=False))
+    in_ifd0 = intrinsics_from_exif(jpeg(tmp_path / "b.jpg", (400, 300), 28, sub_ifd=False))
     assert in_ifd0.fx == pytest.approx(camera.fx)
     with Image.open(tmp_path / "a.jpg") as image:
-        assert Intrinsics.from_exif(image) == camera
+        assert intrinsics_from_exif(image) == camera
 
 
 def test_portrait_photos_match_the_film_to_the_long_side(tmp_path: Path) -> None:
-    camera = Intrinsics.from_exif(jpeg(tmp_path / "p.jpg", (300, 400), 28))
+    camera = intrinsics_from_exif(jpeg(tmp_path / "p.jpg", (300, 400), 28))
     assert camera.fx == pytest.approx(28 / 36 * 400)
-    turned = Intrinsics.from_exif(jpeg(tmp_path / "t.jpg", (400, 300), 28, orientation=6))
+    turned = intrinsics_from_exif(jpeg(tmp_path / "t.jpg", (400, 300), 28, orientation=6))
     assert (turned.width, turned.height) == (300, 400) and turned.fx == pytest.approx(camera.fx)
 
 
 def test_no_exif_means_50mm(tmp_path: Path) -> None:
-    camera = Intrinsics.from_exif(jpeg(tmp_path / "plain.jpg", (600, 400)))
+    camera = intrinsics_from_exif(jpeg(tmp_path / "plain.jpg", (600, 400)))
     assert camera.fx == pytest.approx(50 / 36 * 600)
-    zero = Intrinsics.from_exif(jpeg(tmp_path / "zero.jpg", (600, 400), 0))  # 0 means unknown
+    zero = intrinsics_from_exif(jpeg(tmp_path / "zero.jpg", (600, 400), 0))  # 0 means unknown
     assert zero.fx == pytest.approx(camera.fx)
     png = tmp_path / "plain.png"
     Image.new("RGB", (600, 400)).save(png)
-    assert Intrinsics.from_exif(png).fx == pytest.approx(camera.fx)
+    assert intrinsics_from_exif(png).fx == pytest.approx(camera.fx)
 
 
 def test_pose_json_is_written_atomically_and_reads_back(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import trimesh
 
-from amodal3r.io.camera import Intrinsics, Pose
+from amodal3r.api.camera import Intrinsics, Pose
 from amodal3r.pipelines.placement import Placement, PlacementError, fit_pose
 
 

@@ -20,6 +20,9 @@ GET      /v1/jobs                       ``{"jobs": [JobStatus, ...]}``, newest f
 GET      /v1/jobs/{id}                  ``JobStatus``
 POST     /v1/jobs/{id}/cancel           ``JobStatus``
 GET      /v1/jobs/{id}/results/{name}   a file named in ``JobStatus.results``
+POST     /v1/place                      multipart ``params`` (JSON ``PlaceParams``), ``mesh`` (a
+                                        GLB) and ``view0_*`` files as for a job -> the ``pose.json``
+                                        object (see ``api/camera.py``)
 POST     /v1/images                     multipart ``image`` -> ``{"image_id": ...}`` (for segment)
 POST     /v1/segment                    multipart ``params`` (JSON ``SegmentParams``) and either
                                         ``image`` or ``params.image_id`` -> ``SegmentReply``
@@ -57,6 +60,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from .camera import CameraError, Intrinsics
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -82,7 +86,7 @@ MASK_FORMATS = ("PNG",)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
-RESULT_SUFFIXES = (".glb", ".ply", ".png")
+RESULT_SUFFIXES = (".glb", ".ply", ".png", ".pose.json")
 
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
 MULTIVIEW_MODES = ("stochastic", "multidiffusion")
@@ -189,6 +193,40 @@ def _from_dict(cls: type, data: Any, what: str):
         raise ProtocolError(f"bad {what}: {error}") from None
 
 
+FOV_RANGE = _range(1.0, 179.0)  # a horizontal field of view, degrees
+
+
+def _check_camera(camera: Any) -> None:
+    """A ``camera`` field holds the six ``camera.json`` intrinsics of the full photo."""
+    if camera is None:
+        return
+    try:
+        Intrinsics.from_dict(camera, "camera")
+    except CameraError as error:
+        raise ProtocolError(str(error)) from None
+
+
+@dataclass
+class PlaceParams:
+    """How to see the photo when fitting a pose: its intrinsics, else a horizontal field of view,
+    else (neither) the photo's EXIF focal length or a 50 mm equivalent."""
+
+    camera: dict | None = None  # camera.json: width, height, fx, fy, cx, cy of the full photo
+    fov: float | None = field(default=None, metadata=FOV_RANGE)
+
+    def validate(self) -> PlaceParams:
+        _check_fields(self)
+        _check_camera(self.camera)
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PlaceParams:
+        return _from_dict(cls, _loads(text, "params"), "place params").validate()
+
+
 @dataclass
 class JobParams:
     """The run settings of ``amodal3r reconstruct``; None means the pipeline's default."""
@@ -205,10 +243,18 @@ class JobParams:
     gaussians: bool = False
     preview: bool = True
     name: str = field(default="", metadata={"maxLength": 200})  # shown in job lists; the Blender object name
+    place: bool = False  # also fit each variant's pose to the first view's photo: variant<i>.pose.json
+    camera: dict | None = None  # with place: as PlaceParams.camera
+    fov: float | None = field(default=None, metadata=FOV_RANGE)  # with place: as PlaceParams.fov
 
     def validate(self) -> JobParams:
         _check_fields(self)
+        _check_camera(self.camera)
         return self
+
+    @property
+    def placement(self) -> PlaceParams:
+        return PlaceParams(self.camera, self.fov)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -373,7 +419,7 @@ _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", 
 
 
 def result_name(variant: int, suffix: str) -> str:
-    """Result files of one job: ``variant0.glb``, ``variant0.ply``, ``variant0.png``."""
+    """Result files of one job: ``variant0.glb``, ``variant0.ply``, ``variant0.png``, ``variant0.pose.json``."""
     return f"variant{variant}{suffix}"
 
 

@@ -5,7 +5,7 @@ Convention: ``object_to_camera`` is a 4x4 matrix ``[[R, t], [0, 0, 0, 1]]`` taki
 GLB (glTF frame: +Y up, front +Z, the model's unit cube, centred) to the photo's camera frame in
 OpenCV's convention (x right, y down, z forward, in the same units), ``p_cam = R p_glb + t``.
 Scale stays 1: the object is as large as the model made it, so its depth follows from its size in
-the photo. Intrinsics always describe the full photo (:class:`amodal3r.io.camera.Intrinsics`).
+the photo. Intrinsics always describe the full photo (:class:`amodal3r.api.camera.Intrinsics`).
 
 Score of a pose (higher is better, 1 at most):
 ``IoU(silhouette, target) - PENALTY * |silhouette on background| / |target|``, both over the
@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from amodal3r.api.camera import MAX_CANDIDATES, Intrinsics, Pose
 from amodal3r.api.errors import InputError
-from amodal3r.io.camera import MAX_CANDIDATES, Intrinsics, Pose
 from amodal3r.modules.silhouette import rasterize_silhouette
 
 PENALTY = 0.25
@@ -96,7 +96,7 @@ class Placement:
     candidates: list[tuple[np.ndarray, float]] = field(default_factory=list)
 
     def pose(self, camera: Intrinsics) -> Pose:
-        """As :class:`amodal3r.io.camera.Pose`, to write ``pose.json`` (which keeps 3 candidates)."""
+        """As :class:`amodal3r.api.camera.Pose`, to write ``pose.json`` (which keeps 3 candidates)."""
         return Pose(self.object_to_camera, camera, self.score, tuple(self.candidates[:MAX_CANDIDATES]))
 
 
