@@ -119,7 +119,8 @@ def keep_freed_memory(enable: bool = True) -> bool:
 
 def release_freed_memory() -> bool:
     """Hand the memory glibc keeps for reuse back to the system (``malloc_trim``): for a server that
-    unloads its models when idle. Returns whether it ran (glibc on Linux only)."""
+    unloads its models when idle, or has just decoded a large upload in a worker thread (freed blocks
+    stay in that thread's arena otherwise). Returns whether it ran (glibc on Linux only)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -8,8 +8,6 @@ At most ``DECODE_SLOTS`` requests decode at once, which bounds the memory decodi
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from fastapi import HTTPException, Request
 
 from amodal3r.api.protocol import MAX_REQUEST_PIXELS, MAX_VIEWS, JobParams, JobStatus, ProtocolError, parse_view_field
 from amodal3r.io.inputs import Upload, View, image_size, load_view, read_rgb
+from amodal3r.pipelines.devices import release_freed_memory
 
 from .job_store import JobStore
 
@@ -80,7 +79,7 @@ def store_job(store: JobStore, params: JobParams, uploads: list[ViewUpload]) -> 
         try:
             return store.create(params, check_views(uploads), [upload.filename for upload in uploads])
         finally:
-            give_back_memory()
+            release_freed_memory()  # Pillow's freed 16 MiB blocks would stay in this thread's arena
 
 
 def check_budget(uploads: list[ViewUpload]) -> None:
@@ -106,25 +105,13 @@ def check_views(uploads: list[ViewUpload]) -> list[View]:
     return views
 
 
-def give_back_memory() -> None:
-    """Return freed decoder buffers to the OS. glibc keeps them in the arena of the thread that
-    decoded (Pillow allocates images in 16 MiB blocks, below its mmap threshold): without this,
-    every large upload left the server's resident memory higher for good."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # another C library: nothing to trim this way
-        pass
-
-
 def check_image(data: bytes) -> None:
     """An image for click-to-mask must decode (run it in a thread)."""
     with _decoding:
         try:
             read_rgb(Upload("image", data))
         finally:
-            give_back_memory()
+            release_freed_memory()
 
 
 def decode_rgb(path: Path):
