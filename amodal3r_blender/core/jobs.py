@@ -15,7 +15,7 @@ from pathlib import Path
 
 from amodal3r.api.client import Client, ServerError, ServerUnavailable
 from amodal3r.api.errors import Cancelled
-from amodal3r.api.protocol import CANCELLED, DONE, JobParams, JobStatus
+from amodal3r.api.protocol import CANCELLED, DONE, RANDOM_WEIGHTS_NOTICE_START, JobParams, JobStatus
 
 from .backend import LOCAL, Backend, BackendError
 from .tasks import Task
@@ -23,9 +23,6 @@ from .tasks import Task
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
 DOWNLOADED = (".glb", ".png", ".ply")
-# How the server's notice about a model folder of tiny random weights begins (RANDOM_WEIGHTS_NOTICE
-# in the server's weights/layout.py; the Blender tests check it against a real job's).
-RANDOM_WEIGHTS_START = "NOTE: the model folder holds tiny RANDOM weights"
 
 
 class JobError(RuntimeError):
@@ -146,7 +143,7 @@ def notices_of(status: JobStatus | None) -> list[str]:
 
 def random_weights(notices: list[str]) -> bool:
     """Whether the server said its model folder holds random weights (the result is noise)."""
-    return any(notice.startswith(RANDOM_WEIGHTS_START) for notice in notices)
+    return any(notice.startswith(RANDOM_WEIGHTS_NOTICE_START) for notice in notices)
 
 
 def glb_paths(paths: list[Path]) -> list[Path]:

@@ -88,6 +88,9 @@ STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
 RESULT_SUFFIXES = (".glb", ".ply", ".png", ".pose.json")
 
+# How a job's notice that its model folder holds tiny random weights begins (the add-on offers real ones).
+RANDOM_WEIGHTS_NOTICE_START = "NOTE: the model folder holds tiny RANDOM weights"
+
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
 MULTIVIEW_MODES = ("stochastic", "multidiffusion")
 SAM_KINDS = ("vit_h", "vit_l", "vit_b")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from amodal3r.api.protocol import RANDOM_WEIGHTS_NOTICE_START
+
 HF_REPO = "Sm0kyWu/Amodal3R"
 PIPELINE_FILE = "pipeline.json"
 CHECKPOINT_FOLDER = "Amodal3R_ckpts"
@@ -47,7 +49,7 @@ IMAGE_ENCODER_CONFIG = "image_encoder.json"
 
 # pipeline.json's ``args.tiny_random_weights`` marks a folder from ``amodal3r tiny-weights``.
 RANDOM_WEIGHTS_NOTICE = (
-    "NOTE: the model folder holds tiny RANDOM weights (made by amodal3r tiny-weights): the result is noise, not a "
+    f"{RANDOM_WEIGHTS_NOTICE_START} (made by amodal3r tiny-weights): the result is noise, not a "
     f"reconstruction. Get the real weights: Download models in the add-on's preferences, or pass --model {HF_REPO}"
 )
 

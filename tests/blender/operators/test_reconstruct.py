@@ -16,6 +16,7 @@ from unittest.mock import MagicMock
 import numpy as np
 import pytest
 
+from amodal3r.api.protocol import RANDOM_WEIGHTS_NOTICE_START
 from amodal3r_blender.core import masks, png
 
 pytestmark = pytest.mark.usefixtures("server_env")
@@ -112,10 +113,9 @@ def _assert_random_weights_notice(addon: str, settings) -> None:
     """The tiny weights' notice, from the real server, once, beside the result with its button."""
     import bpy
 
-    jobs = importlib.import_module(f"{addon}.core.jobs")
     panels = importlib.import_module(f"{addon}.ui.panels")
     (notice,) = settings.notices.splitlines()
-    assert notice.startswith(jobs.RANDOM_WEIGHTS_START) and "Download models" in notice
+    assert notice.startswith(RANDOM_WEIGHTS_NOTICE_START) and "Download models" in notice
     layout = MagicMock()
     panels.draw_run(layout, bpy.context)
     drawn = "\n".join(str(call) for call in layout.mock_calls)

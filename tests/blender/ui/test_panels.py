@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 from addon_helpers import addon_of, module, override, photo
 
+from amodal3r.api.protocol import RANDOM_WEIGHTS_NOTICE_START
+
 # --- a recording layout ---------------------------------------------------------------------------
 
 
@@ -200,13 +202,12 @@ def test_draw_while_running(with_masks, settings):
 
 
 def test_notices_stand_beside_the_result(with_masks, settings):
-    jobs = module(addon_of(settings), "core.jobs")
     settings.message = "Imported mug"
     settings.notices = "view0_image.png: downscaled from 6000x4000 to 4096x2731"
     main = _draw_all(addon_of(settings))[("VIEW_3D", "Reconstruct occluded object")]
     assert "Imported mug\nview0_image.png: downscaled" in main.texts()
     assert "amodal3r.download_models" not in [c["operator"] for c in main.calls("operator")]
-    settings.notices += f"\n{jobs.RANDOM_WEIGHTS_START} (made by amodal3r tiny-weights): the result is noise"
+    settings.notices += f"\n{RANDOM_WEIGHTS_NOTICE_START} (made by amodal3r tiny-weights): the result is noise"
     for space in ("VIEW_3D", "IMAGE_EDITOR"):
         main = _draw_all(addon_of(settings))[(space, "Reconstruct occluded object")]
         assert main.texts().count("RANDOM weights") == 1
