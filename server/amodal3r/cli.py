@@ -240,6 +240,7 @@ def _batch(args: argparse.Namespace) -> int:
     from amodal3r.weights.hub import resolve_model
 
     replicas = _replicas(args)
+    placement = _place_params(args)
     params = JobParams(
         seed=args.seed,
         multiview=args.multiview,
@@ -251,6 +252,9 @@ def _batch(args: argparse.Namespace) -> int:
         faces=args.faces,
         gaussians=args.gaussians,
         preview=args.preview,
+        place=args.place,
+        camera=placement.camera,
+        fov=placement.fov,
     ).validate()
     if args.ray is not None:
         from amodal3r.service.ray_cluster import require_ray
@@ -390,6 +394,15 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _place_options(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument(
+        "--place",
+        action="store_true",
+        help=f"also fit each result's pose to {where} (see amodal3r place)",
+    )
+    _camera_options(parser)
+
+
 def _camera_options(parser: argparse.ArgumentParser) -> None:
     camera = parser.add_mutually_exclusive_group()
     camera.add_argument(
@@ -463,12 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, required=True, help="output .glb (variants get _0, _1, ...)")
     add_run_options(rec)
     add_output_options(rec)
-    rec.add_argument(
-        "--place",
-        action="store_true",
-        help="also fit each result's pose to the first view's photo: OUT.pose.json (see amodal3r place)",
-    )
-    _camera_options(rec)
+    _place_options(rec, "the first view's photo: OUT.pose.json")
 
     place = commands.add_parser(
         "place",
@@ -547,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--model", required=True, help="model folder or Hugging Face id")
     add_run_options(batch, variants=False)
     add_output_options(batch)
+    _place_options(batch, "its (first) photo: NAME.pose.json; --camera and --fov apply to every photo")
     _ray_options(batch, autoscale=False)
     batch.set_defaults(run=_batch)
     return parser
