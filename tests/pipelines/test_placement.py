@@ -150,3 +150,5 @@ def test_mesh_without_faces_is_refused() -> None:
     with pytest.raises(PlacementError, match="no faces"):
         fit_pose(vertices, np.zeros((0, 3), dtype=np.int64), target, occluder, camera)
     assert issubclass(PlacementError, ValueError)
+    with pytest.raises(PlacementError, match="degenerate"):
+        fit_pose(np.zeros((3, 3)), np.array([[0, 1, 2]]), target, occluder, camera)

@@ -85,6 +85,7 @@ SEARCH_FACES, FINAL_FACES = 1000, 2500  # faces drawn by the coarse to middle st
 POSES_PER_BATCH = 256
 MODEL_RADII = (0.5, 1.0, 2.0, 4.0)
 MAX_SCALE = 4.0
+MIN_EXTENT = 1e-6  # the mesh's longest side, in the model's unit cube: a smaller one has no silhouette to fit
 
 
 class PlacementError(InputError):
@@ -260,6 +261,11 @@ def _check_inputs(
         raise PlacementError(f"faces must index the {len(vertices)} vertices")
     if not np.isfinite(vertices).all():
         raise PlacementError("the mesh has non-finite vertex coordinates")
+    if np.ptp(vertices, axis=0).max() < MIN_EXTENT:
+        raise PlacementError(
+            "the mesh is degenerate (all its vertices at one point): placement needs the reconstructed "
+            "surface; reconstruct again (another seed, or more steps)"
+        )
     expected = (camera.height, camera.width)
     masks = []
     for name, mask in (("target", target), ("occluder", occluder)):
