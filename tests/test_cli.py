@@ -9,6 +9,7 @@ import pytest
 from gltf_checks import gltf_issues, load_glb
 from PIL import Image
 
+from amodal3r.api.camera import Intrinsics, Pose
 from amodal3r.cli import main
 from amodal3r.pipelines.conditioning import masks_to_grey
 
@@ -94,14 +95,16 @@ def test_three_views_two_variants(photo: dict, tiny_model_dir: Path, tmp_path: P
             str(photo["target"]),
             "--occluder-mask",
             str(photo["occluder"]),
-            extra=("--variants", "2"),
+            extra=("--variants", "2", "--place", "--fov", "50"),
         )
         == 0
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["obj_0.glb", "obj_1.glb"]
-    for path in tmp_path.iterdir():
+    names = ["obj_0.glb", "obj_0.pose.json", "obj_1.glb", "obj_1.pose.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    for path in tmp_path.glob("*.glb"):
         assert load_glb(path).visual.material.baseColorTexture.size == (128, 128)
         assert gltf_issues(path)["numErrors"] == 0
+    assert Pose.from_json(tmp_path / "obj_1.pose.json").camera == Intrinsics.from_fov(200, 160, 50)
 
 
 def test_bad_input_fails_cleanly(
@@ -139,6 +142,7 @@ def never_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
         ("--variants", "9", "argument --variants: must be an integer in 1..8, got 9"),
         ("--cfg", "-1", "argument --cfg: must be a number in 0.0..100.0, got -1.0"),
         ("--faces", "many", "argument --faces: not an integer: 'many'"),
+        ("--fov", "0", "argument --fov: must be a number in 1.0..179.0, got 0.0"),
     ],
 )
 def test_option_ranges_are_checked_first(

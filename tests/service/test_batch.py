@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from batch_pictures import FAST, W, summary, write_picture
+from batch_pictures import FAST, H, W, summary, write_picture
 from gltf_checks import gltf_issues
 
 from amodal3r.cli import main
@@ -36,6 +36,21 @@ def test_local_batch_writes_reports_and_resumes(
     printed = capsys.readouterr()
     assert "2 item(s): 0 to run, 1 already done, 1 refused" in printed.err
     assert summary(out)["good"]["status"] == "skipped" and (out / "good.glb").stat().st_mtime_ns == stamp
+
+
+def test_batch_place_writes_a_pose_beside_each_glb(
+    sparse_tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from amodal3r.api.camera import Intrinsics, Pose
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    write_picture(source, "good", "pair")
+    args = ["batch", str(source), "--out-dir", str(out), "--model", str(sparse_tiny_model_dir), *FAST]
+    assert main([*args, "--place", "--fov", "50"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["good.glb", "good.pose.json", "summary.csv"]
+    assert Pose.from_json(out / "good.pose.json").camera == Intrinsics.from_fov(W, H, 50)
+    assert main([*args, "--place"]) == 0  # a rerun finds every output there
+    assert summary(out)["good"]["status"] == "skipped"
 
 
 def free_port() -> int:

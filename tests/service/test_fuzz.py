@@ -31,7 +31,7 @@ from amodal3r.api.client import launch_server
 EXAMPLES = 25
 BUDGET_S = 45.0
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-POSTED = ("/v1/jobs", "/v1/images", "/v1/segment", "/v1/models/download")
+POSTED = ("/v1/jobs", "/v1/place", "/v1/images", "/v1/segment", "/v1/models/download")
 NO_NETWORK = {"HF_HUB_OFFLINE": "1", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
 
 
@@ -54,13 +54,15 @@ def fuzz(operation, mode: GenerationMode, auth: dict[str, str], deadline: float,
 
 
 def check_document(document: dict) -> None:
-    """The four POST bodies are described, and the token is required of every route."""
+    """The five POST bodies are described, and the token is required of every route."""
     paths = document["paths"]
     bodies = {path: paths[path]["post"]["requestBody"]["content"] for path in POSTED}
     assert set(bodies["/v1/jobs"]["multipart/form-data"]["schema"]["properties"]) >= {"params", "view7_mask"}
     assert bodies["/v1/jobs"]["multipart/form-data"]["encoding"] == {"params": {"contentType": "application/json"}}
     assert bodies["/v1/segment"]["multipart/form-data"]["schema"]["properties"]["params"]["properties"]["points"]
     assert bodies["/v1/images"]["multipart/form-data"]["schema"]["required"] == ["image"]
+    place = bodies["/v1/place"]["multipart/form-data"]["schema"]
+    assert place["required"] == ["params", "mesh", "view0_image"] and "view1_image" not in place["properties"]
     assert "components" in bodies["/v1/models/download"]["application/json"]["schema"]["properties"]
     assert document["security"] == [{"bearer": []}]
     assert set(paths["/v1/jobs"]["post"]["responses"]) == {
@@ -91,7 +93,7 @@ def test_the_api_survives_fuzzing_from_its_openapi_document(tiny_model_dir: Path
         check_document(document)
         schema = schemathesis.openapi.from_url(f"{server.url}/v1/openapi.json", headers=auth)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 12, [op.label for op in operations]
+        assert len(operations) == 13, [op.label for op in operations]
         sent: Counter = Counter()
         started = time.monotonic()
         for operation in operations:

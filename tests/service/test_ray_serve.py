@@ -73,7 +73,7 @@ def test_four_jobs_on_two_replicas_through_the_client(ray_server: tuple[LocalSer
     server, data = ray_server
     client = server.client(timeout=60)
     assert client.health()["protocol"] == 1
-    assert "/v1/jobs" in json.loads(client.request("GET", "/openapi.json")[0])["paths"]
+    assert {"/v1/jobs", "/v1/place"} <= set(json.loads(client.request("GET", "/openapi.json")[0])["paths"])
     with pytest.raises(ServerError) as refused:
         Client(server.url, "wrong").info()
     assert refused.value.status == 403

@@ -60,7 +60,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .camera import CameraError, Intrinsics
+from .camera import POSE_SUFFIX, CameraError, Intrinsics
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -86,7 +86,7 @@ MASK_FORMATS = ("PNG",)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
-RESULT_SUFFIXES = (".glb", ".ply", ".png", ".pose.json")
+RESULT_SUFFIXES = (".glb", ".ply", ".png", POSE_SUFFIX)
 
 # How a job's notice that its model folder holds tiny random weights begins (the add-on offers real ones).
 RANDOM_WEIGHTS_NOTICE_START = "NOTE: the model folder holds tiny RANDOM weights"
@@ -349,7 +349,7 @@ class JobStatus:
     created: float = field(metadata=_range(0))  # unix time
     params: dict
     views: list[str]  # the uploaded image names, in the order given
-    stage: str = ""  # queued, loading, encoding, structure, slat, decoding, exporting
+    stage: str = ""  # queued, loading, encoding, structure, slat, decoding, exporting, placing
     step: int = field(default=0, metadata=_range(0))
     total: int = field(default=0, metadata=_range(0))
     progress: float = field(default=0.0, metadata=_range(0.0, 1.0))  # over the whole job

@@ -53,13 +53,17 @@ within that reach, which keeps a large occluder (a table, a wall) from spreading
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from amodal3r.api.camera import MAX_CANDIDATES, Intrinsics, Pose
-from amodal3r.api.errors import InputError
+from amodal3r.api.camera import MAX_CANDIDATES, POSE_SUFFIX, Intrinsics, Pose
+from amodal3r.api.errors import Cancelled, InputError
+from amodal3r.io.camera import load_mesh_for_placement
+from amodal3r.io.inputs import Source, View
+from amodal3r.io.results import WrittenVariant
 from amodal3r.modules.silhouette import rasterize_silhouette
 
 PENALTY = 0.25
@@ -81,6 +85,7 @@ SEARCH_FACES, FINAL_FACES = 1000, 2500  # faces drawn by the coarse to middle st
 POSES_PER_BATCH = 256
 MODEL_RADII = (0.5, 1.0, 2.0, 4.0)
 MAX_SCALE = 4.0
+MIN_EXTENT = 1e-6  # the mesh's longest side, in the model's unit cube: a smaller one has no silhouette to fit
 
 
 class PlacementError(InputError):
@@ -256,6 +261,11 @@ def _check_inputs(
         raise PlacementError(f"faces must index the {len(vertices)} vertices")
     if not np.isfinite(vertices).all():
         raise PlacementError("the mesh has non-finite vertex coordinates")
+    if np.ptp(vertices, axis=0).max() < MIN_EXTENT:
+        raise PlacementError(
+            "the mesh is degenerate (all its vertices at one point): placement needs the reconstructed "
+            "surface; reconstruct again (another seed, or more steps)"
+        )
     expected = (camera.height, camera.width)
     masks = []
     for name, mask in (("target", target), ("occluder", occluder)):
@@ -728,3 +738,43 @@ def _matrix(rotation: torch.Tensor, translation: torch.Tensor, centre: np.ndarra
     matrix[:3, :3] = r
     matrix[:3, 3] = translation.double().cpu().numpy() - r @ centre
     return matrix
+
+
+def fit_glb(mesh: Source, view: View, camera: Intrinsics) -> Pose:
+    """The pose of a GLB (a path or uploaded bytes) in ``view``, for every caller alike.
+
+    ``view``'s masks are at its working size (big photos are downscaled when read) while ``camera``
+    describes the full photo: the fit uses the camera resized to the masks, the pose keeps the full
+    photo's camera (``pose.json`` always describes the photo as the user has it).
+    """
+    vertices, faces = load_mesh_for_placement(mesh)
+    working = camera.resized(*view.image.size) if view.image.size != (camera.width, camera.height) else camera
+    return fit_pose(vertices, faces, view.target, view.occluder, working).pose(camera)
+
+
+def place_variants(
+    variants: list[WrittenVariant],
+    view: View,
+    camera: Intrinsics,
+    before_variant: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> None:
+    """Write each variant's ``pose.json`` beside its GLB and add it to the variant's files.
+
+    A variant that cannot be placed (a degenerate mesh, too little visible target) keeps its GLB
+    and gets a notice saying why it has no pose: the reconstruction is worth more than its
+    placement. Only expected failures (:class:`InputError`) are turned into notices; anything else
+    is a bug and fails the run. ``cancelled()`` is asked between variants.
+    """
+    for index, variant in enumerate(variants):
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"cancelled before placing variant {index + 1} of {len(variants)}")
+        if before_variant is not None:
+            before_variant(index, len(variants))
+        path = variant.glb.with_name(variant.glb.stem + POSE_SUFFIX)
+        try:
+            fit_glb(variant.glb, view, camera).write(path)
+        except InputError as error:
+            variant.notes.append(f"{variant.glb.name}: no pose was fitted ({error})")
+        else:
+            variant.extras.append(path)

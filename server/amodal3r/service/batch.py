@@ -1,9 +1,10 @@
 """``amodal3r batch``: many pictures in one run, in this process or spread over Ray actors.
 
-Every item is checked before any model loads. Results go to ``OUT/NAME.glb`` (+ ``.ply``, ``.png``),
-each written atomically; ``OUT/summary.csv`` is rewritten as items finish; a rerun skips the items
-whose outputs all exist. Where the work runs is an :class:`Executor`: :class:`LocalExecutor` here,
-``ray_batch.RayExecutor`` on a Ray cluster.
+Every item is checked before any model loads. Results go to ``OUT/NAME.glb`` (+ ``.ply``, ``.png``,
+and with ``place`` the pose in its photo's camera, ``.pose.json``), each written atomically;
+``OUT/summary.csv`` is rewritten as items finish; a rerun skips the items whose outputs all exist.
+Where the work runs is an :class:`Executor`: :class:`LocalExecutor` here, ``ray_batch.RayExecutor``
+on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from amodal3r.api.camera import POSE_SUFFIX
 from amodal3r.api.files import write_atomically
 from amodal3r.api.protocol import JobParams
 from amodal3r.io.batch_inputs import BatchItem, check_items
+from amodal3r.io.camera import photo_camera
 from amodal3r.io.inputs import load_view
-from amodal3r.io.results import GAUSSIANS_SUFFIX, PREVIEW_SUFFIX, OutputSettings, write_results
+from amodal3r.io.results import GAUSSIANS_SUFFIX, PREVIEW_SUFFIX, OutputSettings, WrittenVariant, write_results
+from amodal3r.pipelines.placement import place_variants
 
 from .worker import OUT_OF_MEMORY, ModelRuntime, run_settings
 
@@ -64,10 +68,11 @@ class Executor(Protocol):
 
 
 def output_paths(out_dir: Path, name: str, params: JobParams) -> list[Path]:
-    """Every file one item writes: the GLB, then the preview and the Gaussians when asked for."""
+    """Every file one item writes: the GLB, then the preview, the Gaussians and the pose when asked
+    for (an item whose pose could not be fitted lacks it, with a notice, and a rerun tries again)."""
     glb = out_dir / f"{name}.glb"
-    extras = [(params.preview, PREVIEW_SUFFIX), (params.gaussians, GAUSSIANS_SUFFIX)]
-    return [glb] + [glb.with_suffix(suffix) for wanted, suffix in extras if wanted]
+    extras = [(params.preview, PREVIEW_SUFFIX), (params.gaussians, GAUSSIANS_SUFFIX), (params.place, POSE_SUFFIX)]
+    return [glb] + [glb.with_name(name + suffix) for wanted, suffix in extras if wanted]
 
 
 def reconstruct_item(runtime: ModelRuntime, item: BatchItem, params: JobParams, glb: Path) -> Outcome:
@@ -75,18 +80,24 @@ def reconstruct_item(runtime: ModelRuntime, item: BatchItem, params: JobParams, 
     started = time.perf_counter()
     try:
         views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in item.views]
+        camera = photo_camera(item.views[0]["image"], params.placement) if params.place else None
         result = runtime.pipeline()(views, run_settings(params))
         outputs = OutputSettings(
             texture_size=params.texture_size, faces=params.faces, gaussians=params.gaussians, preview=params.preview
         )
-        written = write_results(result.meshes[:1], result.gaussians[:1], [glb], outputs)
+
+        def place(variants: list[WrittenVariant]) -> None:
+            place_variants(variants, views[0], camera)
+
+        finish = place if camera is not None else None
+        written = write_results(result.meshes[:1], result.gaussians[:1], [glb], outputs, finish=finish)
     except Exception as error:  # noqa: BLE001 - one item's failure must never stop the batch
         text = str(error) or type(error).__name__
         if isinstance(error, MemoryError) or "out of memory" in text.lower():
             runtime.unload()  # the next item starts from a clean device
             text = OUT_OF_MEMORY
         return Outcome(FAILED, time.perf_counter() - started, text)
-    notices = [n for view in views for n in view.notices] + [n for w in written for n in w.report.notices]
+    notices = [n for view in views for n in view.notices] + [n for w in written for n in w.notices]
     return Outcome(DONE, time.perf_counter() - started, notices=notices)
 
 
@@ -202,6 +213,8 @@ class BatchReport:
     def finished(self, item: BatchItem, outcome: Outcome) -> None:
         self.summary.set(item.name, outcome.status, outcome.seconds, outcome.error)
         self.summary.write()
+        for notice in outcome.notices:
+            self.bar.message(f"{item.name}: notice: {notice}")
         self.bar.finished(item.name, outcome)
 
     def tick(self) -> None:

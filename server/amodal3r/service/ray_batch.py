@@ -59,7 +59,7 @@ class ItemActor:
             paths[0].parent.mkdir()
             assert self.runtime is not None, "ready() runs first"
             outcome = reconstruct_item(self.runtime, item, self.spec.params, paths[0])
-            files = {p.name: p.read_bytes() for p in paths} if outcome.status == DONE else {}
+            files = {p.name: p.read_bytes() for p in paths if p.is_file()} if outcome.status == DONE else {}
         return outcome, files
 
 
