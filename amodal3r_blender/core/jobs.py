@@ -22,7 +22,7 @@ from .tasks import Task
 
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
-DOWNLOADED = (".glb", ".png", ".ply")
+DOWNLOADED = (".glb", ".pose.json", ".png", ".ply")  # in download order: meshes and their poses first
 # How the server's notice about a model folder of tiny random weights begins (RANDOM_WEIGHTS_NOTICE
 # in the server's weights/layout.py; the Blender tests check it against a real job's).
 RANDOM_WEIGHTS_START = "NOTE: the model folder holds tiny RANDOM weights"
@@ -67,9 +67,9 @@ def _poll(backend: Backend, client: Client, job_id: str) -> JobStatus:
 
 
 def _download(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
-    """Fetch the job's meshes first, then previews and Gaussians, into out_dir."""
-    names = [n for n in status.results if Path(n).suffix in DOWNLOADED]
-    names.sort(key=lambda n: (DOWNLOADED.index(Path(n).suffix), n))
+    """Fetch the job's meshes and poses first, then previews and Gaussians, into out_dir."""
+    kinds = {n: next((i for i, suffix in enumerate(DOWNLOADED) if n.endswith(suffix)), None) for n in status.results}
+    names = sorted((n for n, kind in kinds.items() if kind is not None), key=lambda n: (kinds[n], n))
     return [client.download_result(status.id, name, out_dir / name) for name in names]
 
 
