@@ -125,58 +125,40 @@ def _check_output(out: Path, suffix: str = ".glb", what: str = "a binary glTF") 
         )
 
 
-def _photo_camera(args: argparse.Namespace, image: Path):
-    """The photo's intrinsics: camera.json, else --fov, else its EXIF 35 mm focal length (else 50 mm)."""
-    from PIL import Image
-
+def _place_params(args: argparse.Namespace):
+    """``--camera`` (a camera.json) or ``--fov`` as the protocol's placement settings."""
     from amodal3r.api.camera import Intrinsics
-    from amodal3r.io.camera import intrinsics_from_exif
+    from amodal3r.api.protocol import PlaceParams
 
-    if args.camera is not None:
-        return Intrinsics.from_json(args.camera)
-    if args.fov is not None:
-        with Image.open(image) as photo:
-            return Intrinsics.from_fov(*_upright_size(photo), args.fov)
-    return intrinsics_from_exif(image)
-
-
-def _upright_size(photo) -> tuple[int, int]:
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(photo).size
-
-
-def _fit_pose(glb: Path, view, camera, out: Path) -> None:
-    """Fit ``glb`` to the view's masks and write ``out``; masks may be a downscaled copy of the photo."""
-    from amodal3r.io.camera import load_mesh_for_placement
-    from amodal3r.pipelines.placement import fit_pose
-
-    vertices, faces = load_mesh_for_placement(glb)
-    working = camera.resized(*view.image.size) if view.image.size != (camera.width, camera.height) else camera
-    placement = fit_pose(vertices, faces, view.target, view.occluder, working)
-    placement.pose(camera).write(out)
-    print(f"wrote {out} (silhouette score {placement.score:.3f}, {len(placement.candidates)} other candidates)")
+    camera = Intrinsics.from_json(args.camera).to_dict() if args.camera is not None else None
+    return PlaceParams(camera, args.fov).validate()
 
 
 def _place(args: argparse.Namespace) -> int:
+    from amodal3r.io.camera import photo_camera
     from amodal3r.io.inputs import load_view
+    from amodal3r.pipelines.placement import fit_glb
 
     _check_output(args.out, ".json", "a pose.json")
     view = load_view(args.image, args.target_mask, args.occluder_mask, args.mask)
-    camera = _photo_camera(args, args.image)
-    _fit_pose(args.mesh, view, camera, args.out)
+    pose = fit_glb(args.mesh, view, photo_camera(args.image, _place_params(args)))
+    pose.write(args.out)
+    print(f"wrote {args.out} (silhouette score {pose.score:.3f}, {len(pose.candidates)} other candidates)")
     return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    from amodal3r.io.camera import photo_camera
     from amodal3r.io.inputs import load_view
     from amodal3r.io.results import OutputSettings, write_results
     from amodal3r.pipelines.devices import pick_device
+    from amodal3r.pipelines.placement import place_variants
     from amodal3r.weights.hub import resolve_model
 
     _check_output(args.out)
     device = pick_device(args.device)
     views = [load_view(v["image"], v.get("target_mask"), v.get("occluder_mask"), v.get("mask")) for v in args.views]
+    camera = photo_camera(args.views[0]["image"], _place_params(args)) if args.place else None
     for view in views:
         for notice in view.notices:
             print(f"notice: {notice}")
@@ -186,8 +168,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     result = pipeline(views, _run_settings(args, formats), progress=_progress_printer())
     outputs = OutputSettings(args.texture_size, args.faces, args.gaussians, args.preview)
     glbs = _variant_paths(args.out, len(result.meshes))
-    for written in write_results(result.meshes, result.gaussians, glbs, outputs):
-        for notice in written.report.notices:
+    place = None if camera is None else lambda variants: place_variants(variants, views[0], camera)
+    for written in write_results(result.meshes, result.gaussians, glbs, outputs, finish=place):
+        for notice in written.notices:
             print(f"notice: {notice}")
         report = written.report
         print(
@@ -198,10 +181,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
             print(f"wrote {extra}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     print(f"time: {times} on {pipeline.device}; views in order: {', '.join(result.views)}")
-    if args.place:
-        camera = _photo_camera(args, args.views[0]["image"])
-        for glb in glbs:
-            _fit_pose(glb, views[0], camera, glb.with_suffix(".pose.json"))
     if pipeline.config.tiny_random_weights:
         print(f"{RANDOM_WEIGHTS_NOTICE} ({folder})")
     return 0
@@ -420,7 +399,7 @@ def _camera_options(parser: argparse.ArgumentParser) -> None:
     )
     camera.add_argument(
         "--fov",
-        type=float,
+        type=_setting("fov", float),
         help="horizontal field of view in degrees (default: the photo's EXIF 35 mm focal length, else 50 mm)",
     )
 

@@ -12,7 +12,10 @@ import trimesh
 from PIL import Image
 
 from amodal3r.api.camera import CameraError, Intrinsics, Pose
-from amodal3r.io.camera import MeshError, intrinsics_from_exif, load_mesh_for_placement
+from amodal3r.api.errors import InputError
+from amodal3r.api.protocol import PlaceParams
+from amodal3r.io.camera import MeshError, load_mesh_for_placement, photo_camera
+from amodal3r.io.inputs import Upload
 
 GOOD = {"width": 640, "height": 480, "fx": 500.0, "fy": 505.5, "cx": 320.5, "cy": 239.0}
 
@@ -85,12 +88,16 @@ def test_unreadable_files(tmp_path: Path) -> None:
         Intrinsics.from_json(write_json(tmp_path / "list.json", [640, 480]))
 
 
+def exif_camera(path: Path) -> Intrinsics:
+    return photo_camera(path, PlaceParams())
+
+
 def test_unreadable_images_for_exif(tmp_path: Path) -> None:
     (tmp_path / "not.jpg").write_bytes(b"text")
-    with pytest.raises(CameraError, match="cannot read this image"):
-        intrinsics_from_exif(tmp_path / "not.jpg")
-    with pytest.raises(CameraError, match="cannot read this image"):
-        intrinsics_from_exif(tmp_path / "missing.jpg")
+    with pytest.raises(InputError, match="cannot read this image"):
+        exif_camera(tmp_path / "not.jpg")
+    with pytest.raises(InputError, match="not found"):
+        exif_camera(tmp_path / "missing.jpg")
 
 
 def test_from_fov() -> None:
@@ -126,30 +133,40 @@ def jpeg(
 
 
 def test_exif_focal_length(tmp_path: Path) -> None:
-    camera = intrinsics_from_exif(jpeg(tmp_path / "a.jpg", (400, 300), 28))
+    camera = exif_camera(jpeg(tmp_path / "a.jpg", (400, 300), 28))
     assert camera.fx == pytest.approx(28 / 36 * 400) and camera.fy == camera.fx
     assert (camera.width, camera.height, camera.cx, camera.cy) == (400, 300, 200, 150)
-    in_ifd0 = intrinsics_from_exif(jpeg(tmp_path / "b.jpg", (400, 300), 28, sub_ifd=False))
+    in_ifd0 = exif_camera(jpeg(tmp_path / "b.jpg", (400, 300), 28, sub_ifd=False))
     assert in_ifd0.fx == pytest.approx(camera.fx)
-    with Image.open(tmp_path / "a.jpg") as image:
-        assert intrinsics_from_exif(image) == camera
+    uploaded = photo_camera(Upload("view0_image (a.jpg)", (tmp_path / "a.jpg").read_bytes()), PlaceParams())
+    assert uploaded == camera
 
 
 def test_portrait_photos_match_the_film_to_the_long_side(tmp_path: Path) -> None:
-    camera = intrinsics_from_exif(jpeg(tmp_path / "p.jpg", (300, 400), 28))
+    camera = exif_camera(jpeg(tmp_path / "p.jpg", (300, 400), 28))
     assert camera.fx == pytest.approx(28 / 36 * 400)
-    turned = intrinsics_from_exif(jpeg(tmp_path / "t.jpg", (400, 300), 28, orientation=6))
+    turned = exif_camera(jpeg(tmp_path / "t.jpg", (400, 300), 28, orientation=6))
     assert (turned.width, turned.height) == (300, 400) and turned.fx == pytest.approx(camera.fx)
 
 
 def test_no_exif_means_50mm(tmp_path: Path) -> None:
-    camera = intrinsics_from_exif(jpeg(tmp_path / "plain.jpg", (600, 400)))
+    camera = exif_camera(jpeg(tmp_path / "plain.jpg", (600, 400)))
     assert camera.fx == pytest.approx(50 / 36 * 600)
-    zero = intrinsics_from_exif(jpeg(tmp_path / "zero.jpg", (600, 400), 0))  # 0 means unknown
+    zero = exif_camera(jpeg(tmp_path / "zero.jpg", (600, 400), 0))  # 0 means unknown
     assert zero.fx == pytest.approx(camera.fx)
     png = tmp_path / "plain.png"
     Image.new("RGB", (600, 400)).save(png)
-    assert intrinsics_from_exif(png).fx == pytest.approx(camera.fx)
+    assert exif_camera(png).fx == pytest.approx(camera.fx)
+
+
+def test_a_given_camera_or_fov_comes_first(tmp_path: Path) -> None:
+    photo = jpeg(tmp_path / "t.jpg", (400, 300), 28, orientation=6)  # upright 300x400
+    given = {"width": 600, "height": 800, "fx": 700.0, "fy": 700.0, "cx": 300.0, "cy": 400.0}
+    assert photo_camera(photo, PlaceParams(camera=given)) == Intrinsics(**given)  # a scaled copy fits
+    wide = photo_camera(photo, PlaceParams(fov=90.0))
+    assert (wide.width, wide.height) == (300, 400) and wide.fx == pytest.approx(150)
+    with pytest.raises(CameraError, match=r"camera: it is 640x480 but .*t.jpg is 300x400 \(upright\)"):
+        photo_camera(photo, PlaceParams(camera=GOOD))
 
 
 def test_pose_json_is_written_atomically_and_reads_back(tmp_path: Path) -> None:
@@ -206,3 +223,11 @@ def test_meshes_placement_cannot_use(tmp_path: Path) -> None:
     (tmp_path / "junk.glb").write_bytes(b"not a mesh")
     with pytest.raises(MeshError, match="cannot read"):
         load_mesh_for_placement(tmp_path / "junk.glb")
+    with pytest.raises(MeshError, match=r"mesh \(junk.glb\): cannot read"):
+        load_mesh_for_placement(Upload("mesh (junk.glb)", b"glTF\x02\x00\x00\x00junk"))
+
+
+def test_uploaded_meshes_load_like_files(tmp_path: Path) -> None:
+    data = trimesh.creation.box((1, 0.5, 0.3)).export(file_type="glb")
+    vertices, faces = load_mesh_for_placement(Upload("mesh (box.glb)", data))
+    assert faces.shape == (12, 3) and vertices.shape == (8, 3)

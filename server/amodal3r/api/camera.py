@@ -30,6 +30,7 @@ from .errors import InputError
 from .files import write_atomically
 
 FIELDS = ("width", "height", "fx", "fy", "cx", "cy")
+POSE_SUFFIX = ".pose.json"  # a pose.json beside its GLB: chair.glb -> chair.pose.json
 FILM_LONG_SIDE_MM = 36.0
 MAX_CANDIDATES = 3
 HOW_TO_FIX = (

@@ -23,10 +23,13 @@ from .protocol import (
     PROTOCOL_VERSION,
     JobParams,
     JobStatus,
+    PlaceParams,
     SegmentParams,
     SegmentReply,
     view_field,
 )
+
+GLB_TYPE = "model/gltf-binary"
 
 
 class ServerError(RuntimeError):
@@ -156,6 +159,22 @@ class Client:
         partial.write_bytes(data)
         os.replace(partial, destination)
         return destination
+
+    def place(
+        self,
+        mesh: str | Path | bytes,
+        view: dict[str, str | Path] | list[Upload],
+        params: PlaceParams | None = None,
+    ) -> dict:
+        """The ``pose.json`` object (``api.camera.Pose``) of a GLB (a path or its bytes) fitted to one
+        view of its photo: ``{"image": path, "target_mask": path, ...}`` or ready ``Upload``s."""
+        if isinstance(mesh, bytes):
+            glb = Upload("mesh", "mesh.glb", mesh, GLB_TYPE)
+        else:
+            glb = Upload("mesh", Path(mesh).name, Path(mesh).read_bytes(), GLB_TYPE)
+        files = view if isinstance(view, list) else view_uploads([view])
+        fields = {"params": (params or PlaceParams()).validate().to_json()}
+        return self.post_multipart("/place", fields, [glb, *files])
 
     def upload_image(self, data: bytes, filename: str = "image.png") -> str:
         return self.post_multipart("/images", {}, [Upload("image", filename, data)])["image_id"]

@@ -60,7 +60,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .camera import CameraError, Intrinsics
+from .camera import POSE_SUFFIX, CameraError, Intrinsics
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -86,7 +86,7 @@ MASK_FORMATS = ("PNG",)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
-RESULT_SUFFIXES = (".glb", ".ply", ".png", ".pose.json")
+RESULT_SUFFIXES = (".glb", ".ply", ".png", POSE_SUFFIX)
 
 VIEW_FILES = ("image", "target_mask", "occluder_mask", "mask")
 MULTIVIEW_MODES = ("stochastic", "multidiffusion")

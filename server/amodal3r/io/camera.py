@@ -12,40 +12,62 @@ for a phone photo stripped of its EXIF this guess places the object too far away
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from amodal3r.api.camera import CameraError, Intrinsics
 from amodal3r.api.errors import InputError
+from amodal3r.api.protocol import IMAGE_FORMATS, PlaceParams
+
+from .inputs import Source, Upload, label, open_file
 
 DEFAULT_FOCAL_35MM = 50.0
 EXIF_IFD = 0x8769
 TAG_FOCAL_35MM = 41989
+TAG_ORIENTATION = 274
+ASPECT_TOLERANCE = 0.01  # a given camera's width:height may differ from the photo's by this much (rounding)
 
 
 class MeshError(InputError):
     """A mesh file placement cannot use."""
 
 
-def intrinsics_from_exif(image: str | os.PathLike[str] | Image.Image) -> Intrinsics:
+def photo_camera(image: Source, place: PlaceParams) -> Intrinsics:
+    """The full photo's intrinsics: ``place.camera``, else ``place.fov`` across its upright width,
+    else its EXIF 35 mm focal length (else 50 mm). Reads the file's header only."""
+    with open_file(image, "image", IMAGE_FORMATS) as photo:
+        size = upright_size(photo)
+        if place.camera is not None:
+            return fitting_camera(Intrinsics.from_dict(place.camera), size, label(image))
+        if place.fov is not None:
+            return Intrinsics.from_fov(*size, place.fov)
+        return intrinsics_from_exif(photo)
+
+
+def fitting_camera(camera: Intrinsics, size: tuple[int, int], photo: str) -> Intrinsics:
+    """``camera`` when its width:height is the photo's (it may describe a scaled copy of it), else a
+    :class:`CameraError`: intrinsics of another picture would place the object wrongly."""
+    width, height = size
+    if abs(camera.width * height / (camera.height * width) - 1) > ASPECT_TOLERANCE:
+        raise CameraError(
+            f"camera: it is {camera.width}x{camera.height} but {photo} is {width}x{height} (upright): "
+            "give the intrinsics of this photo at its full size"
+        )
+    return camera
+
+
+def intrinsics_from_exif(image: Image.Image) -> Intrinsics:
     """From the photo's ``FocalLengthIn35mmFilm``, else a 50 mm equivalent; size after EXIF rotation."""
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as opened:
-                return intrinsics_from_exif(opened)
-        except (OSError, UnidentifiedImageError) as e:
-            raise CameraError(f"{image}: cannot read this image for its focal length ({e})") from e
-    width, height = image.size[::-1] if _rotated(image) else image.size
-    return Intrinsics.from_focal_35mm(width, height, focal_35mm(image) or DEFAULT_FOCAL_35MM)
+    return Intrinsics.from_focal_35mm(*upright_size(image), focal_35mm(image) or DEFAULT_FOCAL_35MM)
 
 
-def _rotated(image: Image.Image) -> bool:
-    """Whether EXIF orientation turns the image a quarter (orientations 5-8 swap width and height)."""
-    return image.getexif().get(274, 1) in (5, 6, 7, 8)
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """Width and height after the EXIF orientation (5-8 turn the image a quarter), from the header."""
+    return image.size[::-1] if image.getexif().get(TAG_ORIENTATION, 1) in (5, 6, 7, 8) else image.size
 
 
 def focal_35mm(image: Image.Image) -> float | None:
@@ -59,8 +81,9 @@ def focal_35mm(image: Image.Image) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def load_mesh_for_placement(glb_path: str | os.PathLike[str], max_faces: int = 4000) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices ``float32 [V, 3]`` and faces ``int64 [F, 3]`` of a GLB, welded and decimated.
+def load_mesh_for_placement(mesh: Source, max_faces: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices ``float32 [V, 3]`` and faces ``int64 [F, 3]`` of a GLB (a path or uploaded bytes),
+    welded and decimated.
 
     Welded by position (UV seams and normals split vertices that a silhouette does not care
     about, and a welded mesh decimates without tearing); decimated with fast_simplification to
@@ -68,21 +91,27 @@ def load_mesh_for_placement(glb_path: str | os.PathLike[str], max_faces: int = 4
     """
     import trimesh
 
-    path = Path(glb_path)
-    if not path.is_file():
-        raise MeshError(f"{path}: mesh file not found. Check the path")
+    if not isinstance(mesh, Upload) and not Path(mesh).is_file():
+        raise MeshError(f"{mesh}: mesh file not found. Check the path")
     try:
-        mesh = trimesh.load(path, force="mesh")
-    except Exception as e:  # trimesh raises many kinds for a damaged file
-        raise MeshError(f"{path}: cannot read this mesh ({e}). Export it again as GLB") from e
-    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
+        if isinstance(mesh, Upload):
+            loaded = trimesh.load(io.BytesIO(mesh.data), file_type="glb", force="mesh")
+        else:
+            loaded = trimesh.load(mesh, force="mesh")
+    except Exception as e:  # noqa: BLE001 - trimesh raises many kinds for a damaged file
+        raise MeshError(
+            f"{label(mesh)}: cannot read this mesh ({type(e).__name__}: {e}). Export it again as GLB"
+        ) from e
+    faces = np.asarray(getattr(loaded, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
     if len(faces) == 0:
         raise MeshError(
-            f"{path}: the file holds no triangles (empty, or only points or lines). "
+            f"{label(mesh)}: the file holds no triangles (empty, or only points or lines). "
             "Placement needs the reconstructed surface mesh"
         )
-    mesh.merge_vertices(merge_tex=True, merge_norm=True)
-    vertices, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
+    loaded.merge_vertices(merge_tex=True, merge_norm=True)
+    vertices, faces = np.asarray(loaded.vertices, dtype=np.float64), np.asarray(loaded.faces, dtype=np.int64)
+    if not np.isfinite(vertices).all():
+        raise MeshError(f"{label(mesh)}: the mesh has non-finite vertex coordinates. Export it again as GLB")
     if len(faces) > max_faces:
         import fast_simplification
 

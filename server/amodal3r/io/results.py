@@ -37,10 +37,15 @@ class WrittenVariant:
     glb: Path
     report: ExportReport
     extras: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # besides the export's, e.g. why there is no pose
 
     @property
     def files(self) -> list[Path]:
         return [self.glb, *self.extras]
+
+    @property
+    def notices(self) -> list[str]:
+        return [*self.report.notices, *self.notes]
 
 
 def write_variant(
@@ -71,11 +76,14 @@ def write_results(
     settings: OutputSettings,
     before_variant: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    finish: Callable[[list[WrittenVariant]], None] | None = None,
 ) -> list[WrittenVariant]:
     """Each variant in turn, all moved into place once every one is written.
 
     ``before_variant(index, count)`` reports progress; ``cancelled()`` is asked between variants
-    and between export phases. The GLB paths must share one folder.
+    and between export phases. ``finish(variants)`` runs on the staged variants before they move:
+    files it writes beside a GLB and adds to its ``extras`` (a pose) appear with the others. The
+    GLB paths must share one folder.
     """
     if not glbs:
         return []
@@ -91,6 +99,8 @@ def write_results(
                 before_variant(index, len(meshes))
             variant_gaussians = gaussians[index] if gaussians else None
             staged.append(write_variant(mesh, variant_gaussians, staging / glb.name, settings, cancelled))
+        if finish is not None:
+            finish(staged)
         return [_move_into(variant, folder) for variant in staged]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -107,4 +117,4 @@ def _move_into(variant: WrittenVariant, folder: Path) -> WrittenVariant:
     moved = [folder / path.name for path in variant.files]
     for source, destination in zip(variant.files, moved, strict=True):
         os.replace(source, destination)
-    return WrittenVariant(moved[0], variant.report, moved[1:])
+    return WrittenVariant(moved[0], variant.report, moved[1:], variant.notes)

@@ -53,13 +53,17 @@ within that reach, which keeps a large occluder (a table, a wall) from spreading
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from amodal3r.api.camera import MAX_CANDIDATES, Intrinsics, Pose
-from amodal3r.api.errors import InputError
+from amodal3r.api.camera import MAX_CANDIDATES, POSE_SUFFIX, Intrinsics, Pose
+from amodal3r.api.errors import Cancelled, InputError
+from amodal3r.io.camera import load_mesh_for_placement
+from amodal3r.io.inputs import Source, View
+from amodal3r.io.results import WrittenVariant
 from amodal3r.modules.silhouette import rasterize_silhouette
 
 PENALTY = 0.25
@@ -728,3 +732,43 @@ def _matrix(rotation: torch.Tensor, translation: torch.Tensor, centre: np.ndarra
     matrix[:3, :3] = r
     matrix[:3, 3] = translation.double().cpu().numpy() - r @ centre
     return matrix
+
+
+def fit_glb(mesh: Source, view: View, camera: Intrinsics) -> Pose:
+    """The pose of a GLB (a path or uploaded bytes) in ``view``, for every caller alike.
+
+    ``view``'s masks are at its working size (big photos are downscaled when read) while ``camera``
+    describes the full photo: the fit uses the camera resized to the masks, the pose keeps the full
+    photo's camera (``pose.json`` always describes the photo as the user has it).
+    """
+    vertices, faces = load_mesh_for_placement(mesh)
+    working = camera.resized(*view.image.size) if view.image.size != (camera.width, camera.height) else camera
+    return fit_pose(vertices, faces, view.target, view.occluder, working).pose(camera)
+
+
+def place_variants(
+    variants: list[WrittenVariant],
+    view: View,
+    camera: Intrinsics,
+    before_variant: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> None:
+    """Write each variant's ``pose.json`` beside its GLB and add it to the variant's files.
+
+    A variant that cannot be placed (a degenerate mesh, too little visible target) keeps its GLB
+    and gets a notice saying why it has no pose: the reconstruction is worth more than its
+    placement. Only expected failures (:class:`InputError`) are turned into notices; anything else
+    is a bug and fails the run. ``cancelled()`` is asked between variants.
+    """
+    for index, variant in enumerate(variants):
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"cancelled before placing variant {index + 1} of {len(variants)}")
+        if before_variant is not None:
+            before_variant(index, len(variants))
+        path = variant.glb.with_name(variant.glb.stem + POSE_SUFFIX)
+        try:
+            fit_glb(variant.glb, view, camera).write(path)
+        except InputError as error:
+            variant.notes.append(f"{variant.glb.name}: no pose was fitted ({error})")
+        else:
+            variant.extras.append(path)

@@ -8,6 +8,7 @@ size, stalls). Routes and payloads are defined in ``api/protocol.py`` and descri
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import io
@@ -44,6 +45,7 @@ from amodal3r.api.protocol import (
     PROTOCOL_VERSION,
     STATE_FILE,
     JobParams,
+    PlaceParams,
     ProtocolError,
     SegmentParams,
     SegmentReply,
@@ -54,7 +56,17 @@ from . import openapi as doc
 from .guard import LOOPBACK_NAMES, Guard, HeaderDeadline
 from .images import ImageStore
 from .job_store import JobStore, is_job_id
-from .uploads import check_image, decode_rgb, read_form, store_job, view_uploads
+from .uploads import (
+    PLACE_FIELDS,
+    PLACE_SLOTS,
+    check_image,
+    decode_rgb,
+    mesh_upload,
+    place,
+    read_form,
+    store_job,
+    view_uploads,
+)
 from .worker import ModelRuntime, Worker
 
 TOKEN_FILE = "token"
@@ -241,6 +253,19 @@ def create_app(server: Server) -> FastAPI:
         status = await run_in_threadpool(store_job, server.store, params, uploads)
         server.worker.submit(status.id)
         return status.to_dict()
+
+    placing = asyncio.Semaphore(PLACE_SLOTS)  # waiting requests wait here, not in the thread pool
+
+    @app.post(f"{API_PREFIX}/place", **doc.route(doc.POSE, 422, body=doc.place_body()))
+    async def place_mesh(request: Request) -> dict:
+        form = await read_form(request)
+        if not isinstance(form.get("params"), str):
+            raise ProtocolError("missing the params field (JSON: camera, fov; {} to use the photo's EXIF)")
+        params = PlaceParams.from_json(form["params"])
+        mesh = await mesh_upload(form)
+        uploads = await view_uploads(form, PLACE_FIELDS)
+        async with placing:
+            return await run_in_threadpool(place, params, mesh, uploads)
 
     @app.get(f"{API_PREFIX}/jobs", **doc.route(doc.JOB_LIST, 422))
     def jobs(limit: int = 50) -> dict:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from amodal3r.api.camera import FIELDS as CAMERA_FIELDS
+from amodal3r.api.camera import MAX_CANDIDATES
 from amodal3r.api.protocol import (
     MAX_VIEWS,
     VIEW_FILES,
     JobParams,
     JobStatus,
+    PlaceParams,
     SegmentParams,
     SegmentReply,
     json_schema,
@@ -48,7 +51,36 @@ HEALTH = {
 JOB_LIST = {"type": "object", "properties": {"jobs": {"type": "array", "items": json_schema(JobStatus)}}}
 IMAGE_ID = {"type": "object", "properties": {"image_id": {"type": "string"}}, "required": ["image_id"]}
 OBJECT = {"type": "object"}
-RESULT_TYPES = {".glb": "model/gltf-binary", ".png": "image/png", ".ply": "application/octet-stream"}
+RESULT_TYPES = {
+    ".glb": "model/gltf-binary",
+    ".png": "image/png",
+    ".ply": "application/octet-stream",
+    ".json": "application/json",
+}
+_ROW = {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4}
+MATRIX = {"type": "array", "items": _ROW, "minItems": 4, "maxItems": 4}
+POSE = {  # api/camera.py's Pose.to_dict
+    "type": "object",
+    "properties": {
+        "object_to_camera": MATRIX,
+        "camera": {
+            "type": "object",
+            "properties": {name: {"type": "number"} for name in CAMERA_FIELDS},
+            "required": list(CAMERA_FIELDS),
+        },
+        "score": {"type": "number"},
+        "candidates": {
+            "type": "array",
+            "maxItems": MAX_CANDIDATES,
+            "items": {
+                "type": "object",
+                "properties": {"object_to_camera": MATRIX, "score": {"type": "number"}},
+                "required": ["object_to_camera", "score"],
+            },
+        },
+    },
+    "required": ["object_to_camera", "camera", "score", "candidates"],
+}
 
 
 def route(
@@ -80,6 +112,15 @@ def job_body() -> dict[str, Any]:
     return multipart({"params": json_schema(JobParams), **files}, ["params", view_field(0, "image")], ("params",))
 
 
+def place_body() -> dict[str, Any]:
+    files = {view_field(0, kind): FILE for kind in VIEW_FILES}
+    return multipart(
+        {"params": json_schema(PlaceParams), "mesh": FILE, **files},
+        ["params", "mesh", view_field(0, "image")],
+        ("params",),
+    )
+
+
 def image_body() -> dict[str, Any]:
     return multipart({"image": FILE}, ["image"], ())
 
@@ -98,7 +139,10 @@ def download_body(components: list[str]) -> dict[str, Any]:
 
 
 def result_media() -> dict[str, dict]:
-    return {media: {"schema": FILE} for media in sorted(set(RESULT_TYPES.values()))}
+    """Each result type's reply; ``pose.json`` is the pose object."""
+    return {
+        media: {"schema": POSE if media == "application/json" else FILE} for media in sorted(set(RESULT_TYPES.values()))
+    }
 
 
 def job_status() -> dict[str, Any]:

@@ -4,6 +4,11 @@ A job's views are refused as a whole, before anything is stored, when their imag
 ``MAX_REQUEST_PIXELS`` together (read from the headers, before decoding) or when any file fails a
 check of ``io.inputs``. The checked, downscaled views are what the job store keeps for the worker.
 At most ``DECODE_SLOTS`` requests decode at once, which bounds the memory decoding can take.
+
+A job that asks for placement gets its camera here, while the uploaded photo (its EXIF, its full
+upright size) is at hand: the worker only sees the working-size copy. The resolved intrinsics go
+into the job's ``params.camera``, so the job record shows the camera its poses were fitted in.
+A ``POST /v1/place`` request is checked the same way (one view) and fitted under ``PLACE_SLOTS``.
 """
 
 from __future__ import annotations
@@ -11,17 +16,29 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import HTTPException, Request
 
-from amodal3r.api.protocol import MAX_REQUEST_PIXELS, MAX_VIEWS, JobParams, JobStatus, ProtocolError, parse_view_field
+from amodal3r.api.protocol import (
+    MAX_REQUEST_PIXELS,
+    MAX_VIEWS,
+    JobParams,
+    JobStatus,
+    PlaceParams,
+    ProtocolError,
+    parse_view_field,
+)
+from amodal3r.io.camera import photo_camera
 from amodal3r.io.inputs import Upload, View, image_size, load_view, read_rgb
+from amodal3r.pipelines.placement import fit_glb
 
 from .job_store import JobStore
 
 DECODE_SLOTS = 2
+PLACE_SLOTS = 1  # POST /v1/place fits at once: each takes a few CPU seconds, the others wait their turn
+PLACE_FIELDS = ("params", "mesh")  # a place form's fields besides view0's files
 _decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 
 
@@ -44,11 +61,12 @@ async def read_form(request: Request):
         raise HTTPException(400, f"malformed multipart body ({reason}): send multipart/form-data fields") from None
 
 
-async def view_uploads(form) -> list[ViewUpload]:
-    """The ``view{i}_{kind}`` files of a job form, numbered from 0 without gaps, each view with an image."""
+async def view_uploads(form, other: tuple[str, ...] = ("params",)) -> list[ViewUpload]:
+    """The ``view{i}_{kind}`` files of a form (whose ``other`` fields are read elsewhere), numbered
+    from 0 without gaps, each view with an image."""
     views: dict[int, ViewUpload] = {}
     for key, value in form.multi_items():
-        if key == "params":
+        if key in other:
             continue
         index, kind = parse_view_field(key)
         if isinstance(value, str):
@@ -78,9 +96,35 @@ def store_job(store: JobStore, params: JobParams, uploads: list[ViewUpload]) -> 
     check_budget(uploads)
     with _decoding:
         try:
+            if params.place:
+                camera = photo_camera(uploads[0].files["image"], params.placement)
+                params = replace(params, camera=camera.to_dict())
             return store.create(params, check_views(uploads), [upload.filename for upload in uploads])
         finally:
             give_back_memory()
+
+
+async def mesh_upload(form) -> Upload:
+    """The ``mesh`` file of a place form (a GLB; its content is checked when it is read)."""
+    value = form.get("mesh")
+    if value is None or isinstance(value, str):
+        raise ProtocolError("upload the reconstructed GLB as the multipart file field 'mesh'")
+    return Upload(f"mesh ({Path(value.filename or 'mesh.glb').name})", await value.read())
+
+
+def place(params: PlaceParams, mesh: Upload, uploads: list[ViewUpload]) -> dict:
+    """The ``pose.json`` object of ``mesh`` in the one view of a place request (run it in a thread;
+    the caller holds a place slot)."""
+    if len(uploads) != 1:
+        raise ProtocolError(f"placement takes one view (view0_*), got {len(uploads)}: send only the photo's view")
+    check_budget(uploads)
+    with _decoding:
+        try:
+            camera = photo_camera(uploads[0].files["image"], params)
+            view = check_views(uploads)[0]
+        finally:
+            give_back_memory()
+    return fit_glb(mesh, view, camera).to_dict()
 
 
 def check_budget(uploads: list[ViewUpload]) -> None:
