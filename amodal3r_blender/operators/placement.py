@@ -28,7 +28,7 @@ from amodal3r.api.errors import InputError
 
 from ..core import placement as geometry
 from ..ui.placement import place as place_object
-from ..ui.placement import placement_of
+from ..ui.placement import placement_of, pose_summary
 from .images import UserError
 
 POSE_SUFFIX = ".pose.json"
@@ -164,19 +164,6 @@ def read_pose(path: Path) -> Pose:
         raise UserError(f"The pose file {path.name} is damaged ({reason})") from None
 
 
-def pose_dict_to_pose(data: dict, source: str) -> Pose:
-    """A pose the server answered with (the ``pose.json`` object) read as the file would be."""
-    try:
-        return Pose(
-            geometry.as_matrix(data["object_to_camera"]),
-            Intrinsics.from_dict(data["camera"], f"{source}: camera"),
-            float(data["score"]),
-            tuple((geometry.as_matrix(c["object_to_camera"]), float(c["score"])) for c in data.get("candidates", [])),
-        )
-    except (ValueError, KeyError, TypeError, InputError) as error:
-        raise UserError(f"{source} is not a usable pose ({type(error).__name__}: {error})") from None
-
-
 def _store(obj: bpy.types.Object, pose: Pose, camera: bpy.types.Object, glb_from_mesh) -> None:
     """Keep the poses (best first), the camera and the mesh's frame on the object."""
     placement = obj.amodal3r_placement
@@ -225,15 +212,6 @@ def place_variants(
             report.errors.append(f"{obj.name!r} was not matched to the photo: {error}. It stays at the 3D cursor")
     report.notices = list(dict.fromkeys(report.notices))
     return report
-
-
-def pose_summary(obj: bpy.types.Object) -> str:
-    """ "Pose 1 of 3 (score 0.91)" for the panel, or "" without a placement."""
-    placement = placement_of(obj)
-    if placement is None:
-        return ""
-    shown = min(placement.index, len(placement.poses) - 1)
-    return f"Pose {shown + 1} of {len(placement.poses)} (score {placement.poses[shown].score:.2f})"
 
 
 # --- operators ----------------------------------------------------------------------------------

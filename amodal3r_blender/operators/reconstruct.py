@@ -104,22 +104,28 @@ def view_files(view: AMODAL3R_PG_view, number: int) -> list[tuple[str, bytes]]:
     return files
 
 
-def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, str]]:
-    """The views as PNG files in ``folder``, in the ``[{kind: path}]`` form the client uploads."""
+def require_source(settings: AMODAL3R_PG_settings) -> None:
     if not settings.views or settings.views[0].image is None:
         raise UserError(
             "No source image: choose one in the Source panel (or right-click an image in the "
             "Image Editor > Reconstruct occluded object)"
         )
-    views = []
-    for index, view in enumerate(settings.views):
-        paths = {}
-        for kind, data in view_files(view, index + 1):
-            path = folder / f"view{index}_{kind}.png"
-            path.write_bytes(data)
-            paths[kind] = str(path)
-        views.append(paths)
-    return views
+
+
+def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, str]]:
+    """The views as PNG files in ``folder``, in the ``[{kind: path}]`` form the client uploads."""
+    require_source(settings)
+    return [write_view(view, index, folder) for index, view in enumerate(settings.views)]
+
+
+def write_view(view: AMODAL3R_PG_view, index: int, folder: Path) -> dict[str, str]:
+    """One view's checked PNG files in ``folder``, as ``{kind: path}``."""
+    paths = {}
+    for kind, data in view_files(view, index + 1):
+        path = folder / f"view{index}_{kind}.png"
+        path.write_bytes(data)
+        paths[kind] = str(path)
+    return paths
 
 
 def _chosen(settings: AMODAL3R_PG_settings, name: str) -> int | float | None:

@@ -73,6 +73,15 @@ def placement_of(obj: bpy.types.Object | None) -> AMODAL3R_PG_placement | None:
     return placement if placement is not None and len(placement.poses) > 0 else None
 
 
+def pose_summary(obj: bpy.types.Object | None) -> str:
+    """ "Pose 1 of 3, score 0.91" for the panel and reports, or "" without a placement."""
+    placement = placement_of(obj)
+    if placement is None:
+        return ""
+    shown = min(placement.index, len(placement.poses) - 1)
+    return f"Pose {shown + 1} of {len(placement.poses)}, score {placement.poses[shown].score:.2f}"
+
+
 def place(obj: bpy.types.Object) -> None:
     """Put the object where its shown pose says, in front of its camera (nothing without a camera)."""
     placement = obj.amodal3r_placement
