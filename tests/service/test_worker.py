@@ -196,7 +196,7 @@ def simulate(times: StageTimes) -> list[tuple[float, float | None]]:
     """Run SCHEDULE through JobProgress on a fake clock: ``(true seconds left, ETA)`` per report."""
     now = [0.0]
     store = RecordingStore()
-    estimate = Estimate(times, job_units(views=1, variants=1, structure_steps=10, slat_steps=10))
+    estimate = Estimate(times, job_units(views=1, variants=1, structure_steps=10, slat_steps=10, place=False))
     progress = JobProgress(store, "job", 0.0, estimate, clock=lambda: now[0])
     reports: list[float] = []
     for stage, steps, first, each in SCHEDULE:

@@ -346,7 +346,7 @@ class JobStatus:
     created: float = field(metadata=_range(0))  # unix time
     params: dict
     views: list[str]  # the uploaded image names, in the order given
-    stage: str = ""  # queued, loading, encoding, structure, slat, decoding, exporting
+    stage: str = ""  # queued, loading, encoding, structure, slat, decoding, exporting, placing
     step: int = field(default=0, metadata=_range(0))
     total: int = field(default=0, metadata=_range(0))
     progress: float = field(default=0.0, metadata=_range(0.0, 1.0))  # over the whole job

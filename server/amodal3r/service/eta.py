@@ -16,8 +16,17 @@ from pathlib import Path
 
 from amodal3r.api.files import write_atomically
 
-# Share of the whole job each stage takes, in order: drives the progress fraction.
-STAGE_WEIGHTS = {"loading": 0.05, "encoding": 0.05, "structure": 0.35, "slat": 0.35, "decoding": 0.1, "exporting": 0.1}
+# Share of the whole job each stage takes, in order: drives the progress fraction. A job that does
+# not place its results ends at 0.95 and then reports 1.0 as done.
+STAGE_WEIGHTS = {
+    "loading": 0.05,
+    "encoding": 0.05,
+    "structure": 0.35,
+    "slat": 0.35,
+    "decoding": 0.1,
+    "exporting": 0.05,
+    "placing": 0.05,
+}
 STAGES = tuple(STAGE_WEIGHTS)
 NEWEST_WEIGHT = 0.5  # share of the latest job in the running average of seconds per unit
 log = logging.getLogger(__name__)
@@ -33,8 +42,9 @@ def stage_fraction(stage: str, step: int, total: int) -> float:
     return done
 
 
-def job_units(views: int, variants: int, structure_steps: int, slat_steps: int) -> dict[str, float]:
-    """The work of each stage of one job, in the units its time is averaged over."""
+def job_units(views: int, variants: int, structure_steps: int, slat_steps: int, place: bool) -> dict[str, float]:
+    """The work of each stage of one job, in the units its time is averaged over (a stage the job
+    skips has none)."""
     return {
         "loading": 1.0,
         "encoding": float(views),
@@ -42,6 +52,7 @@ def job_units(views: int, variants: int, structure_steps: int, slat_steps: int) 
         "slat": float(slat_steps * variants),
         "decoding": float(variants),
         "exporting": float(variants),
+        "placing": float(variants if place else 0),
     }
 
 
@@ -154,6 +165,8 @@ class Estimate:
 
     def _expected(self, stage: str) -> float | None:
         per_unit, units = self.times.per_unit.get(stage), self.units.get(stage)
+        if units == 0:
+            return 0.0  # a stage this job skips takes no time, measured or not
         return None if per_unit is None or units is None else per_unit * units
 
     def _by_weights(self, parts: list[float | None], step: int, total: int, now: float) -> float | None:

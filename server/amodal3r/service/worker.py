@@ -14,10 +14,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from amodal3r.api.camera import Intrinsics
 from amodal3r.api.errors import Cancelled, StorageError
 from amodal3r.api.protocol import (
     CANCELLED,
@@ -27,8 +29,10 @@ from amodal3r.api.protocol import (
     JobParams,
     result_name,
 )
-from amodal3r.io.results import OutputSettings, write_results
+from amodal3r.io.inputs import View
+from amodal3r.io.results import OutputSettings, WrittenVariant, write_results
 from amodal3r.pipelines.amodal3r import Amodal3RPipeline, RunSettings, StageSettings
+from amodal3r.pipelines.placement import place_variants
 from amodal3r.weights.layout import RANDOM_WEIGHTS_NOTICE
 
 from .eta import Estimate, StageTimes, job_units, stage_fraction
@@ -245,6 +249,7 @@ class Worker:
             params.variants,
             settings.structure.apply(pipeline.config.structure_sampler).steps,
             settings.slat.apply(pipeline.config.slat_sampler).steps,
+            params.place,
         )
         progress("encoding")
 
@@ -264,9 +269,10 @@ class Worker:
             outputs,
             before_variant=lambda index, count: progress("exporting", index, count),
             cancelled=cancelled,
+            finish=placing(params, views[0], progress, cancelled),
         )
         notices = [RANDOM_WEIGHTS_NOTICE] if pipeline.config.tiny_random_weights else []
-        notices += [notice for variant in written for notice in variant.report.notices]
+        notices += [notice for variant in written for notice in variant.notices]
         return [path.name for variant in written for path in variant.files], notices
 
     def _unload_when_idle(self) -> None:
@@ -276,6 +282,19 @@ class Worker:
                 self.runtime.unload_if_idle(busy=self.current is not None or self.queue_length > 0)
             except Exception:  # noqa: BLE001 - unloading is housekeeping: log it and keep going
                 log.exception("unloading idle models failed")
+
+
+def placing(params: JobParams, view: View, progress: JobProgress, cancelled: Callable[[], bool]):
+    """The step that fits each variant's pose to the first view, for ``write_results``; None when
+    the job does not ask for it. The camera is the one the upload resolved (``uploads.store_job``)."""
+    if not params.place:
+        return None
+    camera = Intrinsics.from_dict(params.camera, "the job's camera")
+
+    def place(variants: list[WrittenVariant]) -> None:
+        place_variants(variants, view, camera, lambda index, count: progress("placing", index, count), cancelled)
+
+    return place
 
 
 def run_settings(params: JobParams) -> RunSettings:
