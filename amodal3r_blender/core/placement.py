@@ -134,12 +134,14 @@ def placed_matrix(
     line of sight, so the picture stays the same while the object gets larger and farther.
     """
     scale = np.diag([size_factor, size_factor, size_factor, 1.0])
-    return rigid(camera_world) @ OPENCV_TO_BLENDER_CAMERA @ scale @ as_matrix(object_to_camera) @ glb_from_mesh
+    return (
+        rigid(camera_world) @ OPENCV_TO_BLENDER_CAMERA @ scale @ as_matrix(object_to_camera) @ as_matrix(glb_from_mesh)
+    )
 
 
 def camera_for(object_world: np.ndarray, object_to_camera: np.ndarray, glb_from_mesh: np.ndarray) -> np.ndarray:
     """A new camera's world matrix that sees the object, where it is now, as the pose says."""
-    seen = OPENCV_TO_BLENDER_CAMERA @ as_matrix(object_to_camera) @ glb_from_mesh
+    seen = OPENCV_TO_BLENDER_CAMERA @ as_matrix(object_to_camera) @ as_matrix(glb_from_mesh)
     return rigid(as_matrix(object_world) @ np.linalg.inv(seen))
 
 

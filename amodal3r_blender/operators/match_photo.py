@@ -66,6 +66,7 @@ def export_mesh(context: bpy.types.Context, obj: bpy.types.Object, path: Path) -
     the only one selected and its matrix is its scale alone; both are put back.
     """
     view_layer = context.view_layer
+    view_layer.update()  # objects linked just now join the view layer's list here
     if obj.name not in view_layer.objects:
         raise UserError(f"{obj.name!r} is not in this view layer: Match Photo exports what the scene shows")
     scale = tuple(obj.matrix_world.to_scale())

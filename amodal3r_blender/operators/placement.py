@@ -91,7 +91,7 @@ def scene_intrinsics(scene: bpy.types.Scene) -> Intrinsics:
         raise UserError(f"Camera {camera.name!r} cannot be matched: {error}") from None
 
 
-def _set_camera_data(camera: bpy.types.Camera, settings: geometry.CameraSettings) -> None:
+def set_camera_data(camera: bpy.types.Camera, settings: geometry.CameraSettings) -> None:
     camera.type = "PERSP"
     camera.lens_unit = "MILLIMETERS"
     camera.sensor_fit = settings.sensor_fit
@@ -102,7 +102,7 @@ def _set_camera_data(camera: bpy.types.Camera, settings: geometry.CameraSettings
     camera.shift_y = settings.shift_y
 
 
-def _set_render(render: bpy.types.RenderSettings, settings: geometry.CameraSettings) -> None:
+def set_render(render: bpy.types.RenderSettings, settings: geometry.CameraSettings) -> None:
     render.resolution_x = settings.resolution_x
     render.resolution_y = settings.resolution_y
     render.resolution_percentage = 100
@@ -136,11 +136,11 @@ def photo_camera(
         if sees is not None:
             camera.matrix_world = Matrix(sees.tolist())
     settings = geometry.camera_settings(intrinsics)
-    _set_camera_data(camera.data, settings)
+    set_camera_data(camera.data, settings)
     _show_photo(camera.data, photo)
     if scene.camera is None:
         scene.camera = camera
-        _set_render(scene.render, settings)
+        set_render(scene.render, settings)
         return camera, []
     if scene.camera == camera and geometry.same_view(settings, camera_settings_of(camera.data, scene.render)):
         return camera, []

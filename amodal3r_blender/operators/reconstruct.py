@@ -47,6 +47,7 @@ STAGE_TEXT = {
     "slat": "Sampling the details",
     "decoding": "Building the mesh",
     "exporting": "Baking the texture",
+    "placing": "Matching the photo",
 }
 MODES = [
     ("AUTO", "Auto", "In the background when Blender has a user interface, else wait for the result"),
