@@ -18,11 +18,12 @@ from amodal3r.api.errors import Cancelled
 from amodal3r.api.protocol import CANCELLED, DONE, JobParams, JobStatus
 
 from .backend import LOCAL, Backend, BackendError
+from .placement import POSE_SUFFIX
 from .tasks import Task
 
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
-DOWNLOADED = (".glb", ".pose.json", ".png", ".ply")  # in download order: meshes and their poses first
+DOWNLOADED = (".glb", POSE_SUFFIX, ".png", ".ply")  # in download order: meshes and their poses first
 # How the server's notice about a model folder of tiny random weights begins (RANDOM_WEIGHTS_NOTICE
 # in the server's weights/layout.py; the Blender tests check it against a real job's).
 RANDOM_WEIGHTS_START = "NOTE: the model folder holds tiny RANDOM weights"

@@ -31,8 +31,6 @@ from ..ui.placement import place as place_object
 from ..ui.placement import placement_of, pose_summary
 from .images import UserError
 
-POSE_SUFFIX = ".pose.json"
-
 
 @dataclass(frozen=True)
 class Viewpoint:
@@ -202,7 +200,7 @@ def place_variants(
     leaves that object where the import put it."""
     report = PlaceReport()
     for obj, glb in imported:
-        pose_path = glb.with_suffix(POSE_SUFFIX)
+        pose_path = glb.with_suffix(geometry.POSE_SUFFIX)
         if not pose_path.is_file():
             report.notices.append(f"No pose came back for {obj.name!r}: it stays at the 3D cursor")
             continue
