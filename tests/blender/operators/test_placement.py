@@ -220,3 +220,68 @@ def test_match_photo_fits_a_mesh_to_a_camera_render(camera_scene, clean_scene, s
     iou = (seen & visible & open_pixels).sum() / ((seen | visible) & open_pixels).sum()
     print(f"Match Photo silhouette IoU over the unoccluded pixels: {iou:.3f} (score {fitted.poses[0].score:.3f})")
     assert iou >= 0.85
+
+
+# --- after a reconstruction -------------------------------------------------------------------------
+
+
+def test_reconstruct_with_match_photo_places_through_a_photo_camera(mug_scene, clean_scene, server_env):
+    """A tiny-weights job with Match Photo on: a camera "mug camera" shows the photo, the object
+    stays at the cursor, Real Size keeps its centre's pixel, the pose arrows cycle the candidates."""
+    import bpy
+
+    scene = bpy.context.scene
+    assert mug_scene.match_photo and scene.camera is None
+    assert bpy.ops.amodal3r.reconstruct() == {"FINISHED"}, mug_scene.last_error
+    assert not mug_scene.last_error and mug_scene.message == "Imported mug"
+    obj, camera = bpy.data.objects["mug"], bpy.data.objects["mug camera"]
+    fitted = obj.amodal3r_placement
+    assert fitted.camera == camera and len(fitted.poses) >= 1
+    assert tuple(obj.location) == pytest.approx((1.0, 2.0, 3.0))  # the new camera came to the object
+    assert camera.data.background_images[0].image == mug_scene.source_image and camera.data.show_background_images
+    assert scene.camera == camera and (scene.render.resolution_x, scene.render.resolution_y) == (512, 512)
+
+    placement_ops = _module(clean_scene, "operators.placement")
+    intrinsics = placement_ops.scene_intrinsics(scene)
+    centre = np.array(obj.matrix_world.translation)
+    pixel = placement.project(intrinsics, np.array(camera.matrix_world), centre)
+    size = fitted.real_size
+    fitted.real_size = 2.5 * size
+    assert fitted.real_size == pytest.approx(2.5 * size) and max(obj.dimensions) == pytest.approx(2.5 * size)
+    moved = np.array(obj.matrix_world.translation)
+    assert placement.project(intrinsics, np.array(camera.matrix_world), moved) == pytest.approx(pixel, abs=1e-3)
+    eye = np.array(camera.matrix_world.translation)
+    assert np.linalg.norm(moved - eye) == pytest.approx(2.5 * np.linalg.norm(centre - eye))
+
+    if len(fitted.poses) > 1:
+        best = np.array(obj.matrix_world)
+        assert bpy.ops.amodal3r.cycle_pose(step=1) == {"FINISHED"} and fitted.index == 1
+        assert not np.allclose(np.array(obj.matrix_world), best)
+        assert bpy.ops.amodal3r.cycle_pose(step=-1) == {"FINISHED"} and fitted.index == 0
+        assert np.array(obj.matrix_world) == pytest.approx(best)
+        assert fitted.real_size == pytest.approx(2.5 * size)  # the size stays with the object
+
+
+def test_a_damaged_pose_file_is_an_error_and_the_object_stays(mug_scene, clean_scene, tmp_path):
+    import bpy
+
+    reconstruct = _module(clean_scene, "operators.reconstruct")
+    match_photo = _module(clean_scene, "operators.match_photo")
+    source = _mesh_object("source", [_box((0, 0, 0), (1, 1, 1))])
+    glb = tmp_path / "variant0.glb"
+    match_photo.export_mesh(bpy.context, source, glb)
+    bpy.data.objects.remove(source)
+    (tmp_path / "variant0.pose.json").write_text('{"object_to_camera": [[1, 0], ')
+    viewpoint = reconstruct.viewpoint_of(bpy.context, mug_scene)
+    objects, report = reconstruct.import_variants(bpy.context, [glb], "mug", (1.0, 2.0, 3.0), viewpoint)
+    (obj,) = objects
+    assert obj.name in bpy.data.objects and tuple(obj.location) == pytest.approx((1.0, 2.0, 3.0))
+    (error,) = report.errors
+    assert "'mug' was not matched to the photo" in error and "variant0.pose.json is damaged" in error
+    assert "stays at the 3D cursor" in error and "mug camera" not in bpy.data.objects
+
+    (tmp_path / "variant0.pose.json").unlink()
+    objects, report = reconstruct.import_variants(bpy.context, [glb], "mug", (1.0, 2.0, 3.0), viewpoint)
+    assert not report.errors and report.notices == [
+        f"No pose came back for {objects[0].name!r}: it stays at the 3D cursor"
+    ]
