@@ -242,11 +242,14 @@ def save_blend(glb: Path, out: Path, name: str, photo: Path | None) -> list[str]
 
     from .operators.placement import Viewpoint, place_variants
     from .operators.scene_import import import_result
+    from .ui import placement as placement_properties
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     obj = import_result(bpy.context, glb, name)
     lines: list[str] = []
     if photo is not None:
+        if not hasattr(bpy.types.Object, "amodal3r_placement"):  # the add-on is imported here, not enabled
+            placement_properties.register()
         image = bpy.data.images.load(str(photo.resolve()))
         image.pack()  # the .blend keeps its camera's background wherever it goes
         report = place_variants(bpy.context, [(obj, glb)], Viewpoint(photo=image.name, camera_name=f"{name} camera"))

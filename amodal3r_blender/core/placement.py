@@ -8,7 +8,7 @@ No bpy. Frames (every matrix 4x4, acting on column vectors):
 - A Blender camera looks down its local -Z with +Y up: the OpenCV frame is ``diag(1, -1, -1)`` of it.
 - glTF is +Y up; Blender is +Z up. The glTF importer of 4.2, 4.5 and 5.0 converts the mesh data
   itself ((x, y, z) -> (x, -z, y)) and leaves the object's matrix the identity; the exporter
-  converts back (tests/blender/operators/test_placement.py checks both in each release).
+  converts back (tests/blender/operators/test_match_photo.py checks both in each release).
 - ``mesh_to_glb`` takes an object's mesh data to the coordinates of the GLB the pose was fitted
   to: the axis swap, and for a mesh exported by Match Photo its scale at that moment.
 

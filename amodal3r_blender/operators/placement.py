@@ -186,6 +186,7 @@ def apply_pose(
         if camera is None or camera.type != "CAMERA":
             raise UserError(f"The camera {viewpoint.camera!r} is gone: the object stays where it is")
     else:
+        context.view_layer.update()  # the object's matrix_world after its location was just set
         sees = geometry.camera_for(obj.matrix_world, pose.object_to_camera, glb_from_mesh)
         camera, notices = photo_camera(context, viewpoint, pose.camera, sees)
     _store(obj, pose, camera, glb_from_mesh)

@@ -35,7 +35,7 @@ def _pixels(image) -> np.ndarray:
 @pytest.fixture
 def scene(mug_scene):
     """The example scene (conftest's ``mug_scene``) without Match Photo: the import stays at the cursor
-    (tests/blender/operators/test_placement.py has the placed import)."""
+    (tests/blender/operators/test_match_photo.py has the placed import)."""
     mug_scene.match_photo = False
     return mug_scene
 

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """The math of Match Photo without bpy: intrinsics <-> Blender camera settings round trips, poses to
 world matrices, and scaling about the camera centre keeping the picture. (Blender's own projection
-is checked against these formulas in tests/blender/operators/test_placement.py.)"""
+is checked against these formulas in tests/blender/operators/test_match_photo.py.)"""
 
 from __future__ import annotations
 
