@@ -16,10 +16,13 @@ from . import core  # noqa: F401 - first: it makes the server's ``amodal3r.api``
 MODULES = (
     "ui.preferences",
     "ui.properties",
+    "ui.placement",
     "operators.backend",
     "operators.masks",
     "operators.segment",
+    "operators.placement",
     "operators.reconstruct",
+    "operators.match_photo",
     "ui.panels",
     "ui.menus",
 )

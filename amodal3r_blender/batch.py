@@ -5,12 +5,15 @@
         --image photo.png --target-mask visible.png [--occluder-mask front.png] --out chair.glb
     python amodal3r_blender/batch.py -- --image photo.png --mask grey.png --out scene.blend   (bpy module)
     python amodal3r_blender/batch.py -- --batch FOLDER_OR_CSV --out-dir results/
+    ... --place [--camera camera.json | --fov DEG]   (also fit each result's pose to the photo)
 
 A folder holds NAME.png with NAME_target.png [+ NAME_occluder.png] or NAME_mask.png; a CSV has the
 columns image, target_mask, occluder_mask, mask (paths relative to the CSV) and optionally object:
 rows with the same object are its views, reconstructed as one job into OBJECT.glb. Every input is
 checked before the server starts (``core/batch_inputs.py``). ``.glb`` outputs need no bpy;
-``.blend`` outputs import the mesh into an empty scene. Exit code 0 on success; 2 for bad arguments
+``.blend`` outputs import the mesh into an empty scene; with ``--place`` the mesh is placed as the
+photo shows it, seen by a camera named after it with the photo (packed) as background, and a
+``.glb`` output gets its ``.pose.json`` beside it. Exit code 0 on success; 2 for bad arguments
 or inputs, with one line per problem and no server started; 1 when a reconstruction failed.
 """
 
@@ -57,12 +60,14 @@ def _import_addon() -> str:
 if not __package__:  # run as a script: name its package, so the imports below work as in the add-on (PEP 366)
     __package__ = _import_addon()
 
+from amodal3r.api.camera import Intrinsics
 from amodal3r.api.environment import MODEL, SERVER_PYTHON
 from amodal3r.api.errors import InputError
 from amodal3r.api.protocol import MULTIVIEW_MODES, JobParams, JobStatus
 
 from .core import backend, jobs
 from .core.batch_inputs import Collected, Item, csv_items, folder_items, item_problems, single_item
+from .core.placement import POSE_SUFFIX
 
 OUTPUT_SUFFIXES = (".glb", ".blend")
 
@@ -99,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", type=int, help="decimate to about this many faces")
     parser.add_argument(
         "--multiview", choices=MULTIVIEW_MODES, default=MULTIVIEW_MODES[0], help="how several views are combined"
+    )
+    parser.add_argument(
+        "--place",
+        action="store_true",
+        help="also fit each result's pose to its first photo: the .blend gets the photo's camera, a .glb OUT.pose.json",
+    )
+    camera = parser.add_mutually_exclusive_group()
+    camera.add_argument(
+        "--camera",
+        type=Path,
+        help="with --place: camera.json, width, height, fx, fy, cx, cy in pixels (OpenCV convention, the full photo)",
+    )
+    camera.add_argument(
+        "--fov",
+        type=float,
+        help="with --place: horizontal field of view in degrees (default: the photo's EXIF 35 mm focal "
+        "length, else 50 mm)",
     )
     return parser
 
@@ -171,7 +193,10 @@ def backend_settings(args: argparse.Namespace) -> backend.BackendSettings:
 
 
 def job_params(args: argparse.Namespace, name: str) -> JobParams:
-    """The run settings; out-of-range values raise InputError (a ProtocolError)."""
+    """The run settings; out-of-range values and a bad camera.json raise InputError."""
+    if (args.camera is not None or args.fov is not None) and not args.place:
+        raise InputError("--camera and --fov say how to fit the pose: they go with --place")
+    camera = Intrinsics.from_json(args.camera).to_dict() if args.camera is not None else None
     return JobParams(
         seed=args.seed,
         multiview=args.multiview,
@@ -181,6 +206,9 @@ def job_params(args: argparse.Namespace, name: str) -> JobParams:
         faces=args.faces,
         preview=False,
         name=name[:200],
+        place=args.place,
+        camera=camera,
+        fov=args.fov,
     ).validate()
 
 
@@ -207,24 +235,43 @@ class Progress:
         self.last = status
 
 
-def save_blend(glb: Path, out: Path, name: str) -> None:
-    """An empty scene with the result imported, saved as out (a .blend)."""
+def save_blend(glb: Path, out: Path, name: str, photo: Path | None) -> list[str]:
+    """An empty scene with the result imported (and, given the photo, placed as it shows it), saved
+    as out (a .blend); returns what placing had to say."""
     import bpy
 
+    from .operators.placement import Viewpoint, place_variants
     from .operators.scene_import import import_result
+    from .ui import placement as placement_properties
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    import_result(bpy.context, glb, name)
+    obj = import_result(bpy.context, glb, name)
+    lines: list[str] = []
+    if photo is not None:
+        if not hasattr(bpy.types.Object, "amodal3r_placement"):  # the add-on is imported here, not enabled
+            placement_properties.register()
+        image = bpy.data.images.load(str(photo.resolve()))
+        image.pack()  # the .blend keeps its camera's background wherever it goes
+        report = place_variants(bpy.context, [(obj, glb)], Viewpoint(photo=image.name, camera_name=f"{name} camera"))
+        lines = report.notices + report.errors
     out.parent.mkdir(parents=True, exist_ok=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), check_existing=False)
+    return lines
 
 
-def deliver(result: Path, item: Item) -> None:
+def deliver(result: Path, item: Item, place: bool) -> list[str]:
+    """The result where the item asked for it; returns notices for the person."""
     if item.out.suffix.lower() == ".blend":
-        save_blend(result, item.out, item.name)
-    else:
-        item.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result, item.out)
+        return save_blend(result, item.out, item.name, item.views[0].image if place else None)
+    item.out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result, item.out)
+    pose = result.with_suffix(POSE_SUFFIX)
+    if not place:
+        return []
+    if not pose.is_file():
+        return [f"no pose came back for {item.name}"]
+    shutil.copyfile(pose, item.out.with_suffix(POSE_SUFFIX))
+    return []
 
 
 def run_items(items: list[Item], args: argparse.Namespace, settings: backend.BackendSettings, work_dir: Path) -> int:
@@ -246,9 +293,9 @@ def run_items(items: list[Item], args: argparse.Namespace, settings: backend.Bac
                 glbs = jobs.glb_paths(paths)
                 if not glbs:
                     raise jobs.JobError("the server gave no .glb result")
-                deliver(glbs[0], item)
+                said = deliver(glbs[0], item, args.place)
                 print(f"{prefix} wrote {item.out}", flush=True)
-                for notice in jobs.notices_of(progress.last):
+                for notice in [*jobs.notices_of(progress.last), *said]:
                     print(f"{prefix} {notice}", flush=True)
             except backend.BackendError as error:  # no server: the other items would fail alike
                 print(f"{prefix} FAILED: {error}", file=sys.stderr, flush=True)

@@ -18,11 +18,12 @@ from amodal3r.api.errors import Cancelled
 from amodal3r.api.protocol import CANCELLED, DONE, RANDOM_WEIGHTS_NOTICE_START, JobParams, JobStatus
 
 from .backend import LOCAL, Backend, BackendError
+from .placement import POSE_SUFFIX
 from .tasks import Task
 
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
-DOWNLOADED = (".glb", ".png", ".ply")
+DOWNLOADED = (".glb", POSE_SUFFIX, ".png", ".ply")  # in download order: meshes and their poses first
 
 
 class JobError(RuntimeError):
@@ -64,9 +65,9 @@ def _poll(backend: Backend, client: Client, job_id: str) -> JobStatus:
 
 
 def _download(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
-    """Fetch the job's meshes first, then previews and Gaussians, into out_dir."""
-    names = [n for n in status.results if Path(n).suffix in DOWNLOADED]
-    names.sort(key=lambda n: (DOWNLOADED.index(Path(n).suffix), n))
+    """Fetch the job's meshes and poses first, then previews and Gaussians, into out_dir."""
+    kinds = {n: next((i for i, suffix in enumerate(DOWNLOADED) if n.endswith(suffix)), None) for n in status.results}
+    names = sorted((n for n, kind in kinds.items() if kind is not None), key=lambda n: (kinds[n], n))
     return [client.download_result(status.id, name, out_dir / name) for name in names]
 
 

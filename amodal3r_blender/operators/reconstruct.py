@@ -23,6 +23,7 @@ import bpy
 from bpy.app.handlers import persistent
 from bpy.props import EnumProperty
 
+from amodal3r.api.camera import Intrinsics
 from amodal3r.api.errors import InputError
 from amodal3r.api.protocol import JobParams, JobStatus
 
@@ -33,6 +34,7 @@ from ..core.tasks import Task
 from ..ui.preferences import backend_settings
 from ..ui.properties import AMODAL3R_PG_settings, AMODAL3R_PG_view, get_settings
 from .images import UserError, encode_source, image_size, read_layer, view_image
+from .placement import PlaceReport, Viewpoint, place_variants, scene_intrinsics
 from .scene_import import ResultImportError, import_result, push_undo
 
 TICK_SECONDS = 0.25
@@ -45,6 +47,7 @@ STAGE_TEXT = {
     "slat": "Sampling the details",
     "decoding": "Building the mesh",
     "exporting": "Baking the texture",
+    "placing": "Matching the photo",
 }
 MODES = [
     ("AUTO", "Auto", "In the background when Blender has a user interface, else wait for the result"),
@@ -63,6 +66,7 @@ class ActiveJob:
     name: str
     location: tuple[float, float, float]
     folder: Path  # temporary: the uploaded PNGs and the downloaded results
+    viewpoint: Viewpoint | None  # with Match Photo: what the results are placed in front of
 
 
 _job: ActiveJob | None = None
@@ -101,22 +105,28 @@ def view_files(view: AMODAL3R_PG_view, number: int) -> list[tuple[str, bytes]]:
     return files
 
 
-def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, str]]:
-    """The views as PNG files in ``folder``, in the ``[{kind: path}]`` form the client uploads."""
+def require_source(settings: AMODAL3R_PG_settings) -> None:
     if not settings.views or settings.views[0].image is None:
         raise UserError(
             "No source image: choose one in the Source panel (or right-click an image in the "
             "Image Editor > Reconstruct occluded object)"
         )
-    views = []
-    for index, view in enumerate(settings.views):
-        paths = {}
-        for kind, data in view_files(view, index + 1):
-            path = folder / f"view{index}_{kind}.png"
-            path.write_bytes(data)
-            paths[kind] = str(path)
-        views.append(paths)
-    return views
+
+
+def write_views(settings: AMODAL3R_PG_settings, folder: Path) -> list[dict[str, str]]:
+    """The views as PNG files in ``folder``, in the ``[{kind: path}]`` form the client uploads."""
+    require_source(settings)
+    return [write_view(view, index, folder) for index, view in enumerate(settings.views)]
+
+
+def write_view(view: AMODAL3R_PG_view, index: int, folder: Path) -> dict[str, str]:
+    """One view's checked PNG files in ``folder``, as ``{kind: path}``."""
+    paths = {}
+    for kind, data in view_files(view, index + 1):
+        path = folder / f"view{index}_{kind}.png"
+        path.write_bytes(data)
+        paths[kind] = str(path)
+    return paths
 
 
 def _chosen(settings: AMODAL3R_PG_settings, name: str) -> int | float | None:
@@ -124,7 +134,30 @@ def _chosen(settings: AMODAL3R_PG_settings, name: str) -> int | float | None:
     return getattr(settings, name) if getattr(settings, f"use_{name}") else None
 
 
-def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
+def viewpoint_of(context: bpy.types.Context, settings: AMODAL3R_PG_settings) -> Viewpoint:
+    """What Match Photo places results in front of: the rendering camera, else the photo."""
+    if settings.source_kind == "CAMERA":
+        return Viewpoint(camera=context.scene.camera.name)
+    photo = settings.views[0].image
+    return Viewpoint(photo=photo.name, camera_name=f"{object_name(photo)} camera")
+
+
+def source_camera(context: bpy.types.Context, settings: AMODAL3R_PG_settings) -> Intrinsics | None:
+    """A camera render's intrinsics (the server then fits in exactly that camera), else None: the
+    server reads the photo's EXIF focal length."""
+    if settings.source_kind != "CAMERA":
+        return None
+    intrinsics = scene_intrinsics(context.scene)
+    rendered = image_size(settings.views[0].image)
+    if (intrinsics.width, intrinsics.height) != rendered:
+        raise UserError(
+            f"The source render is {rendered[0]}x{rendered[1]} but {context.scene.camera.name!r} now "
+            f"renders at {intrinsics.width}x{intrinsics.height}: click Render Camera again"
+        )
+    return intrinsics
+
+
+def job_params(settings: AMODAL3R_PG_settings, name: str, camera: Intrinsics | None = None) -> JobParams:
     """The server's settings; a value whose switch is off is left to the pipeline."""
     params = JobParams(
         seed=settings.seed,
@@ -139,6 +172,8 @@ def job_params(settings: AMODAL3R_PG_settings, name: str) -> JobParams:
         gaussians=settings.gaussians,
         preview=False,
         name=name[:200],
+        place=settings.match_photo,
+        camera=camera.to_dict() if camera is not None else None,
     )
     try:
         return params.validate()
@@ -180,14 +215,34 @@ def server_stopped(backend: Backend) -> bool:
 
 
 def import_variants(
-    context: bpy.types.Context, glb_paths: list[Path], name: str, location: tuple[float, float, float]
-) -> list[bpy.types.Object]:
-    """Each variant as its own object at ``location``; with several, they are numbered."""
+    context: bpy.types.Context,
+    glb_paths: list[Path],
+    name: str,
+    location: tuple[float, float, float],
+    viewpoint: Viewpoint | None = None,
+) -> tuple[list[bpy.types.Object], PlaceReport]:
+    """Each variant as its own object at ``location`` (with several, they are numbered), then, with
+    a viewpoint, placed by its pose."""
     paths = sorted(glb_paths, key=lambda path: path.name)
     if not paths:
         raise ResultImportError("The server finished without a mesh: run the reconstruction again")
     names = [name] if len(paths) == 1 else [f"{name} {index + 1}" for index in range(len(paths))]
-    return [import_result(context, path, object_name, location) for path, object_name in zip(paths, names, strict=True)]
+    objects = [
+        import_result(context, path, object_name, location) for path, object_name in zip(paths, names, strict=True)
+    ]
+    if viewpoint is None:
+        return objects, PlaceReport()
+    return objects, place_variants(context, list(zip(objects, paths, strict=True)), viewpoint)
+
+
+def show_result(
+    settings: AMODAL3R_PG_settings, objects: list[bpy.types.Object], report: PlaceReport, status: JobStatus | None
+) -> None:
+    """The panel's account of an import: what came in, the server's and placing's notices, placing's errors."""
+    settings.progress = 1.0
+    settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
+    settings.notices = "\n".join([*notices_of(status), *report.notices])
+    settings.last_error = "\n".join(report.errors)
 
 
 def _window_for(scene: bpy.types.Scene) -> bpy.types.Window | None:
@@ -195,14 +250,14 @@ def _window_for(scene: bpy.types.Scene) -> bpy.types.Window | None:
     return next((w for w in windows if w.scene == scene), windows[0] if windows else None)
 
 
-def _import_in_scene(scene: bpy.types.Scene, job: ActiveJob) -> list[bpy.types.Object]:
+def _import_in_scene(scene: bpy.types.Scene, job: ActiveJob) -> tuple[list[bpy.types.Object], PlaceReport]:
     """Import with a context of a window showing the job's scene (a timer has no window of its own)."""
     window = _window_for(scene)
     paths = glb_paths(job.task.result or [])
     if window is None:
-        return import_variants(bpy.context, paths, job.name, job.location)
+        return import_variants(bpy.context, paths, job.name, job.location, job.viewpoint)
     with bpy.context.temp_override(window=window, scene=scene):
-        return import_variants(bpy.context, paths, job.name, job.location)
+        return import_variants(bpy.context, paths, job.name, job.location, job.viewpoint)
 
 
 def _report_later(message: str) -> None:
@@ -237,15 +292,15 @@ def _finish(job: ActiveJob, scene: bpy.types.Scene) -> None:
         _report_later(task.error)
     else:
         try:
-            objects = _import_in_scene(scene, job)
+            objects, report = _import_in_scene(scene, job)
         except ResultImportError as error:
             _fail(settings, str(error), job.backend)
             _report_later(str(error))
         else:
-            settings.progress = 1.0
-            settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
-            settings.notices = "\n".join(notices_of(task.latest))
+            show_result(settings, objects, report, task.latest)
             push_undo("Reconstruct occluded object")
+            if report.errors:
+                _report_later(settings.last_error)
 
 
 def _end_job() -> ActiveJob | None:
@@ -305,7 +360,9 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         try:
             views = write_views(settings, folder)
             name = object_name(settings.views[0].image)
-            params = job_params(settings, name)
+            camera = source_camera(context, settings) if settings.match_photo else None
+            viewpoint = viewpoint_of(context, settings) if settings.match_photo else None
+            params = job_params(settings, name, camera)
             backend = get_backend(backend_settings(context))
         except (UserError, InputError, BackendError) as error:
             shutil.rmtree(folder, ignore_errors=True)
@@ -315,8 +372,8 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         settings.server_dead = False
         blocking = self.mode == "BLOCKING" or (self.mode == "AUTO" and bpy.app.background)
         if blocking:
-            return self._run_blocking(context, backend, views, params, name, folder)
-        self._start(context, backend, views, params, name, folder)
+            return self._run_blocking(context, backend, views, params, name, folder, viewpoint)
+        self._start(context, backend, views, params, name, folder, viewpoint)
         return {"FINISHED"}
 
     def _start(
@@ -327,13 +384,15 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         params: JobParams,
         name: str,
         folder: Path,
+        viewpoint: Viewpoint | None,
     ) -> None:
         global _job
         settings = get_settings(context)
         settings.running = True
         show_progress(settings, None)
         task = start_job(backend, views, params, folder / "results")
-        _job = ActiveJob(task, backend, context.scene.name, name, tuple(context.scene.cursor.location), folder)
+        location = tuple(context.scene.cursor.location)
+        _job = ActiveJob(task, backend, context.scene.name, name, location, folder, viewpoint)
         if not bpy.app.timers.is_registered(tick):
             bpy.app.timers.register(tick, first_interval=TICK_SECONDS)
         self.report({"INFO"}, "Reconstruction started: the Amodal3R panel shows its progress")
@@ -346,6 +405,7 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
         params: JobParams,
         name: str,
         folder: Path,
+        viewpoint: Viewpoint | None,
     ) -> set[str]:
         settings = get_settings(context)
         seen: list[JobStatus] = []
@@ -357,16 +417,16 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
 
         try:
             paths = run_blocking(backend, views, params, folder / "results", progress)
-            objects = import_variants(context, glb_paths(paths), name, tuple(context.scene.cursor.location))
+            location = tuple(context.scene.cursor.location)
+            objects, report = import_variants(context, glb_paths(paths), name, location, viewpoint)
         except (JobError, BackendError, ResultImportError) as error:
             _fail(settings, str(error), backend)
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        settings.message = f"Imported {', '.join(obj.name for obj in objects)}"
-        settings.notices = "\n".join(notices_of(seen[-1] if seen else None))
-        self.report({"INFO"}, settings.message)
+        show_result(settings, objects, report, seen[-1] if seen else None)
+        self.report({"WARNING"} if report.errors else {"INFO"}, "\n".join([settings.message, *report.errors]))
         for notice in settings.notices.splitlines():
             print(f"amodal3r: {notice}", flush=True)
         return {"FINISHED"}

@@ -15,6 +15,7 @@ import bpy
 
 from ..core.backend import current_backend
 from ..core.jobs import random_weights
+from .placement import placement_of, pose_summary
 from .properties import AMODAL3R_PG_settings, AMODAL3R_PG_view
 
 CATEGORY = "Amodal3R"
@@ -82,6 +83,7 @@ def draw_run(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
         column.scale_y = 1.5
         column.enabled = settings.source_image is not None
         column.operator("amodal3r.reconstruct", icon="MESH_ICOSPHERE")
+        layout.prop(settings, "match_photo")
         if settings.source_image is None:
             layout.label(text="Choose a source image below", icon="INFO")
         elif settings.message:
@@ -279,7 +281,40 @@ class _SettingsBody(_Amodal3RPanel):
         draw_settings(self.layout, context)
 
 
-BODIES = (_MainBody, _SourceBody, _MasksBody, _ViewsBody, _SettingsBody)
+# --- placement ------------------------------------------------------------------------------------
+
+
+def draw_placement(layout: bpy.types.UILayout, context: bpy.types.Context) -> None:
+    """The active object's fit to the photo: Match Photo, the pose shown, Real Size."""
+    obj = context.active_object
+    if obj is None or obj.type != "MESH":
+        layout.label(text="Select a mesh to match it to the photo", icon="INFO")
+        return
+    layout.operator("amodal3r.match_photo", icon="CAMERA_DATA")
+    placement = placement_of(obj)
+    if placement is None:
+        layout.label(text=f"{obj.name} is not matched yet", icon="INFO")
+        return
+    row = layout.row(align=True)
+    row.operator("amodal3r.cycle_pose", text="", icon="TRIA_LEFT").step = -1
+    row.label(text=pose_summary(obj))
+    row.operator("amodal3r.cycle_pose", text="", icon="TRIA_RIGHT").step = 1
+    layout.prop(placement, "real_size")
+    if placement.camera is None:
+        layout.label(text="Its camera is gone: Match Photo again", icon="ERROR")
+    else:
+        layout.label(text=f"Seen through {placement.camera.name}", icon="VIEW_CAMERA")
+
+
+class _PlacementBody(_Amodal3RPanel):
+    bl_label = "Match Photo"
+    key = "placement"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        draw_placement(self.layout, context)
+
+
+BODIES = (_MainBody, _SourceBody, _MasksBody, _ViewsBody, _SettingsBody, _PlacementBody)
 
 
 def panel_classes() -> list[type]:

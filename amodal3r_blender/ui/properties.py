@@ -205,6 +205,12 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
         default=False,  # type: ignore[valid-type]
         description="Also download the 3D Gaussians as a PLY file",
     )
+    match_photo: BoolProperty(  # type: ignore[valid-type]
+        name="Match Photo",
+        default=True,
+        description="Place each result so that it lines up with the photo (a camera render: seen "
+        "through that camera; a photo: through a camera made for it, with the photo as background)",
+    )
     sam_model: EnumProperty(  # type: ignore[valid-type]
         name="Segmentation Model", default=SAM_KINDS[0], items=SAM_ITEMS
     )

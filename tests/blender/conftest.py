@@ -149,3 +149,27 @@ def with_masks(settings):
     target[1:4, 4:7] = True
     paint(view.target_mask, target)
     return SimpleNamespace(photo=source, view=view, target=target, before=pixels(source))
+
+
+@pytest.fixture
+def mug_scene(clean_scene, example_dir):
+    """The example photo as the source ("mug.png"), its masks painted into the mask images, fast
+    settings, the 3D cursor at (1, 2, 3); the scene's ``amodal3r`` settings."""
+    import bpy
+
+    from amodal3r_blender.core import masks, png
+
+    photo = bpy.data.images.load(str(example_dir / "image.png"))
+    photo.name = "mug.png"
+    settings = bpy.context.scene.amodal3r
+    settings.source_image = photo
+    assert bpy.ops.amodal3r.create_masks() == {"FINISHED"}
+    view = settings.views[0]
+    for image, name in ((view.target_mask, "target_mask.png"), (view.occluder_mask, "occluder_mask.png")):
+        layer = masks.flip_rows(png.decode_png((example_dir / name).read_bytes())[:, :, 0] > 127)
+        image.pixels.foreach_set(masks.pixels_from_layer(layer))
+    settings.structure_steps = settings.slat_steps = 2
+    settings.texture_size = "256"
+    settings.faces = 5000
+    bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+    return settings

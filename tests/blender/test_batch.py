@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import subprocess
@@ -205,7 +206,7 @@ def test_script_argv_after_the_separator():
     assert batch.script_argv(["batch.py", "--image", "x"]) == ["--image", "x"]
 
 
-def test_blend_output_holds_the_object(tmp_path, example_dir, server_python, tiny_model_dir):
+def test_blend_output_holds_the_placed_object_and_its_camera(tmp_path, example_dir, server_python, tiny_model_dir):
     out = tmp_path / "scene.blend"
     result = run_batch(
         "--image",
@@ -214,13 +215,42 @@ def test_blend_output_holds_the_object(tmp_path, example_dir, server_python, tin
         str(example_dir / "mask.png"),
         "--out",
         str(out),
+        "--place",
+        "--fov",
+        "40",
         server_python=server_python,
         model=tiny_model_dir,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    with bpy.data.libraries.load(str(out)) as (data_from, _):
-        assert data_from.objects == ["image"] and data_from.meshes == ["image"]
-        assert "image_texture" in data_from.images
+    with bpy.data.libraries.load(str(out)) as (data_from, data_to):
+        assert sorted(data_from.objects) == ["image", "image camera"] and data_from.meshes == ["image"]
+        assert {"image_texture", "image.png"} <= set(data_from.images)
+        data_to.objects = data_from.objects
+    placed, camera = sorted(data_to.objects, key=lambda obj: obj.type != "MESH")
+    assert camera.type == "CAMERA" and camera.data.show_background_images
+    assert camera.data.background_images[0].image.packed_file is not None
+    assert placed.amodal3r_placement.camera == camera and len(placed.amodal3r_placement.poses) >= 1
+    # 40 degrees across the 512 px photo: the camera's lens says so
+    assert camera.data.lens == pytest.approx(36 / 2 / math.tan(math.radians(20)), rel=1e-4)
+    for obj in data_to.objects:
+        bpy.data.objects.remove(obj)
+
+
+def test_camera_without_place_is_refused(tmp_path, example_dir, tiny_model_dir, fake_server):
+    python, record = fake_server
+    result = run_batch(
+        "--image",
+        str(example_dir / "image.png"),
+        "--mask",
+        str(example_dir / "mask.png"),
+        "--out",
+        str(tmp_path / "o.glb"),
+        "--fov",
+        "40",
+        server_python=python,
+        model=tiny_model_dir,
+    )
+    assert result.returncode == 2 and "they go with --place" in result.stderr and not record.exists()
 
 
 # --- importing a result into the open scene ------------------------------------------------------

@@ -27,11 +27,6 @@ def _ops(addon: str):
     return importlib.import_module(f"{addon}.operators.reconstruct")
 
 
-def _file_layer(path: Path) -> np.ndarray:
-    """A mask file as a Blender-order layer, to paint into a mask image."""
-    return masks.flip_rows(png.decode_png(path.read_bytes())[:, :, 0] > 127)
-
-
 def _pixels(image) -> np.ndarray:
     buffer = np.empty(image.size[0] * image.size[1] * 4, np.float32)
     image.pixels.foreach_get(buffer)
@@ -39,23 +34,11 @@ def _pixels(image) -> np.ndarray:
 
 
 @pytest.fixture
-def scene(clean_scene, example_dir):
-    """The example photo as the source, its masks painted into the mask images, fast settings."""
-    import bpy
-
-    photo = bpy.data.images.load(str(example_dir / "image.png"))
-    photo.name = "mug.png"
-    settings = bpy.context.scene.amodal3r
-    settings.source_image = photo
-    assert bpy.ops.amodal3r.create_masks() == {"FINISHED"}
-    view = settings.views[0]
-    for image, name in ((view.target_mask, "target_mask.png"), (view.occluder_mask, "occluder_mask.png")):
-        image.pixels.foreach_set(masks.pixels_from_layer(_file_layer(example_dir / name)))
-    settings.structure_steps = settings.slat_steps = 2
-    settings.texture_size = "256"
-    settings.faces = 5000
-    bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
-    return settings
+def scene(mug_scene):
+    """The example scene (conftest's ``mug_scene``) without Match Photo: the import stays at the cursor
+    (tests/blender/operators/test_match_photo.py has the placed import)."""
+    mug_scene.match_photo = False
+    return mug_scene
 
 
 def _follow(ops, until=None) -> float:

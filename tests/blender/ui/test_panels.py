@@ -144,7 +144,7 @@ def test_panels_exist_in_both_sidebars(clean_scene):
     import bpy
 
     panels = _panels(clean_scene)
-    assert len(panels) == 10
+    assert len(panels) == 12  # six bodies, in each of the two sidebars
     for panel in panels:
         assert panel.bl_region_type == "UI" and panel.bl_category == "Amodal3R"
         assert getattr(bpy.types, panel.bl_idname) is not None
