@@ -157,9 +157,8 @@ def read_pose(path: Path) -> Pose:
         return Pose.from_json(path)
     except FileNotFoundError:
         raise UserError(f"The pose file {path} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError, InputError) as error:
-        reason = f"{type(error).__name__}: {error}" if isinstance(error, (KeyError, TypeError)) else str(error)
-        raise UserError(f"The pose file {path.name} is damaged ({reason})") from None
+    except InputError as error:
+        raise UserError(f"The pose file {path.name} is damaged ({error})") from None
 
 
 def _store(obj: bpy.types.Object, pose: Pose, camera: bpy.types.Object, glb_from_mesh) -> None:

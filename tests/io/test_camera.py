@@ -198,6 +198,30 @@ def test_pose_checks_its_matrices() -> None:
         Pose(np.eye(4), camera, 0.5, ((np.full((4, 4), np.nan), 0.1),))
 
 
+EYE = np.eye(4).tolist()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{", "not a readable pose.json"),
+        (b"\xff\xfe", "not a readable pose.json"),
+        (b"[]", "expected an object"),
+        (json.dumps({"camera": GOOD, "score": 1}).encode(), "'object_to_camera' is missing"),
+        (json.dumps({"object_to_camera": [[1]], "camera": GOOD, "score": 1}).encode(), "4x4"),
+        (json.dumps({"object_to_camera": EYE, "camera": {}, "score": 1}).encode(), "'width' is missing"),
+        (json.dumps({"object_to_camera": EYE, "camera": GOOD, "score": "high"}).encode(), "could not convert"),
+        (json.dumps({"object_to_camera": EYE, "camera": GOOD, "score": 1, "candidates": [{}]}).encode(), "missing"),
+    ],
+)
+def test_a_damaged_pose_json_names_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "pose.json"
+    path.write_bytes(content)
+    with pytest.raises(CameraError, match=message) as error:
+        Pose.from_json(path)
+    assert str(path) in str(error.value)
+
+
 def test_load_mesh_for_placement(tmp_path: Path) -> None:
     trimesh.creation.box((1, 0.5, 0.3)).export(tmp_path / "box.glb")
     vertices, faces = load_mesh_for_placement(tmp_path / "box.glb")

@@ -33,6 +33,10 @@ FIELDS = ("width", "height", "fx", "fy", "cx", "cy")
 POSE_SUFFIX = ".pose.json"  # a pose.json beside its GLB: chair.glb -> chair.pose.json
 FILM_LONG_SIDE_MM = 36.0
 MAX_CANDIDATES = 3
+POSE_EXPECTED = (
+    "expected an object with object_to_camera (4x4), camera (the six intrinsics), score and candidates. "
+    "Fit the pose again (Match Photo, or amodal3r place)"
+)
 HOW_TO_FIX = (
     "Give intrinsics in pixels of the full photo, OpenCV convention: width and height of "
     "the image, fx and fy positive focal lengths, cx and cy the principal point inside it "
@@ -185,16 +189,33 @@ class Pose:
         return write_atomically(path, json.dumps(self.to_dict(), indent=1).encode())
 
     @classmethod
+    def from_dict(cls, data: Any, source: str = "pose") -> Pose:
+        """A ``pose.json`` object; anything malformed is a :class:`CameraError` naming ``source``."""
+        if not isinstance(data, dict):
+            raise CameraError(f"{source}: {POSE_EXPECTED}")
+        try:
+            candidates = data.get("candidates", [])
+            return cls(
+                _matrix(data["object_to_camera"], "object_to_camera"),
+                Intrinsics.from_dict(data["camera"], f"{source}: camera"),
+                float(data["score"]),
+                tuple((_matrix(c["object_to_camera"], "a candidate"), float(c["score"])) for c in candidates),
+            )
+        except CameraError:
+            raise
+        except KeyError as error:
+            raise CameraError(f"{source}: {error} is missing; {POSE_EXPECTED}") from None
+        except (AttributeError, TypeError, ValueError) as error:
+            raise CameraError(f"{source}: {error}; {POSE_EXPECTED}") from None
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Pose:
-        """Read a ``pose.json`` back (as :meth:`write` left it)."""
+        """Read a ``pose.json`` back (as :meth:`write` left it); a missing file is FileNotFoundError."""
         path = Path(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(
-            _matrix(data["object_to_camera"], f"{path}: object_to_camera"),
-            Intrinsics.from_dict(data["camera"], f"{path}: camera"),
-            float(data["score"]),
-            tuple(
-                (_matrix(c["object_to_camera"], f"{path}: candidate"), float(c["score"]))
-                for c in data.get("candidates", [])
-            ),
-        )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CameraError(f"{path}: not a readable pose.json ({error})") from None
+        return cls.from_dict(data, str(path))
