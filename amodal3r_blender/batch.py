@@ -60,14 +60,13 @@ def _import_addon() -> str:
 if not __package__:  # run as a script: name its package, so the imports below work as in the add-on (PEP 366)
     __package__ = _import_addon()
 
-from amodal3r.api.camera import Intrinsics
+from amodal3r.api.camera import POSE_SUFFIX, Intrinsics
 from amodal3r.api.environment import MODEL, SERVER_PYTHON
 from amodal3r.api.errors import InputError
 from amodal3r.api.protocol import MULTIVIEW_MODES, JobParams, JobStatus
 
 from .core import backend, jobs
 from .core.batch_inputs import Collected, Item, csv_items, folder_items, item_problems, single_item
-from .core.placement import POSE_SUFFIX
 
 OUTPUT_SUFFIXES = (".glb", ".blend")
 

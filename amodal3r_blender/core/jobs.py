@@ -15,15 +15,13 @@ from pathlib import Path
 
 from amodal3r.api.client import Client, ServerError, ServerUnavailable
 from amodal3r.api.errors import Cancelled
-from amodal3r.api.protocol import CANCELLED, DONE, RANDOM_WEIGHTS_NOTICE_START, JobParams, JobStatus
+from amodal3r.api.protocol import CANCELLED, DONE, RANDOM_WEIGHTS_NOTICE_START, RESULT_SUFFIXES, JobParams, JobStatus
 
 from .backend import LOCAL, Backend, BackendError
-from .placement import POSE_SUFFIX
 from .tasks import Task
 
 POLL_SECONDS = 0.3
 POLL_FAILURES = 20  # consecutive failed polls of a live server before giving up (~6 s)
-DOWNLOADED = (".glb", POSE_SUFFIX, ".png", ".ply")  # in download order: meshes and their poses first
 
 
 class JobError(RuntimeError):
@@ -64,9 +62,16 @@ def _poll(backend: Backend, client: Client, job_id: str) -> JobStatus:
             raise JobError(f"The server lost the job: {error.detail}") from None
 
 
+def _kind(name: str) -> int:
+    """A result file's place in ``RESULT_SUFFIXES``, the order to fetch them in."""
+    return next(i for i, suffix in enumerate(RESULT_SUFFIXES) if name.endswith(suffix))
+
+
 def _download(client: Client, status: JobStatus, out_dir: Path) -> list[Path]:
     """Fetch the job's meshes and poses first, then previews and Gaussians, into out_dir."""
-    kinds = {n: next((i for i, suffix in enumerate(DOWNLOADED) if n.endswith(suffix)), None) for n in status.results}
+    kinds = {
+        n: next((i for i, suffix in enumerate(RESULT_SUFFIXES) if n.endswith(suffix)), None) for n in status.results
+    }
     names = sorted((n for n, kind in kinds.items() if kind is not None), key=lambda n: (kinds[n], n))
     return [client.download_result(status.id, name, out_dir / name) for name in names]
 

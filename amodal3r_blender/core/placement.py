@@ -27,7 +27,6 @@ import numpy as np
 
 from amodal3r.api.camera import Intrinsics
 
-POSE_SUFFIX = ".pose.json"  # a result's pose file beside its GLB: variant0.glb -> variant0.pose.json
 SENSOR_WIDTH_MM = 36.0  # Blender's default sensor: the focal length then reads as 35 mm-equivalent
 SENSOR_FITS = ("AUTO", "HORIZONTAL", "VERTICAL")
 GLTF_TO_BLENDER = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=np.float64)

@@ -23,7 +23,7 @@ import numpy as np
 from bpy.props import IntProperty
 from mathutils import Matrix
 
-from amodal3r.api.camera import Intrinsics, Pose
+from amodal3r.api.camera import POSE_SUFFIX, Intrinsics, Pose
 from amodal3r.api.errors import InputError
 
 from ..core import placement as geometry
@@ -200,7 +200,7 @@ def place_variants(
     leaves that object where the import put it."""
     report = PlaceReport()
     for obj, glb in imported:
-        pose_path = glb.with_suffix(geometry.POSE_SUFFIX)
+        pose_path = glb.with_suffix(POSE_SUFFIX)
         if not pose_path.is_file():
             report.notices.append(f"No pose came back for {obj.name!r}: it stays at the 3D cursor")
             continue

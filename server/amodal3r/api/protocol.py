@@ -86,7 +86,7 @@ MASK_FORMATS = ("PNG",)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL_STATES = (DONE, FAILED, CANCELLED)
-RESULT_SUFFIXES = (".glb", ".ply", ".png", POSE_SUFFIX)
+RESULT_SUFFIXES = (".glb", POSE_SUFFIX, ".png", ".ply")  # in the order clients fetch them: meshes and poses first
 
 # How a job's notice that its model folder holds tiny random weights begins (the add-on offers real ones).
 RANDOM_WEIGHTS_NOTICE_START = "NOTE: the model folder holds tiny RANDOM weights"
