@@ -246,15 +246,23 @@ def save_blend(glb: Path, out: Path, name: str, photo: Path | None) -> list[str]
     bpy.ops.wm.read_factory_settings(use_empty=True)
     obj = import_result(bpy.context, glb, name)
     lines: list[str] = []
-    if photo is not None:
-        if not hasattr(bpy.types.Object, "amodal3r_placement"):  # the add-on is imported here, not enabled
-            placement_properties.register()
-        image = bpy.data.images.load(str(photo.resolve()))
-        image.pack()  # the .blend keeps its camera's background wherever it goes
-        report = place_variants(bpy.context, [(obj, glb)], Viewpoint(photo=image.name, camera_name=f"{name} camera"))
-        lines = report.notices + report.errors
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), check_existing=False)
+    # The add-on is imported here, not enabled: its placement properties are registered for this save
+    # only. Left registered, they hang the exit of the bpy 4.5 module (its file-closing thread waits forever).
+    borrowed = photo is not None and not hasattr(bpy.types.Object, "amodal3r_placement")
+    if borrowed:
+        placement_properties.register()
+    try:
+        if photo is not None:
+            image = bpy.data.images.load(str(photo.resolve()))
+            image.pack()  # the .blend keeps its camera's background wherever it goes
+            viewpoint = Viewpoint(photo=image.name, camera_name=f"{name} camera")
+            report = place_variants(bpy.context, [(obj, glb)], viewpoint)
+            lines = report.notices + report.errors
+        out.parent.mkdir(parents=True, exist_ok=True)
+        bpy.ops.wm.save_as_mainfile(filepath=str(out.resolve()), check_existing=False)
+    finally:
+        if borrowed:
+            placement_properties.unregister()
     return lines
 
 
