@@ -21,12 +21,12 @@ from typing import ClassVar
 import bpy
 import numpy as np
 from bpy.props import EnumProperty
-from mathutils import Matrix
 
 from amodal3r.api.client import Client, ServerError, ServerUnavailable
 from amodal3r.api.errors import InputError
 from amodal3r.api.protocol import PlaceParams
 
+from ..core import glb
 from ..core import placement as geometry
 from ..core.backend import Backend, BackendError, get_backend
 from ..core.tasks import Task
@@ -60,48 +60,26 @@ _pending: PendingMatch | None = None
 
 
 def export_mesh(context: bpy.types.Context, obj: bpy.types.Object, path: Path) -> np.ndarray:
-    """The object as a GLB in its own frame, scaled as it is; returns its mesh-to-GLB matrix.
-
-    The exporter writes the selected object with its world matrix, so for the moment the object is
-    the only one selected and its matrix is its scale alone; both are put back.
-    """
-    view_layer = context.view_layer
-    view_layer.update()  # objects linked just now join the view layer's list here
-    if obj.name not in view_layer.objects:
-        raise UserError(f"{obj.name!r} is not in this view layer: Match Photo exports what the scene shows")
-    scale = tuple(obj.matrix_world.to_scale())
-    saved, selected, active = (
-        obj.matrix_world.copy(),
-        [o for o in view_layer.objects if o.select_get()],
-        view_layer.objects.active,
-    )
+    """The object's surface (modifiers applied) as a GLB in its own frame, scaled as it is; returns
+    its mesh-to-GLB matrix."""
+    if obj.type != "MESH":
+        raise UserError(f"{obj.name!r} is not a mesh: select the mesh to match to the photo")
+    evaluated = obj.evaluated_get(context.evaluated_depsgraph_get())
+    mesh = evaluated.to_mesh()
     try:
-        for other in selected:
-            other.select_set(False)
-        obj.select_set(True)
-        obj.matrix_world = Matrix.Diagonal((*scale, 1.0))
-        view_layer.update()
-        result = bpy.ops.export_scene.gltf(
-            filepath=str(path),
-            export_format="GLB",
-            use_selection=True,
-            export_apply=True,
-            export_yup=True,
-            export_materials="NONE",
-            export_animations=False,
-        )
-    except RuntimeError as error:
-        raise UserError(f"Blender could not export {obj.name!r} as glTF: {error}") from None
+        mesh.calc_loop_triangles()
+        points = np.empty(3 * len(mesh.vertices), dtype=np.float32)
+        mesh.vertices.foreach_get("co", points)
+        triangles = np.empty(3 * len(mesh.loop_triangles), dtype=np.int32)
+        mesh.loop_triangles.foreach_get("vertices", triangles)
     finally:
-        obj.matrix_world = saved
-        obj.select_set(False)
-        for other in selected:
-            other.select_set(True)
-        view_layer.objects.active = active
-        view_layer.update()
-    if "FINISHED" not in result or not path.is_file():
-        raise UserError(f"Blender could not export {obj.name!r} as glTF")
-    return geometry.mesh_to_glb(scale)
+        evaluated.to_mesh_clear()
+    if len(triangles) == 0:
+        raise UserError(f"{obj.name!r} has no faces: Match Photo fits a surface to the photo")
+    glb_from_mesh = geometry.mesh_to_glb(tuple(obj.matrix_world.to_scale()))
+    in_glb = points.reshape(-1, 3) @ glb_from_mesh[:3, :3].T  # a linear map: no translation to add
+    path.write_bytes(glb.mesh_glb(in_glb, triangles.reshape(-1, 3)))
+    return glb_from_mesh
 
 
 def fit(backend: Backend, glb: Path, view: dict[str, str], params: PlaceParams, folder: Path) -> Path:

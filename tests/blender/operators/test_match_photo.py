@@ -69,9 +69,10 @@ def _cylinder(centre, radius, height, segments=24) -> tuple[list, list]:
     return vertices, sides + caps
 
 
-def test_gltf_frames_of_the_importer_and_exporter(clean_scene, tmp_path):
-    """The exporter writes Blender (x, y, z) as glTF (x, z, -y) and the object's scale into the GLB;
-    the importer turns it back into the mesh data and leaves the object's matrix the identity."""
+def test_the_glb_match_photo_sends_is_in_the_gltf_frame(clean_scene, tmp_path):
+    """Match Photo writes the object's mesh data scaled as the object is, in glTF's frame (x, z, -y),
+    leaving its place and turn out; the importer turns it back into the mesh data and leaves the
+    object's matrix the identity."""
     import bpy
     from mathutils import Matrix
 
@@ -81,15 +82,27 @@ def test_gltf_frames_of_the_importer_and_exporter(clean_scene, tmp_path):
     obj.matrix_world = Matrix.LocRotScale((5, 6, 7), Matrix.Rotation(0.5, 3, "Z").to_quaternion(), (2, 2, 2))
     before = obj.matrix_world.copy()
     glb_from_mesh = match_photo.export_mesh(bpy.context, obj, tmp_path / "probe.glb")
-    assert obj.matrix_world == before  # put back
+    assert obj.matrix_world == before
     low, high = _glb_positions_bounds(tmp_path / "probe.glb")
     corners = np.array([(-0.1, -0.1, -0.2), (0.3, 0.5, 0.8)])  # the box's mesh-data bounds
-    glb = np.array([glb_from_mesh @ [*corner, 1] for corner in corners])[:, :3]  # scale 2 is a node transform
-    assert np.sort(glb, axis=0) / 2 == pytest.approx(np.array([low, high]), abs=1e-6)
+    assert np.array([low, high]) == pytest.approx(np.array([(-0.2, -0.4, -1.0), (0.6, 1.6, 0.2)]), abs=1e-6)
+    glb = np.array([glb_from_mesh @ [*corner, 1] for corner in corners])[:, :3]
+    assert np.sort(glb, axis=0) == pytest.approx(np.array([low, high]), abs=1e-6)
     imported = scene_import.import_result(bpy.context, tmp_path / "probe.glb", "back")
-    assert np.array(imported.matrix_world) == pytest.approx(np.diag([2.0, 2.0, 2.0, 1.0]))  # the exported scale
+    assert np.array(imported.matrix_world) == pytest.approx(np.eye(4))
     data = np.array([v.co for v in imported.data.vertices])
-    assert data.min(axis=0) == pytest.approx(corners[0]) and data.max(axis=0) == pytest.approx(corners[1])
+    assert data.min(axis=0) == pytest.approx(2 * corners[0]) and data.max(axis=0) == pytest.approx(2 * corners[1])
+
+
+def test_match_photo_refuses_a_mesh_without_faces(clean_scene, tmp_path):
+    import bpy
+
+    match_photo = _module(clean_scene, "operators.match_photo")
+    images = _module(clean_scene, "operators.images")
+    points = _mesh_object("points", [([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [])])
+    with pytest.raises(images.UserError, match="has no faces"):
+        match_photo.export_mesh(bpy.context, points, tmp_path / "points.glb")
+    assert not (tmp_path / "points.glb").exists()
 
 
 @pytest.mark.parametrize(
