@@ -16,17 +16,25 @@ RSS follows the live tensors) and ``--low-vram`` this approximates what a device
 ``--repeat N`` runs the reconstruction N times on the same loaded models and reports the median
 of each figure over the runs after the first (all runs when N is 1).
 
+``--sweep`` measures each exact shortcut apart, each run in a fresh process (one reconstruction
+each), in rounds that alternate the modes: all on, all off (``--plain all``), then each shortcut
+and ``memory_reuse`` off alone; ``--repeat N`` rounds. It prints the median seconds per stage of
+each mode and its ratio to all on (above 1: turning that shortcut off costs time), with the load
+average of the machine before and after (timings on a shared machine are only comparable paired).
+
     .venv/bin/python bench/e2e.py --size tiny|medium|full [--steps S] [--device D] [--dtype T]
-        [--threads N] [--low-vram] [--repeat N] [--json PATH] [--seed 0]
+        [--threads N] [--low-vram] [--repeat N] [--json PATH] [--seed 0] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -270,11 +278,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compare", action="store_true", help="alternate runs with --plain's shortcuts off and on; print both"
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="each shortcut off alone, all off and all on, one fresh process per run, --repeat alternating rounds",
+    )
     return parser.parse_args(argv)
+
+
+SWEEP_ROWS = (*STAGES, "total", "cpu (all threads)")
+
+
+def _load(average: tuple[float, ...] | None) -> str:
+    return "-" if average is None else " ".join(f"{v:.2f}" for v in average)
+
+
+def sweep(args: argparse.Namespace, argv: list[str]) -> None:
+    """Alternating rounds of fresh processes: all on, all off, each shortcut off alone."""
+    modes = ["", "all", *NAMES, MEMORY_REUSE]
+    keep = []  # the child's options: ours less --sweep/--repeat/--json/--plain/--compare
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        name = arg.split("=")[0]
+        if name in ("--sweep", "--compare"):
+            continue
+        if name in ("--repeat", "--json", "--plain"):
+            skip_next = "=" not in arg
+            continue
+        keep.append(arg)
+    seconds: dict[str, list[dict]] = {m: [] for m in modes}
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    with tempfile.TemporaryDirectory(prefix="amodal3r-sweep-") as tmp:
+        for round_ in range(args.repeat):
+            for mode in modes:
+                out = Path(tmp) / "run.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--json", str(out)]
+                if mode:
+                    cmd += ["--plain", mode]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                run = json.loads(out.read_text())["runs"][0]["seconds"]
+                seconds[mode].append(run)
+                print(
+                    f"round {round_ + 1}/{args.repeat}, off: {mode or 'none'}: total {run['total']:.2f} s", flush=True
+                )
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    medians = {m: {k: _median([r.get(k) for r in runs]) for k in SWEEP_ROWS} for m, runs in seconds.items()}
+    print(
+        f"\n{args.size} weights, {args.steps or 'default'} steps, one fresh process per run, median of "
+        f"{args.repeat} alternating round(s); load average before: {_load(load_before)}, after: {_load(load_after)}\n"
+    )
+    labels = ["all on", "all off", *(f"{m} off" for m in modes[2:])]
+    print("| stage | " + " | ".join(labels) + " |\n|---|" + "---:|" * len(labels))
+    for row in SWEEP_ROWS:
+        print(f"| {row} | " + " | ".join(_fmt(medians[m][row]) for m in modes) + " |")
+    base = medians[""]
+    print("\n| ratio to all on | " + " | ".join(labels[1:]) + " |\n|---|" + "---:|" * (len(labels) - 1))
+    for row in SWEEP_ROWS:
+        cells = []
+        for m in modes[1:]:
+            value, ref = medians[m][row], base[row]
+            cells.append(f"{value / ref:.2f}x" if value and ref else "-")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {"argv": argv, "load_before": load_before, "load_after": load_after, "runs": seconds}
+        args.json.write_text(json.dumps({**report, "medians": medians}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.sweep:
+        sweep(args, sys.argv[1:] if argv is None else argv)
+        return
     configure_cpu(args.threads)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
