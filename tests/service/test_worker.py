@@ -17,7 +17,7 @@ from amodal3r.api.errors import PipelineError
 from amodal3r.api.protocol import CANCELLED, DONE, FAILED, RUNNING, JobParams
 from amodal3r.io.inputs import View, load_view
 from amodal3r.pipelines.amodal3r import Amodal3RPipeline
-from amodal3r.service.eta import Estimate, StageTimes, job_units
+from amodal3r.service.eta import STAGES, Estimate, StageTimes, job_units, stage_fraction
 from amodal3r.service.job_store import INTERRUPTED, JobStore
 from amodal3r.service.worker import OUT_OF_MEMORY, JobProgress, ModelRuntime, Worker
 from amodal3r.weights.layout import RANDOM_WEIGHTS_NOTICE
@@ -241,3 +241,15 @@ def test_stage_times_persist_per_device(tmp_path: Path) -> None:
     assert StageTimes(path, "cpu").per_unit == {"slat": 2.0} and StageTimes(path, "cuda:0").per_unit == {"slat": 0.1}
     path.write_text("{broken")
     assert StageTimes(path, "cpu").per_unit == {}
+
+
+@pytest.mark.parametrize("place", [False, True])
+def test_progress_reaches_the_end_of_the_stages_the_job_runs(place: bool) -> None:
+    """A job that does not place its results is all done when its export is; one that does, when it has
+    placed them (placing's weight is shared out otherwise, not left as a jump to 100%)."""
+    units = job_units(views=1, variants=2, structure_steps=4, slat_steps=4, place=place)
+    end_of_export = stage_fraction("exporting", 2, 2, units)
+    assert end_of_export == pytest.approx(1.0) if not place else end_of_export < 0.99
+    assert stage_fraction("placing", 2, 2, units) == pytest.approx(1.0)
+    fractions = [stage_fraction(stage, step, 2, units) for stage in STAGES for step in range(3)]
+    assert fractions == sorted(fractions)

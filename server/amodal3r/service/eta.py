@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from amodal3r.api.files import write_atomically
 
-# Share of the whole job each stage takes, in order: drives the progress fraction. A job that does
-# not place its results ends at 0.95 and then reports 1.0 as done.
+# Share of the whole job each stage takes, in order: drives the progress fraction. The stages a job
+# skips (placing, without place) weigh nothing and the others share their weight.
 STAGE_WEIGHTS = {
     "loading": 0.05,
     "encoding": 0.05,
@@ -32,10 +33,17 @@ NEWEST_WEIGHT = 0.5  # share of the latest job in the running average of seconds
 log = logging.getLogger(__name__)
 
 
-def stage_fraction(stage: str, step: int, total: int) -> float:
+def stage_weights(units: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Each stage's share of the whole job, summing to 1 over the stages ``units`` gives work to."""
+    kept = {name: w for name, w in STAGE_WEIGHTS.items() if units is None or units.get(name, 1.0) > 0}
+    total = sum(kept.values())
+    return {name: w / total for name, w in kept.items()}
+
+
+def stage_fraction(stage: str, step: int, total: int, units: Mapping[str, float] | None = None) -> float:
     """Progress over the whole job when ``stage`` is ``step`` of ``total`` done."""
     done = 0.0
-    for name, weight in STAGE_WEIGHTS.items():
+    for name, weight in stage_weights(units).items():
         if name == stage:
             return done + weight * (step / total if total else 0.0)
         done += weight
@@ -172,13 +180,14 @@ class Estimate:
     def _by_weights(self, parts: list[float | None], step: int, total: int, now: float) -> float | None:
         """Stages never timed here take their stage weight's share of the pace of the job so far."""
         assert self.stage is not None
-        fraction = stage_fraction(self.stage.name, step, total)
+        weights = stage_weights(self.units)
+        fraction = stage_fraction(self.stage.name, step, total, self.units)
         if fraction < 0.1 or now <= self.started:
             return None
         per_weight = (now - self.started) / fraction
         names = STAGES[STAGES.index(self.stage.name) :]
         guesses = [
-            p if p is not None else per_weight * STAGE_WEIGHTS[n] * (1 - (step / total if total and i == 0 else 0))
+            p if p is not None else per_weight * weights.get(n, 0.0) * (1 - (step / total if total and i == 0 else 0))
             for i, (n, p) in enumerate(zip(names, parts, strict=True))
         ]
         return sum(guesses)

@@ -113,7 +113,7 @@ class JobProgress:
             stage=stage,
             step=step,
             total=total,
-            progress=round(stage_fraction(stage, step, total), 4),
+            progress=round(stage_fraction(stage, step, total, self.estimate.units), 4),
             elapsed=round(now - self.started, 2),
             eta=None if eta is None else round(eta, 1),
         )
