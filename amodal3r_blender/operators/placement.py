@@ -29,7 +29,7 @@ from amodal3r.api.errors import InputError
 from ..core import placement as geometry
 from ..ui.placement import place as place_object
 from ..ui.placement import placement_of, pose_summary
-from .images import UserError
+from .images import UserError, image_size
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,33 @@ def _show_photo(camera: bpy.types.Camera, photo: bpy.types.Image) -> None:
     background.frame_method = "STRETCH"
     background.alpha = 1.0
     camera.show_background_images = True
+
+
+def photo_intrinsics(viewpoint: Viewpoint) -> Intrinsics | None:
+    """The intrinsics of the photo's camera when an earlier placement made it (the user may have set
+    its lens since): fits then stay in that camera. None without one: the server reads the EXIF."""
+    camera = bpy.data.objects.get(viewpoint.camera_name)
+    photo = bpy.data.images.get(viewpoint.photo)
+    if camera is None or camera.type != "CAMERA" or camera.data.type != "PERSP" or photo is None:
+        return None
+    width, height = image_size(photo)
+    data = camera.data
+    settings = geometry.CameraSettings(
+        width,
+        height,
+        1.0,
+        1.0,
+        data.sensor_fit,
+        data.sensor_width,
+        data.sensor_height,
+        data.lens,
+        data.shift_x,
+        data.shift_y,
+    )  # square pixels: the render's pixel aspect belongs to the scene, not to this camera
+    try:
+        return geometry.intrinsics_of(settings)
+    except InputError:  # a shift that moves the centre off the photo: let the server guess again
+        return None
 
 
 def photo_camera(

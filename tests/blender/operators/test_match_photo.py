@@ -274,6 +274,14 @@ def test_reconstruct_with_match_photo_places_through_a_photo_camera(mug_scene, c
         assert np.array(obj.matrix_world) == pytest.approx(best, abs=1e-5)
         assert fitted.real_size == pytest.approx(2.5 * size)  # the size stays with the object
 
+    # The next fit (Match Photo, Reconstruct again) sees the photo through that camera, its lens as set now.
+    reconstruct = _module(clean_scene, "operators.reconstruct")
+    camera.data.lens = 80.0
+    sent = reconstruct.source_camera(bpy.context, mug_scene)
+    assert (sent.width, sent.height) == (512, 512) and sent.fx == pytest.approx(80.0 * 512 / 36.0)
+    bpy.data.objects.remove(camera)
+    assert reconstruct.source_camera(bpy.context, mug_scene) is None  # no camera: the server reads the EXIF
+
 
 def test_a_damaged_pose_file_is_an_error_and_the_object_stays(mug_scene, clean_scene, tmp_path):
     import bpy
