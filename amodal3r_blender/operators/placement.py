@@ -26,6 +26,7 @@ from mathutils import Matrix
 from amodal3r.api.camera import POSE_SUFFIX, Intrinsics, Pose
 from amodal3r.api.errors import InputError
 
+from ..core import exif
 from ..core import placement as geometry
 from ..ui.placement import place as place_object
 from ..ui.placement import placement_of, pose_summary
@@ -144,6 +145,24 @@ def photo_intrinsics(viewpoint: Viewpoint) -> Intrinsics | None:
         return geometry.intrinsics_of(settings)
     except InputError:  # a shift that moves the centre off the photo: let the server guess again
         return None
+
+
+def exif_intrinsics(photo: bpy.types.Image) -> Intrinsics | None:
+    """From the photo file's EXIF 35 mm focal length (packed, or read from disk), else None. The
+    server never sees the EXIF: the add-on sends it the pixels Blender shows."""
+    if photo.packed_file is not None:
+        head = photo.packed_file.data[: exif.HEAD_BYTES]
+    else:
+        try:
+            with open(bpy.path.abspath(photo.filepath), "rb") as file:
+                head = file.read(exif.HEAD_BYTES)
+        except OSError:  # generated, or its file is gone: nothing to read
+            return None
+    focal = exif.focal_35mm(head)
+    if focal is None:
+        return None
+    width, height = image_size(photo)
+    return Intrinsics.from_focal_35mm(width, height, focal)
 
 
 def photo_camera(

@@ -34,7 +34,7 @@ from ..core.tasks import Task
 from ..ui.preferences import backend_settings
 from ..ui.properties import AMODAL3R_PG_settings, AMODAL3R_PG_view, get_settings
 from .images import UserError, encode_source, image_size, read_layer, view_image
-from .placement import PlaceReport, Viewpoint, photo_intrinsics, place_variants, scene_intrinsics
+from .placement import PlaceReport, Viewpoint, exif_intrinsics, photo_intrinsics, place_variants, scene_intrinsics
 from .scene_import import ResultImportError, import_result, push_undo
 
 TICK_SECONDS = 0.25
@@ -144,9 +144,10 @@ def viewpoint_of(context: bpy.types.Context, settings: AMODAL3R_PG_settings) -> 
 
 def source_camera(context: bpy.types.Context, settings: AMODAL3R_PG_settings) -> Intrinsics | None:
     """A camera render's intrinsics (the server then fits in exactly that camera), else those of the
-    photo's camera from an earlier placement, else None: the server reads the photo's EXIF."""
+    photo's camera from an earlier placement, else the photo's EXIF focal length, else None (the
+    server's 50 mm equivalent)."""
     if settings.source_kind != "CAMERA":
-        return photo_intrinsics(viewpoint_of(context, settings))
+        return photo_intrinsics(viewpoint_of(context, settings)) or exif_intrinsics(settings.views[0].image)
     intrinsics = scene_intrinsics(context.scene)
     rendered = image_size(settings.views[0].image)
     if (intrinsics.width, intrinsics.height) != rendered:

@@ -306,3 +306,20 @@ def test_a_damaged_pose_file_is_an_error_and_the_object_stays(mug_scene, clean_s
     assert not report.errors and report.notices == [
         f"No pose came back for {objects[0].name!r}: it stays at the 3D cursor"
     ]
+
+
+def test_the_first_fit_of_a_photo_uses_its_exif_focal_length(clean_scene):
+    """The add-on sends pixels without metadata, so it reads the 35 mm focal length itself, from the
+    file or from the packed copy; a photo without one leaves the guess to the server."""
+    import bpy
+
+    placement_ops = _module(clean_scene, "operators.placement")
+    data = Path(__file__).parents[1] / "data"
+    photo = bpy.data.images.load(str(data / "focal_28mm.jpg"))
+    on_disk = placement_ops.exif_intrinsics(photo)
+    assert (on_disk.width, on_disk.height) == (16, 12) and on_disk.fx == pytest.approx(28 / 36 * 16)
+    photo.pack()
+    photo.filepath = str(data / "missing.jpg")  # only the packed bytes are left to read
+    assert placement_ops.exif_intrinsics(photo) == on_disk
+    assert placement_ops.exif_intrinsics(bpy.data.images.load(str(data / "no_focal.jpg"))) is None
+    assert placement_ops.exif_intrinsics(bpy.data.images.new("painted", 8, 8)) is None
