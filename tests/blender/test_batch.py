@@ -206,7 +206,10 @@ def test_script_argv_after_the_separator():
     assert batch.script_argv(["batch.py", "--image", "x"]) == ["--image", "x"]
 
 
-def test_blend_output_holds_the_placed_object_and_its_camera(tmp_path, example_dir, server_python, tiny_model_dir):
+def test_blend_output_holds_the_placed_object_and_its_camera(
+    tmp_path, example_dir, server_python, tiny_model_dir, addon
+):
+    """The .blend is read back here with the add-on enabled: its placement properties are registered."""
     out = tmp_path / "scene.blend"
     result = run_batch(
         "--image",
