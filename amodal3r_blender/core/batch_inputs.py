@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from amodal3r.api.batch_layout import CSV_COLUMNS, IMAGE_SUFFIXES, MASK_SUFFIXES, OBJECT_COLUMN, unique_name
+from amodal3r.api.batch_layout import (
+    CSV_COLUMNS,
+    MASK_SUFFIXES,
+    OBJECT_COLUMN,
+    folder_images,
+    image_masks,
+    no_mask_hint,
+    unique_name,
+)
 from amodal3r.api.errors import InputError
 from amodal3r.api.masks import combined_to_masks, visible_target
 from amodal3r.api.protocol import MAX_VIEWS
@@ -156,31 +164,17 @@ def single_item(image: Path, target: Path | None, occluder: Path | None, mask: P
 
 def folder_items(folder: Path, out_dir: Path) -> Collected:
     """The objects of a folder, one per picture: ``NAME.png`` (or .jpg) and its masks."""
-    images = sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and not path.stem.endswith(tuple(MASK_SUFFIXES.values()))
-    )
+    images = folder_images(folder)
     if not images:
         return Collected([], [f"{folder} holds no images (NAME.png with NAME_target.png or NAME_mask.png)"])
     items, problems, taken = [], [], set()
     for image in images:
-        masks = {kind: image.with_name(f"{image.stem}{suffix}.png") for kind, suffix in MASK_SUFFIXES.items()}
-        found = {kind: path for kind, path in masks.items() if path.is_file()}
         name = unique_name(image.stem, taken)
-        if "target_mask" in found:
-            found.pop("mask", None)  # the pair of masks wins over a combined one
-        elif "mask" in found:
-            found.pop("occluder_mask", None)  # a combined mask holds the occluders already
-        else:
-            problems.append(
-                f"{name}: {image} has no mask: add {image.stem}_target.png (and {image.stem}_occluder.png) "
-                f"or {image.stem}_mask.png next to it"
-            )
+        masks = image_masks(image)
+        if not masks:
+            problems.append(f"{name}: {image} has no mask: {no_mask_hint(image)}")
             continue
-        items.append(Item(name, [View(image, **found)], out_dir / f"{name}.glb"))
+        items.append(Item(name, [View(image, **masks)], out_dir / f"{name}.glb"))
     return Collected(items, problems)
 
 

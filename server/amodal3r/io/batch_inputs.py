@@ -14,7 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from amodal3r.api.batch_layout import CSV_COLUMNS, IMAGE_SUFFIXES, MASK_SUFFIXES, OBJECT_COLUMN, unique_name
+from amodal3r.api.batch_layout import (
+    CSV_COLUMNS,
+    OBJECT_COLUMN,
+    folder_images,
+    image_masks,
+    no_mask_hint,
+    unique_name,
+)
 from amodal3r.api.errors import InputError
 
 from .inputs import load_view
@@ -54,34 +61,15 @@ def read_batch(source: Path) -> list[BatchItem]:
 
 
 def folder_items(folder: Path) -> list[BatchItem]:
-    images = sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and not path.stem.endswith(tuple(MASK_SUFFIXES.values()))
-    )
     taken: set[str] = set()
-    return [_folder_item(image, unique_name(image.stem, taken)) for image in images]
+    return [_folder_item(image, unique_name(image.stem, taken)) for image in folder_images(folder)]
 
 
 def _folder_item(image: Path, name: str) -> BatchItem:
-    view = {"image": image}
-    for kind, suffix in MASK_SUFFIXES.items():
-        mask = image.with_name(f"{image.stem}{suffix}.png")
-        if mask.is_file():
-            view[kind] = mask
-    if "target_mask" in view:
-        view.pop("mask", None)  # the add-on's rule: the pair of masks wins over a combined one
-    elif "mask" in view:
-        view.pop("occluder_mask", None)
-    else:
-        return BatchItem(
-            name,
-            [view],
-            f"no mask: add {image.stem}_target.png (and {image.stem}_occluder.png) or {image.stem}_mask.png",
-        )
-    return BatchItem(name, [view])
+    masks = image_masks(image)
+    if not masks:
+        return BatchItem(name, [{"image": image}], f"no mask: {no_mask_hint(image)}")
+    return BatchItem(name, [{"image": image, **masks}])
 
 
 def csv_items(table: Path) -> list[BatchItem]:
