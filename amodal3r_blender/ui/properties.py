@@ -20,7 +20,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from amodal3r.api.protocol import MAX_VIEWS, MULTIVIEW_MODES, SAM_KINDS
+from amodal3r.api.protocol import MAX_VIEWS, MULTIVIEW_MODES, SAM_KINDS, JobParams, setting_range
 
 SOURCE_KINDS = [
     ("IMAGE", "Image", "An image already in Blender (open or paste it in the Image Editor)"),
@@ -63,6 +63,12 @@ class AMODAL3R_PG_view(bpy.types.PropertyGroup):
         name="Occluder Mask",  # type: ignore[valid-type]
         description="White where something in front hides the object",
     )
+
+
+def _bounds(setting: str) -> dict:
+    """A control's min and max: those of the job setting, so the panel offers what the server takes."""
+    low, high = setting_range(JobParams, setting)
+    return {"min": low, "max": high}
 
 
 def _switch_on(switch: str):
@@ -116,8 +122,7 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     # --- how
     seed: IntProperty(
         name="Seed",
-        min=0,
-        max=2**31 - 1,
+        **_bounds("seed"),
         default=0,  # type: ignore[valid-type]
         description="Random seed: another seed gives another plausible shape",
     )
@@ -128,8 +133,7 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     )
     structure_steps: IntProperty(  # type: ignore[valid-type]
         name="Structure Steps",
-        min=1,
-        max=500,
+        **_bounds("structure_steps"),
         default=25,
         update=_switch_on("use_structure_steps"),
         description="Sampling steps of the coarse shape",
@@ -141,8 +145,7 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     )
     structure_guidance: FloatProperty(  # type: ignore[valid-type]
         name="Structure Guidance",
-        min=0.0,
-        max=100.0,
+        **_bounds("structure_cfg"),
         default=7.5,
         update=_switch_on("use_structure_guidance"),
         description="How strongly the shape follows the image",
@@ -154,8 +157,7 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     )
     slat_steps: IntProperty(  # type: ignore[valid-type]
         name="Detail Steps",
-        min=1,
-        max=500,
+        **_bounds("slat_steps"),
         default=25,
         update=_switch_on("use_slat_steps"),
         description="Sampling steps of the detail and texture",
@@ -167,16 +169,14 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     )
     slat_guidance: FloatProperty(  # type: ignore[valid-type]
         name="Detail Guidance",
-        min=0.0,
-        max=100.0,
+        **_bounds("slat_cfg"),
         default=3.0,
         update=_switch_on("use_slat_guidance"),
         description="How strongly details follow the image",
     )
     variants: IntProperty(
         name="Variants",
-        min=1,
-        max=8,
+        **_bounds("variants"),
         default=1,  # type: ignore[valid-type]
         description="How many different reconstructions to make (each becomes an object)",
     )
@@ -194,8 +194,7 @@ class AMODAL3R_PG_settings(bpy.types.PropertyGroup):
     )
     faces: IntProperty(  # type: ignore[valid-type]
         name="Faces",
-        min=100,
-        max=10_000_000,
+        **_bounds("faces"),
         default=50_000,
         update=_switch_on("use_faces"),
         description="Simplify the mesh to about this many faces",

@@ -167,6 +167,12 @@ def check_setting(cls: type, name: str, value: Any) -> None:
         raise ProtocolError(f"must be {_describe(kind, spec.metadata)}, got {value!r}")
 
 
+def setting_range(cls: type, name: str) -> tuple[Any, Any]:
+    """``(minimum, maximum)`` of a bounded field of ``cls``: a client's controls offer what the server takes."""
+    meta = next(f for f in fields(cls) if f.name == name).metadata
+    return meta["minimum"], meta["maximum"]
+
+
 def _check_fields(record: Any) -> None:
     """Each scalar field against its type and metadata; lists of strings item by item."""
     hints = typing.get_type_hints(type(record))
