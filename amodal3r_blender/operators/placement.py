@@ -61,13 +61,17 @@ def render_size(render: bpy.types.RenderSettings) -> tuple[int, int]:
     )
 
 
-def camera_settings_of(camera: bpy.types.Camera, render: bpy.types.RenderSettings) -> geometry.CameraSettings:
-    width, height = render_size(render)
+def camera_settings_of(
+    camera: bpy.types.Camera, render: bpy.types.RenderSettings, size: tuple[int, int] | None = None
+) -> geometry.CameraSettings:
+    """What ``camera`` sees with ``render``'s settings, or, given ``size``, at that size with square
+    pixels (a photo's size: the render's pixel aspect belongs to the scene, not to the photo)."""
+    width, height = size or render_size(render)
+    aspect = (1.0, 1.0) if size else (render.pixel_aspect_x, render.pixel_aspect_y)
     return geometry.CameraSettings(
         width,
         height,
-        render.pixel_aspect_x,
-        render.pixel_aspect_y,
+        *aspect,
         camera.sensor_fit,
         camera.sensor_width,
         camera.sensor_height,
@@ -120,27 +124,14 @@ def _show_photo(camera: bpy.types.Camera, photo: bpy.types.Image) -> None:
     camera.show_background_images = True
 
 
-def photo_intrinsics(viewpoint: Viewpoint) -> Intrinsics | None:
+def photo_intrinsics(context: bpy.types.Context, viewpoint: Viewpoint) -> Intrinsics | None:
     """The intrinsics of the photo's camera when an earlier placement made it (the user may have set
-    its lens since): fits then stay in that camera. None without one: the server reads the EXIF."""
+    its lens since): fits then stay in that camera. None without one."""
     camera = bpy.data.objects.get(viewpoint.camera_name)
     photo = bpy.data.images.get(viewpoint.photo)
     if camera is None or camera.type != "CAMERA" or camera.data.type != "PERSP" or photo is None:
         return None
-    width, height = image_size(photo)
-    data = camera.data
-    settings = geometry.CameraSettings(
-        width,
-        height,
-        1.0,
-        1.0,
-        data.sensor_fit,
-        data.sensor_width,
-        data.sensor_height,
-        data.lens,
-        data.shift_x,
-        data.shift_y,
-    )  # square pixels: the render's pixel aspect belongs to the scene, not to this camera
+    settings = camera_settings_of(camera.data, context.scene.render, image_size(photo))
     try:
         return geometry.intrinsics_of(settings)
     except InputError:  # a shift that moves the centre off the photo: let the server guess again

@@ -147,7 +147,7 @@ def source_camera(context: bpy.types.Context, settings: AMODAL3R_PG_settings) ->
     photo's camera from an earlier placement, else the photo's EXIF focal length, else None (the
     server's 50 mm equivalent)."""
     if settings.source_kind != "CAMERA":
-        return photo_intrinsics(viewpoint_of(context, settings)) or exif_intrinsics(settings.views[0].image)
+        return photo_intrinsics(context, viewpoint_of(context, settings)) or exif_intrinsics(settings.views[0].image)
     intrinsics = scene_intrinsics(context.scene)
     rendered = image_size(settings.views[0].image)
     if (intrinsics.width, intrinsics.height) != rendered:
