@@ -16,6 +16,12 @@ RSS follows the live tensors) and ``--low-vram`` this approximates what a device
 ``--repeat N`` runs the reconstruction N times on the same loaded models and reports the median
 of each figure over the runs after the first (all runs when N is 1).
 
+``--flops`` adds one more reconstruction, untimed, under torch's FLOP counter (attention counted
+apart), and measures this machine's peak matrix-product and attention rates at the run's dtype:
+per stage it prints the GFLOP done, the rate achieved and the floor (those GFLOP at the peak
+rates), the time no implementation doing the same arithmetic can beat on this machine. With
+``--plain all`` the count is the plain algorithm's, the reference's.
+
 ``--sweep`` measures each exact shortcut apart, each run in a fresh process (one reconstruction
 each), in rounds that alternate the modes: all on, all off (``--plain all``), then each shortcut
 and ``memory_reuse`` off alone; ``--repeat N`` rounds. It prints the median seconds per stage of
@@ -23,7 +29,7 @@ each mode and its ratio to all on (above 1: turning that shortcut off costs time
 average of the machine before and after (timings on a shared machine are only comparable paired).
 
     .venv/bin/python bench/e2e.py --size tiny|medium|full [--steps S] [--device D] [--dtype T]
-        [--threads N] [--low-vram] [--repeat N] [--json PATH] [--seed 0] [--sweep]
+        [--threads N] [--low-vram] [--repeat N] [--json PATH] [--seed 0] [--sweep] [--flops]
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from amodal3r.io.inputs import load_view
 from amodal3r.io.results import OutputSettings, write_results
@@ -51,6 +59,7 @@ from amodal3r.models import for_inference
 from amodal3r.modules.shortcuts import NAMES, plain
 from amodal3r.pipelines.amodal3r import IMAGE_ENCODER, Amodal3RPipeline, PipelineConfig, RunSettings, StageSettings
 from amodal3r.pipelines.devices import configure_cpu, keep_freed_memory, pick_device
+from amodal3r.pipelines.samplers import synchronize
 from amodal3r.weights.tiny import (
     SIZES,
     encoder_config,
@@ -64,6 +73,30 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mug_behind_box"
 STAGES = ("encode", "structure", "occupancy", "slat", "decode_mesh", "decode_gaussian", "export")
 MIB = 2**20
 MEMORY_REUSE = "memory_reuse"  # not an exact shortcut: the process set-up of configure_cpu
+STAGE_OF_MODEL = {
+    IMAGE_ENCODER: "encode",
+    "sparse_structure_flow_model": "structure",
+    "sparse_structure_decoder": "occupancy",
+    "slat_flow_model": "slat",
+    "slat_decoder_mesh": "decode_mesh",
+    "slat_decoder_gs": "decode_gaussian",
+}
+
+
+def attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the fused attention kernels of accelerators, not the CPU's flash kernel.
+ATTENTION_OPS = {
+    op: attention_flops
+    for op in (
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+        torch.ops.aten._scaled_dot_product_flash_attention,
+        torch.ops.aten._scaled_dot_product_efficient_attention,
+        torch.ops.aten._scaled_dot_product_cudnn_attention,
+    )
+}
 
 
 class RandomWeightsPipeline(Amodal3RPipeline):
@@ -85,6 +118,7 @@ class RandomWeightsPipeline(Amodal3RPipeline):
         folder = Path(f"<random {size} weights>")
         super().__init__(folder, PipelineConfig._parse(args), device, dtype, low_vram, compile)
         self.stage_rss: dict[str, float] = {}  # pipeline key -> peak RSS (MiB) while its stage ran
+        self.flops: dict[str, dict[str, int]] | None = None  # stage -> {"matmul", "attention"} when counting
         self.baseline_rss = current_rss()
 
     def load(self, key: str) -> nn.Module:
@@ -110,13 +144,22 @@ class RandomWeightsPipeline(Amodal3RPipeline):
     @contextmanager
     def using(self, key: str) -> Iterator[nn.Module]:
         """As the pipeline's, recording the stage's peak RSS (weights on the CPU included)."""
-        with super().using(key) as model:
+        counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_OPS) if self.flops is not None else None
+        with super().using(key) as model, counter or nullcontext():
             try:
                 yield model
             finally:
                 peak = peak_rss_since_reset()
                 if peak is not None:
                     self.stage_rss[key] = max(self.stage_rss.get(key, 0.0), peak)
+        if counter is not None and self.flops is not None:
+            add_flops(self.flops.setdefault(STAGE_OF_MODEL[key], {"matmul": 0, "attention": 0}), counter)
+
+
+def add_flops(totals: dict[str, int], counter: FlopCounterMode) -> None:
+    """Add a counter's FLOPs to a stage's totals, attention kernels apart from everything else."""
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        totals["attention" if op in ATTENTION_OPS else "matmul"] += flops
 
 
 def current_rss() -> float:
@@ -203,6 +246,61 @@ def one_run(pipeline: RandomWeightsPipeline, settings: RunSettings, out_dir: Pat
     }
 
 
+def best_seconds(fn, device: torch.device, repeats: int = 5) -> float:
+    """The fastest of a few calls after a warm-up: a ceiling rate wants the undisturbed figure."""
+    fn()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """GFLOP/s of a large matrix product and of the attention kernel (4,096 tokens, 4 heads of 64,
+    the flows' head width): the ceilings the floor is computed with."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    q = torch.randn(1, 4, 4096, 64, device=device, dtype=dtype)
+    attention = sdpa_flop_count(q.shape, q.shape, q.shape)
+    return {
+        "matmul": 2 * 2048**3 / best_seconds(lambda: a @ a, device) / 1e9,
+        "attention": attention / best_seconds(lambda: scaled_dot_product_attention(q, q, q), device) / 1e9,
+    }
+
+
+def flop_rows(flops: dict[str, dict[str, int]], seconds: dict[str, float | None], peaks: dict[str, float]) -> dict:
+    """Per stage (and in total) the GFLOP counted, the rate achieved and the floor at the peak rates."""
+    rows = {}
+    for stage, counted in [*flops.items(), ("total", {k: sum(f[k] for f in flops.values()) for k in peaks})]:
+        giga = {kind: counted[kind] / 1e9 for kind in peaks}
+        floor = sum(giga[kind] / peaks[kind] for kind in peaks)
+        spent = sum(seconds.get(s) or 0.0 for s in flops) if stage == "total" else seconds.get(stage)
+        rows[stage] = {
+            **{f"{kind}_gflop": g for kind, g in giga.items()},
+            "seconds": spent,
+            "gflop_per_s": sum(giga.values()) / spent if spent else None,
+            "floor_seconds": floor,
+        }
+    return rows
+
+
+def print_flops(rows: dict, peaks: dict[str, float]) -> None:
+    print(
+        f"\nArithmetic counted in one more run (untimed); peak rates of this machine at this dtype: matrix "
+        f"product {peaks['matmul']:.0f} GFLOP/s, attention {peaks['attention']:.0f} GFLOP/s. The floor is "
+        "the counted GFLOP at those rates.\n"
+    )
+    print("| stage | matmul GFLOP | attention GFLOP | seconds | GFLOP/s | floor (s) | seconds / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for stage, r in rows.items():
+        ratio = r["seconds"] / r["floor_seconds"] if r["seconds"] and r["floor_seconds"] else None
+        cells = [r["matmul_gflop"], r["attention_gflop"], r["seconds"], r["gflop_per_s"], r["floor_seconds"]]
+        print(f"| {stage} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(ratio)} |")
+
+
 def _median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -279,6 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compare", action="store_true", help="alternate runs with --plain's shortcuts off and on; print both"
     )
     parser.add_argument(
+        "--flops", action="store_true", help="count the arithmetic in one more run; print rates and floors"
+    )
+    parser.add_argument(
         "--sweep",
         action="store_true",
         help="each shortcut off alone, all off and all on, one fresh process per run, --repeat alternating rounds",
@@ -348,6 +449,19 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> None:
         args.json.write_text(json.dumps({**report, "medians": medians}, indent=2))
 
 
+def count_flops(
+    pipeline: RandomWeightsPipeline, settings: RunSettings, off: list[str], seconds: dict, dtype: torch.dtype
+) -> dict:
+    """One more reconstruction under the FLOP counter, and the floors at this machine's peak rates."""
+    pipeline.flops = {}
+    with tempfile.TemporaryDirectory(prefix="amodal3r-e2e-") as out, without(off):
+        one_run(pipeline, settings, Path(out))
+    peaks = peak_rates(pipeline.device, dtype)
+    rows = flop_rows(pipeline.flops, seconds, peaks)
+    print_flops(rows, peaks)
+    return {"peaks_gflop_per_s": peaks, "stages": rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.sweep:
@@ -385,9 +499,11 @@ def main(argv: list[str] | None = None) -> None:
     summaries = [summarise(r) for r in runs]
     memory = peak_memory(device, pipeline)
     print_tables(summaries, meta, memory)
+    report = {"meta": meta, "memory": memory, "runs": summaries}
+    if args.flops:
+        report["flops"] = count_flops(pipeline, settings, names, summaries[0]["seconds"], dtype or torch.float32)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"meta": meta, "memory": memory, "runs": summaries}
         args.json.write_text(json.dumps(report, indent=2))
 
 
