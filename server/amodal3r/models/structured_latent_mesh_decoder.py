@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from amodal3r.modules.matmul import linear
 from amodal3r.modules.shortcuts import SHORTCUTS
 from amodal3r.modules.sparse import (
     SparseConv3d,
@@ -92,7 +93,7 @@ def conv_after_subdivide(x: SparseTensor, conv: SparseConv3d) -> SparseTensor:
     c_out, feats = kernels.shape[1], x.feats.to(kernels.dtype)
     n = feats.shape[0]
     # Centre offset: every child reads its own parent.
-    out = (feats @ kernels[:, :, 1, 1, 1].reshape(8 * c_out, -1).t()).reshape(8 * n, c_out)
+    out = linear(feats, kernels[:, :, 1, 1, 1].reshape(8 * c_out, -1)).reshape(8 * n, c_out)
     for k, (out_rows, in_rows) in enumerate(neighbour_map(x, 3)):
         e = (k // 9 - 1, k // 3 % 3 - 1, k % 3 - 1)
         if e == (0, 0, 0) or out_rows.numel() == 0:
@@ -104,7 +105,7 @@ def conv_after_subdivide(x: SparseTensor, conv: SparseConv3d) -> SparseTensor:
             if all(step == 0 or bit == (step > 0) for bit, step in zip(bits, e, strict=True))
         ]
         w = kernels[children, :, e[0] + 1, e[1] + 1, e[2] + 1]  # [m, out, in]
-        part = feats.index_select(0, in_rows) @ w.reshape(len(children) * c_out, -1).t()
+        part = linear(feats.index_select(0, in_rows), w.reshape(len(children) * c_out, -1))
         rows = 8 * out_rows[:, None] + torch.tensor(children, device=out_rows.device)[None]
         add_rows(out, rows.reshape(-1), part.reshape(-1, c_out))
     if conv.conv.bias is not None:
@@ -124,7 +125,7 @@ class SpconvPointwiseConv3d(SparseConv3d):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         weight = self.conv.weight.reshape(self.in_channels, self.out_channels)
-        out = x.feats.to(weight.dtype) @ weight
+        out = linear(x.feats.to(weight.dtype), weight.t())
         return x.replace(out if self.conv.bias is None else out + self.conv.bias)
 
 

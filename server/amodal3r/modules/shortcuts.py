@@ -1,6 +1,6 @@
 """Switches for the exact shortcuts: each gives the plain computation's result (up to float rounding)
-with less work. All are on; tests turn each off to prove it changes nothing, and
-``bench/e2e.py --plain NAME`` to measure what it saves.
+with less work, or (``onednn_matmul``) on faster kernels. All are on; tests turn each off to prove
+it changes nothing, and ``bench/e2e.py --plain NAME`` to measure what it saves.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ class Shortcuts:
     #: the neighbour maps of subdivided voxels (the mesh decoder's 128^3 and 256^3 levels) looked up
     #: from their parents' maps, not searched for
     subdivided_neighbours: bool = True
+    #: fp32 matrix products on the CPU through oneDNN rather than MKL: not less work but the same
+    #: work on the AVX-512 units MKL leaves idle on AMD CPUs (``modules/matmul.py``)
+    onednn_matmul: bool = True
 
 
 SHORTCUTS = Shortcuts()

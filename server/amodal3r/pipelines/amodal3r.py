@@ -21,6 +21,7 @@ from amodal3r.api.errors import Cancelled, CheckpointError, PipelineError
 from amodal3r.api.protocol import MULTIVIEW_MODES
 from amodal3r.io.inputs import View
 from amodal3r.models import load_model
+from amodal3r.modules.matmul import route_linears
 from amodal3r.modules.sparse import SparseTensor
 from amodal3r.representations.gaussians import Gaussians
 from amodal3r.representations.mesh import Mesh
@@ -282,7 +283,7 @@ class Amodal3RPipeline:
             start = time.perf_counter()
             parked = self._parked.pop(key, None)
             if parked is None:
-                parked = self.load(key)
+                parked = route_linears(self.load(key))
                 if self.compile:
                     compile_parts(key, parked)
             self._models[key] = parked.to(self.device)

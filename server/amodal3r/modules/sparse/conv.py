@@ -15,6 +15,7 @@ from torch import nn
 
 from amodal3r.api.environment import SPARSE_CONV, SPCONV_ON_CPU
 
+from ..matmul import linear
 from ..shortcuts import SHORTCUTS
 from .tensor import SparseTensor
 
@@ -108,13 +109,13 @@ def gathered_conv(
     are gathered side by side and multiplied by the flattened kernel in one GEMM per chunk.
     Fastest for narrow features (the decoders' 128^3 and 256^3 levels)."""
     c_out, c_in = weight.shape[0], weight.shape[-1]
-    kernel = weight.reshape(c_out, -1, c_in).permute(1, 2, 0).reshape(-1, c_out)  # [k^3 * in, out]
+    kernel = weight.reshape(c_out, -1)  # [out, k^3 * in]: neighbour-major like the gathered rows
     padded = torch.cat([feats, feats.new_zeros(1, c_in)])
     out = feats.new_empty(feats.shape[0], c_out)
     chunk = max(1024, GATHER_BYTES // (index.shape[1] * c_in * feats.element_size()))
     for start in range(0, feats.shape[0], chunk):
-        gathered = padded[index[start : start + chunk]].reshape(-1, kernel.shape[0])
-        torch.mm(gathered, kernel, out=out[start : start + chunk])
+        gathered = padded[index[start : start + chunk]].reshape(-1, kernel.shape[1])
+        out[start : start + chunk] = linear(gathered, kernel)
     if bias is not None:
         out += bias
     return out
@@ -138,10 +139,10 @@ def scattered_conv(
     c_out, c_in = weight.shape[0], weight.shape[-1]
     kernels = weight.reshape(c_out, -1, c_in)
     centre = len(pairs) // 2
-    out = feats @ kernels[:, centre].t()
+    out = linear(feats, kernels[:, centre])
     for k, (out_rows, in_rows) in enumerate(pairs):
         if k != centre and out_rows.numel():
-            add_rows(out, out_rows, feats.index_select(0, in_rows) @ kernels[:, k].t())
+            add_rows(out, out_rows, linear(feats.index_select(0, in_rows), kernels[:, k]))
     if bias is not None:
         out += bias
     return out

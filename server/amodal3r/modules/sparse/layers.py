@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..matmul import linear
 from .tensor import SparseTensor
 
 
 class SparseLinear(nn.Linear):
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(super().forward(x.feats))
+        return x.replace(linear(x.feats, self.weight, self.bias))
 
 
 class SparseSiLU(nn.Module):
