@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amodal3r.modules.matmul import Linear, linear, route_linears, uses_onednn
+from amodal3r.modules.matmul import Linear, attention, linear, route_linears, uses_blocked_attention, uses_onednn
 from amodal3r.modules.shortcuts import plain
 from amodal3r.modules.sparse import SparseLinear
 
@@ -70,3 +70,36 @@ def test_route_linears_changes_only_the_class() -> None:
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert torch.allclose(before, after, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "lq", "lk", "bias_shape"),
+    [
+        (1, 4, 1100, 1100, None),  # self-attention, the last query block short
+        (2, 2, 1024, 1374, "key"),  # cross-attention with the visibility bias [B, 1, 1, Lk]
+        (1, 2, 1500, 700, "full"),  # a bias per query and key, broadcast over heads
+    ],
+)
+def test_blocked_attention_equals_torch_sdpa(batch: int, heads: int, lq: int, lk: int, bias_shape: str | None) -> None:
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, heads, n, 32, generator=generator) for n in (lq, lk, lk))
+    bias = None
+    if bias_shape == "key":
+        bias = torch.log(torch.rand(batch, 1, 1, lk, generator=generator) + 1e-6)
+    elif bias_shape == "full":
+        bias = torch.randn(1, 1, lq, lk, generator=generator)
+    with torch.inference_mode():
+        assert uses_blocked_attention(q, k)
+        fast = attention(q, k, v, bias)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        with plain("onednn_matmul"):
+            assert not uses_blocked_attention(q, k)
+            assert torch.equal(attention(q, k, v, bias), expected)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_short_sequences_keep_the_fused_kernel() -> None:
+    q = torch.randn(8, 2, 512, 16)
+    with torch.inference_mode():
+        assert not uses_blocked_attention(q, q)  # shifted windows: many short problems
+        assert torch.equal(attention(q, q, q), F.scaled_dot_product_attention(q, q, q))

@@ -1,6 +1,7 @@
 """Multi-head attention over dense token sequences and variable-length sparse voxel sequences.
 
-Everything runs through ``torch.nn.functional.scaled_dot_product_attention`` by default. The
+Everything runs through ``torch.nn.functional.scaled_dot_product_attention`` by default, long fp32
+sequences on the CPU through :func:`amodal3r.modules.matmul.attention`. The
 mask-weighted cross-attention of Amodal3R (paper Eq. 3) is SDPA with an additive key bias
 ``log(w + 1e-6)``. xformers or flash-attn serve CUDA tensors when installed and chosen with
 ``AMODAL3R_ATTN_BACKEND``; they are never required.
@@ -17,6 +18,7 @@ from torch import nn
 
 from amodal3r.api.environment import ATTN_BACKEND
 
+from .matmul import attention
 from .sparse import SparseTensor
 
 WEIGHT_EPS = 1e-6
@@ -46,13 +48,7 @@ def scaled_dot_product(
             from flash_attn import flash_attn_func
 
             return flash_attn_func(q, k, v)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=None if bias is None else bias.to(q.dtype),
-    )
-    return out.transpose(1, 2)
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
 
 
 def visibility_bias(weights: torch.Tensor, num_prefix: int) -> torch.Tensor:

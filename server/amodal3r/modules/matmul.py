@@ -1,10 +1,12 @@
-"""Dense fp32 products on the CPU through oneDNN instead of MKL.
+"""Dense fp32 products on the CPU through oneDNN instead of MKL, and attention built from them.
 
 On x86, torch hands fp32 matrix products to MKL, whose kernels run AMD CPUs at their AVX2 rate;
 oneDNN, built into the same torch wheel, uses their AVX-512 units. On the 2-core test EPYC a
-linear layer ran at about 200 GFLOP/s through MKL and 400-440 through oneDNN. It is the same fp32
-product summed in another order (differences at float rounding). Other dtypes and devices, and
-anything that needs gradients, keep torch's own path; ``plain("onednn_matmul")`` turns it off.
+linear layer ran at about 200 GFLOP/s through MKL and 400-440 through oneDNN; torch's CPU attention
+kernel, whose products go through MKL too, at 175, and :func:`attention` at 300. The arithmetic is
+the same fp32 arithmetic summed in another order (differences at float rounding). Other dtypes and
+devices, and anything that needs gradients, keep torch's own path; ``plain("onednn_matmul")``
+turns it off.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def _onednn_linear():
 
 
 _ONEDNN_LINEAR = _onednn_linear()
+LOGIT_BLOCK = 1 << 21  # logits per query block of :func:`attention` (8 MB: stays in cache)
+MIN_ATTENTION = 1 << 20  # smaller (query x key) problems stay with torch's fused kernel
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -45,6 +49,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if uses_onednn(x, weight) and (bias is None or bias.dtype == torch.float32):
         return _ONEDNN_LINEAR(x.contiguous(), weight.contiguous(), bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def uses_blocked_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`attention` builds this ``[B, H, L, D]`` problem from oneDNN products: large
+    sequences only, where the per-block calls cost nothing next to the products."""
+    return uses_onednn(q, k) and q.shape[-2] * k.shape[-2] >= MIN_ATTENTION
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention on ``[B, H, L, D]`` tensors, like ``F.scaled_dot_product_attention``;
+    ``bias`` is added to the logits, broadcast to ``[B, H, Lq, Lk]``.
+
+    Per batch element and head, a block of queries at a time: its logits (one oneDNN product, with
+    a per-key bias folded in as the product's bias), their softmax in place, and the values'
+    product. A block's logits stay in cache, which the fused kernel's MKL products cannot beat here.
+    """
+    if not uses_blocked_attention(q, k):
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    batch, heads, length, width = q.shape
+    out = q.new_empty(batch, heads, length, v.shape[-1])
+    rows = max(64, min(1024, LOGIT_BLOCK // k.shape[-2]))
+    if bias is not None:
+        bias = bias.float().reshape((1,) * (4 - bias.dim()) + bias.shape)
+        bias = bias.expand(bias.shape[0], bias.shape[1], bias.shape[2], k.shape[-2])
+    per_key = bias is not None and bias.shape[-2] == 1
+    for b in range(batch):
+        for h in range(heads):
+            queries = q[b, h] * width**-0.5
+            keys, values_t = k[b, h].contiguous(), v[b, h].t().contiguous()
+            logit_bias = None if bias is None else bias[b % bias.shape[0], h % bias.shape[1]]
+            key_bias = logit_bias[0].contiguous() if per_key else None
+            for start in range(0, length, rows):
+                logits = _ONEDNN_LINEAR(queries[start : start + rows].contiguous(), keys, key_bias, "none", [], "")
+                if logit_bias is not None and not per_key:
+                    logits += logit_bias[start : start + rows]
+                torch.softmax(logits, -1, out=logits)
+                out[b, h, start : start + rows] = _ONEDNN_LINEAR(logits, values_t, None, "none", [], "")
+    return out
 
 
 class Linear(nn.Linear):
