@@ -31,11 +31,13 @@ MIN_ATTENTION = 1 << 20  # smaller (query x key) problems stay with torch's fuse
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` takes oneDNN for these operands (it has no backward: inference only)."""
+    """Whether :func:`linear` takes oneDNN for these operands: inference only (the kernel has no
+    backward) and eager only (``torch.compile`` picks its own kernels for a graph)."""
     return (
         SHORTCUTS.onednn_matmul
         and _ONEDNN_LINEAR is not None
         and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
     )
