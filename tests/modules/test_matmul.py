@@ -98,6 +98,18 @@ def test_blocked_attention_equals_torch_sdpa(batch: int, heads: int, lq: int, lk
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=2e-6)
 
 
+def test_blocked_attention_with_a_scale_and_wider_values() -> None:
+    """As SAM's folded attention calls it: scale 1 on pre-scaled queries, values wider than keys."""
+    generator = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 2, 1024, 48, generator=generator) for _ in range(2))
+    v = torch.randn(1, 2, 1024, 80, generator=generator)
+    with torch.inference_mode():
+        assert uses_blocked_attention(q, k)
+        fast = attention(q, k, v, scale=0.1)
+        expected = F.scaled_dot_product_attention(q, k, v, scale=0.1)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=2e-6)
+
+
 def test_short_sequences_keep_the_fused_kernel() -> None:
     q = torch.randn(8, 2, 512, 16)
     with torch.inference_mode():

@@ -59,9 +59,11 @@ def uses_blocked_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     return uses_onednn(q, k) and q.shape[-2] * k.shape[-2] >= MIN_ATTENTION
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """Softmax attention on ``[B, H, L, D]`` tensors, like ``F.scaled_dot_product_attention``;
-    ``bias`` is added to the logits, broadcast to ``[B, H, Lq, Lk]``.
+    ``bias`` is added to the logits, broadcast to ``[B, H, Lq, Lk]``; ``scale`` defaults to D^-0.5.
 
     Per batch element and head, a block of queries at a time: its logits (one oneDNN product, with
     a per-key bias folded in as the product's bias), their softmax in place, and the values'
@@ -69,8 +71,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     """
     if not uses_blocked_attention(q, k):
         mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     batch, heads, length, width = q.shape
+    scale = width**-0.5 if scale is None else scale
     out = q.new_empty(batch, heads, length, v.shape[-1])
     rows = max(64, min(1024, LOGIT_BLOCK // k.shape[-2]))
     if bias is not None:
@@ -79,7 +82,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     per_key = bias is not None and bias.shape[-2] == 1
     for b in range(batch):
         for h in range(heads):
-            queries = q[b, h] * width**-0.5
+            queries = q[b, h] * scale
             keys, values_t = k[b, h].contiguous(), v[b, h].t().contiguous()
             logit_bias = None if bias is None else bias[b % bias.shape[0], h % bias.shape[1]]
             key_bias = logit_bias[0].contiguous() if per_key else None

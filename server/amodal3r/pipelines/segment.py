@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from amodal3r.api.errors import CheckpointError, InputError
 from amodal3r.api.protocol import SAM_KINDS
+from amodal3r.modules.matmul import attention, route_linears
 
 from .devices import pick_device
 
@@ -99,7 +100,7 @@ def attention_with_folded_bias(self, x: torch.Tensor) -> torch.Tensor:
         scale = 1.0
     # Equal head sizes keep SDPA on its fused kernels (on the CPU, unequal ones fall back to the matrix).
     channels = v.shape[-1]
-    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - channels)), scale=scale)[..., :channels]
+    out = attention(q, k, F.pad(v, (0, q.shape[-1] - channels)), scale=scale)[..., :channels]
     return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
 
 
@@ -174,7 +175,7 @@ class Segmenter:
         if self._predictor is None:
             from segment_anything import SamPredictor
 
-            model = load_sam(self.kind, self.checkpoint, self.device)
+            model = route_linears(load_sam(self.kind, self.checkpoint, self.device))
             fold_attention_bias(model)
             self._predictor = SamPredictor(model)
         return self._predictor
