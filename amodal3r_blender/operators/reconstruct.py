@@ -56,17 +56,26 @@ MODES = [
 ]
 
 
+@dataclass(frozen=True)
+class JobRequest:
+    """What Reconstruct sends, and what it needs to import the answer."""
+
+    backend: Backend
+    views: list[dict[str, str]]
+    params: JobParams
+    name: str  # of the imported objects
+    folder: Path  # temporary: the uploaded PNGs and the downloaded results
+    viewpoint: Viewpoint | None  # with Match Photo: what the results are placed in front of
+
+
 @dataclass
 class ActiveJob:
     """The one reconstruction in flight, and where its result goes."""
 
     task: Task[list[Path]]  # its result: the downloaded files
-    backend: Backend
+    request: JobRequest
     scene_name: str
-    name: str
     location: tuple[float, float, float]
-    folder: Path  # temporary: the uploaded PNGs and the downloaded results
-    viewpoint: Viewpoint | None  # with Match Photo: what the results are placed in front of
 
 
 _job: ActiveJob | None = None
@@ -256,9 +265,9 @@ def _import_in_scene(scene: bpy.types.Scene, job: ActiveJob) -> tuple[list[bpy.t
     window = _window_for(scene)
     paths = glb_paths(job.task.result or [])
     if window is None:
-        return import_variants(bpy.context, paths, job.name, job.location, job.viewpoint)
+        return import_variants(bpy.context, paths, job.request.name, job.location, job.request.viewpoint)
     with bpy.context.temp_override(window=window, scene=scene):
-        return import_variants(bpy.context, paths, job.name, job.location, job.viewpoint)
+        return import_variants(bpy.context, paths, job.request.name, job.location, job.request.viewpoint)
 
 
 def _report_later(message: str) -> None:
@@ -289,13 +298,13 @@ def _finish(job: ActiveJob, scene: bpy.types.Scene) -> None:
     if task.cancelled:
         settings.message = "Cancelled"
     elif task.error:
-        _fail(settings, task.error, job.backend)
+        _fail(settings, task.error, job.request.backend)
         _report_later(task.error)
     else:
         try:
             objects, report = _import_in_scene(scene, job)
         except ResultImportError as error:
-            _fail(settings, str(error), job.backend)
+            _fail(settings, str(error), job.request.backend)
             _report_later(str(error))
         else:
             show_result(settings, objects, report, task.latest)
@@ -308,7 +317,7 @@ def _end_job() -> ActiveJob | None:
     global _job
     job, _job = _job, None
     if job is not None:
-        shutil.rmtree(job.folder, ignore_errors=True)
+        shutil.rmtree(job.request.folder, ignore_errors=True)
     return job
 
 
@@ -371,43 +380,25 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
             return {"CANCELLED"}
         settings.last_error = settings.notices = ""
         settings.server_dead = False
-        blocking = self.mode == "BLOCKING" or (self.mode == "AUTO" and bpy.app.background)
-        if blocking:
-            return self._run_blocking(context, backend, views, params, name, folder, viewpoint)
-        self._start(context, backend, views, params, name, folder, viewpoint)
+        request = JobRequest(backend, views, params, name, folder, viewpoint)
+        if self.mode == "BLOCKING" or (self.mode == "AUTO" and bpy.app.background):
+            return self._run_blocking(context, request)
+        self._start(context, request)
         return {"FINISHED"}
 
-    def _start(
-        self,
-        context: bpy.types.Context,
-        backend: Backend,
-        views: list[dict[str, str]],
-        params: JobParams,
-        name: str,
-        folder: Path,
-        viewpoint: Viewpoint | None,
-    ) -> None:
+    def _start(self, context: bpy.types.Context, request: JobRequest) -> None:
         global _job
         settings = get_settings(context)
         settings.running = True
         show_progress(settings, None)
-        task = start_job(backend, views, params, folder / "results")
+        task = start_job(request.backend, request.views, request.params, request.folder / "results")
         location = tuple(context.scene.cursor.location)
-        _job = ActiveJob(task, backend, context.scene.name, name, location, folder, viewpoint)
+        _job = ActiveJob(task, request, context.scene.name, location)
         if not bpy.app.timers.is_registered(tick):
             bpy.app.timers.register(tick, first_interval=TICK_SECONDS)
         self.report({"INFO"}, "Reconstruction started: the Amodal3R panel shows its progress")
 
-    def _run_blocking(
-        self,
-        context: bpy.types.Context,
-        backend: Backend,
-        views: list[dict[str, str]],
-        params: JobParams,
-        name: str,
-        folder: Path,
-        viewpoint: Viewpoint | None,
-    ) -> set[str]:
+    def _run_blocking(self, context: bpy.types.Context, request: JobRequest) -> set[str]:
         settings = get_settings(context)
         seen: list[JobStatus] = []
 
@@ -417,15 +408,15 @@ class AMODAL3R_OT_reconstruct(bpy.types.Operator):
             seen[:] = [status]
 
         try:
-            paths = run_blocking(backend, views, params, folder / "results", progress)
+            paths = run_blocking(request.backend, request.views, request.params, request.folder / "results", progress)
             location = tuple(context.scene.cursor.location)
-            objects, report = import_variants(context, glb_paths(paths), name, location, viewpoint)
+            objects, report = import_variants(context, glb_paths(paths), request.name, location, request.viewpoint)
         except (JobError, BackendError, ResultImportError) as error:
-            _fail(settings, str(error), backend)
+            _fail(settings, str(error), request.backend)
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(request.folder, ignore_errors=True)
         show_result(settings, objects, report, seen[-1] if seen else None)
         self.report({"WARNING"} if report.errors else {"INFO"}, "\n".join([settings.message, *report.errors]))
         for notice in settings.notices.splitlines():

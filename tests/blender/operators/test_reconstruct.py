@@ -78,7 +78,7 @@ def test_reconstruct_imports_a_textured_object_at_the_cursor(scene, clean_scene)
     photo_before, photo_path = _pixels(photo), photo.filepath
     assert bpy.ops.amodal3r.reconstruct(mode="TIMER") == {"FINISHED"}
     assert scene.running and ops.active_job() is not None
-    folder = ops.active_job().folder
+    folder = ops.active_job().request.folder
     progress = []
     seconds = _follow(ops, until=lambda: progress.append(scene.progress) and False)
     print(f"timer-driven reconstruction: {seconds:.1f} s")
@@ -152,7 +152,7 @@ def test_server_killed_mid_job_is_reported_then_restarted(scene, clean_scene):
     scene.structure_steps = 200
     objects_before = set(bpy.data.objects.keys())
     assert bpy.ops.amodal3r.reconstruct(mode="TIMER") == {"FINISHED"}
-    backend = ops.active_job().backend
+    backend = ops.active_job().request.backend
     _follow(ops, until=lambda: scene.stage == "structure")
     state = json.loads((Path(backend.settings.data_dir) / "server.json").read_text())
     os.kill(state["pid"], signal.SIGKILL)
