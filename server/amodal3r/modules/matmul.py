@@ -63,35 +63,37 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
     """Softmax attention on ``[B, H, L, D]`` tensors, like ``F.scaled_dot_product_attention``;
-    ``bias`` is added to the logits, broadcast to ``[B, H, Lq, Lk]``; ``scale`` defaults to D^-0.5.
-
-    Per batch element and head, a block of queries at a time: its logits (one oneDNN product, with
-    a per-key bias folded in as the product's bias), their softmax in place, and the values'
-    product. A block's logits stay in cache, which the fused kernel's MKL products cannot beat here.
-    """
+    ``bias`` is added to the logits, broadcast to ``[B, H, Lq, Lk]``; ``scale`` defaults to D^-0.5."""
     if not uses_blocked_attention(q, k):
         mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    batch, heads, length, width = q.shape
-    scale = width**-0.5 if scale is None else scale
-    out = q.new_empty(batch, heads, length, v.shape[-1])
-    rows = max(64, min(1024, LOGIT_BLOCK // k.shape[-2]))
+    batch, heads = q.shape[:2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if bias is not None:
         bias = bias.float().reshape((1,) * (4 - bias.dim()) + bias.shape)
-        bias = bias.expand(bias.shape[0], bias.shape[1], bias.shape[2], k.shape[-2])
-    per_key = bias is not None and bias.shape[-2] == 1
+        bias = bias.expand(*bias.shape[:3], k.shape[-2])
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
     for b in range(batch):
         for h in range(heads):
-            queries = q[b, h] * scale
-            keys, values_t = k[b, h].contiguous(), v[b, h].t().contiguous()
-            logit_bias = None if bias is None else bias[b % bias.shape[0], h % bias.shape[1]]
-            key_bias = logit_bias[0].contiguous() if per_key else None
-            for start in range(0, length, rows):
-                logits = _ONEDNN_LINEAR(queries[start : start + rows].contiguous(), keys, key_bias, "none", [], "")
-                if logit_bias is not None and not per_key:
-                    logits += logit_bias[start : start + rows]
-                torch.softmax(logits, -1, out=logits)
-                out[b, h, start : start + rows] = _ONEDNN_LINEAR(logits, values_t, None, "none", [], "")
+            head_bias = None if bias is None else bias[b % bias.shape[0], h % bias.shape[1]]
+            out[b, h] = _attend(q[b, h] * scale, k[b, h], v[b, h], head_bias)
+    return out
+
+
+def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One head, a block of queries at a time: its logits (one oneDNN product; a per-key bias, ``bias``
+    of one row, rides in as the product's bias), their softmax in place, the values' product. A
+    block's logits stay in cache, which the fused kernel's MKL products cannot beat here."""
+    rows = max(64, min(1024, LOGIT_BLOCK // len(keys)))
+    keys, values_t = keys.contiguous(), values.t().contiguous()
+    key_bias = bias[0].contiguous() if bias is not None and len(bias) == 1 else None
+    out = queries.new_empty(len(queries), values.shape[-1])
+    for start in range(0, len(queries), rows):
+        logits = _ONEDNN_LINEAR(queries[start : start + rows].contiguous(), keys, key_bias, "none", [], "")
+        if bias is not None and key_bias is None:
+            logits += bias[start : start + rows]
+        torch.softmax(logits, -1, out=logits)
+        out[start : start + rows] = _ONEDNN_LINEAR(logits, values_t, None, "none", [], "")
     return out
 
 
