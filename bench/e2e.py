@@ -60,6 +60,7 @@ from amodal3r.modules.shortcuts import NAMES, plain
 from amodal3r.pipelines.amodal3r import IMAGE_ENCODER, Amodal3RPipeline, PipelineConfig, RunSettings, StageSettings
 from amodal3r.pipelines.devices import configure_cpu, keep_freed_memory, pick_device
 from amodal3r.pipelines.samplers import synchronize
+from amodal3r.weights.layout import DECODER_MODELS
 from amodal3r.weights.tiny import (
     SIZES,
     encoder_config,
@@ -78,8 +79,7 @@ STAGE_OF_MODEL = {
     "sparse_structure_flow_model": "structure",
     "sparse_structure_decoder": "occupancy",
     "slat_flow_model": "slat",
-    "slat_decoder_mesh": "decode_mesh",
-    "slat_decoder_gs": "decode_gaussian",
+    **{model: f"decode_{kind}" for kind, model in DECODER_MODELS.items()},  # as the pipeline names them
 }
 
 
